@@ -148,8 +148,8 @@ def _read_tensors(folder: Path, name: str) -> dict[str, np.ndarray]:
     if not file.is_file():
         if (folder / "adapter_model.bin").is_file():
             raise ValueError(f"adapter {name!r}: only adapter_model.bin (a torch pickle) was "
-                             "found; convert it with PeftModel.from_pretrained(...).save_pretrained("
-                             "..., safe_serialization=True)")
+                             "found; convert it with PeftModel.from_pretrained(...)"
+                             ".save_pretrained(..., safe_serialization=True)")
         raise FileNotFoundError(f"adapter {name!r}: {file} is missing")
     try:
         return load_file(file)
