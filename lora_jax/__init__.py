@@ -9,6 +9,10 @@ import importlib
 from lora_jax.request import LoRARequest
 
 _LAZY = {
+    "LLM": "lora_jax.llm",
+    "SamplingParams": "lora_jax.sampling_params",
+    "RequestOutput": "lora_jax.outputs",
+    "CompletionOutput": "lora_jax.outputs",
     "LoRAAdapter": "lora_jax.adapters",
     "load_adapter": "lora_jax.adapters",
     "save_adapter": "lora_jax.adapters",

@@ -1,0 +1,299 @@
+"""The engine: requests in, continuous batching over adapters, finished outputs out."""
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lora_jax.adapters import LoRAAdapter, load_adapter
+from lora_jax.config import EngineConfig
+from lora_jax.outputs import CompletionOutput, RequestOutput
+from lora_jax.request import LoRARequest
+from lora_jax.runner import Runner, RowInput
+from lora_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from lora_jax.scheduler import Batch, Scheduler, Sequence
+from lora_jax.slots import AdapterSlots
+from lora_jax.tokenizer import TextTokenizer
+from models import load_llama
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local Hugging Face model folder, else a Hub id fetched with huggingface_hub."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model, allow_patterns=[
+            "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json"]))
+    except Exception as err:  # offline, not found, invalid id, gated
+        raise FileNotFoundError(f"model {model!r} is not a local folder, and fetching it as a "
+                                f"Hub repo id failed: {type(err).__name__}: {err}") from err
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora_request: LoRARequest | None
+    adapter: LoRAAdapter | None
+    rope_scale: float
+    max_len: int  # prompt + output never pass this
+    seeds: list[int]
+    seqs: list[Sequence] = field(default_factory=list)
+    completions: list[CompletionOutput] = field(default_factory=list)
+
+    def output(self, tokenizer: TextTokenizer | None) -> RequestOutput:
+        for comp in self.completions:
+            if tokenizer is not None and not isinstance(comp.stop_reason, str):
+                comp.text = tokenizer.decode(comp.token_ids)  # a stop string already cut it
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.completions,
+                             finished=all(c.finished() for c in self.completions),
+                             lora_request=self.lora_request)
+
+
+class Engine:
+    """Holds the model, the KV cache, the adapter slots and the scheduler; `step` runs one batch."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.model = load_llama(self.model_path, dtype=config.dtype)
+        mc = self.model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        tok_path = Path(config.tokenizer) if config.tokenizer else self.model_path
+        self.tokenizer = (TextTokenizer(tok_path, mc.bos_token_id)
+                          if config.tokenizer or (tok_path / "tokenizer.json").is_file() else None)
+        self.eos_ids = {mc.eos_token_id} if isinstance(mc.eos_token_id, int) else set(
+            mc.eos_token_id or ())
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_chunk=config.max_prefill_chunk)
+        dtype = self.model.dtype
+        self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype)
+                      if config.enable_lora else None)
+        self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
+                             max_prefill_chunk=config.max_prefill_chunk, dtype=dtype,
+                             lora_backend=config.lora_backend)
+        self._cpu_loras: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
+        self._owner: dict[int, tuple[_Request, int]] = {}
+        self._next_seq = 0
+        self._rng = np.random.default_rng(config.seed)
+
+    # Adapters -----------------------------------------------------------------------------
+
+    def add_lora(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
+        """Load (or take the given in-memory) adapter into the CPU cache; reuse it when known."""
+        if self.slots is None:
+            raise ValueError(f"adapter {req.lora_name!r} was requested but LoRA is off; "
+                             "create the LLM with enable_lora=True")
+        known = self._cpu_loras.get(req.lora_int_id)
+        if known is not None and adapter is None:
+            if known[0].lora_path != req.lora_path:
+                raise ValueError(f"lora_int_id {req.lora_int_id} is already registered for "
+                                 f"{known[0].lora_path!r}; adapter {req.lora_name!r} at "
+                                 f"{req.lora_path!r} needs its own id")
+            self._cpu_loras.move_to_end(req.lora_int_id)
+            return known[1]
+        self._check_base_model(req)
+        if adapter is None:
+            adapter = load_adapter(req.lora_path, name=req.lora_name, base=self.model.config,
+                                   max_lora_rank=self.config.max_lora_rank)
+        self._cpu_loras[req.lora_int_id] = (req, adapter)
+        if known is not None:
+            self.slots.reload(req.lora_int_id, adapter)
+        limit = self.config.max_cpu_loras or max(self.config.max_loras, 8)
+        in_slots = set(self.slots.loaded()) | self.scheduler.pinned
+        while len(self._cpu_loras) > limit:
+            victim = next((i for i in self._cpu_loras if i not in in_slots), None)
+            if victim is None:
+                break
+            del self._cpu_loras[victim]
+        return adapter
+
+    def _check_base_model(self, req: LoRARequest) -> None:
+        if req.base_model_name is None:
+            return
+        names = {self.config.model, str(self.model_path), self.model_path.name}
+        if req.base_model_name not in names and Path(req.base_model_name).name not in names:
+            raise ValueError(f"adapter {req.lora_name!r} is for base model "
+                             f"{req.base_model_name!r}, but this LLM serves {self.config.model!r}")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        if lora_id in self.scheduler.adapters_in_use():
+            raise ValueError(f"adapter {lora_id} is used by running requests; remove it later")
+        self.scheduler.pinned.discard(lora_id)
+        if self.slots is not None:
+            self.slots.evict(lora_id)
+        return self._cpu_loras.pop(lora_id, None) is not None
+
+    def list_loras(self) -> set[int]:
+        return set(self._cpu_loras)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        if lora_id not in self._cpu_loras or self.slots is None:
+            raise ValueError(f"adapter {lora_id} is not loaded; add_lora it first")
+        held = self.scheduler.adapters_in_use() | self.scheduler.pinned
+        if lora_id not in held and len(held) >= self.config.max_loras:
+            raise ValueError(f"cannot pin adapter {lora_id}: all {self.config.max_loras} "
+                             "slots are held by pinned or running adapters")
+        self.slots.activate({lora_id: self._cpu_loras[lora_id][1]}, keep=held)
+        self.scheduler.pinned.add(lora_id)
+        return True
+
+    # Requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int] | None,
+                    params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
+        """Validate and queue one request; ValueError / FileNotFoundError say what is wrong."""
+        params.validate()
+        if prompt_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer.json in the model folder (or "
+                                 "tokenizer=...); or pass {'prompt_token_ids': [...]}")
+            prompt_ids = self.tokenizer.encode(prompt)
+        prompt_ids = [int(t) for t in prompt_ids]
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise ValueError(f"request {request_id}: the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id}: token ids {bad[:5]} are outside the "
+                             f"vocabulary [0, {vocab})")
+        rope_scale, max_len = 1.0, self.max_model_len
+        adapter = self.add_lora(lora_request) if lora_request is not None else None
+        if lora_request is not None and lora_request.long_lora_max_len:
+            long_len = lora_request.long_lora_max_len
+            if long_len > self.max_model_len:
+                raise ValueError(f"adapter {lora_request.lora_name!r} has long_lora_max_len "
+                                 f"{long_len} above max_model_len {self.max_model_len}; "
+                                 "create the LLM with a larger max_model_len")
+            base_len = self.model.config.max_position_embeddings
+            rope_scale, max_len = float(max(1, math.ceil(long_len / base_len))), long_len
+        if len(prompt_ids) >= max_len:
+            raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves "
+                             f"no room to generate within max_model_len {max_len}")
+        seeds = [(params.seed + i) % 2**32 if params.seed is not None
+                 else int(self._rng.integers(2**32)) for i in range(params.n)]
+        req = _Request(request_id, prompt, prompt_ids, params, lora_request, adapter, rope_scale,
+                       max_len, seeds)
+        for i in range(params.n):
+            seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id,
+                           params.max_tokens)
+            self._next_seq += 1
+            self._owner[seq.seq_id] = (req, i)
+            req.seqs.append(seq)
+            req.completions.append(CompletionOutput(
+                i, "", seq.output_ids, 0.0, [] if params.logprobs is not None else None))
+            self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return self._fail_unschedulable()
+        if self.slots is not None:
+            needed = {s.adapter: self._owner[s.seq_id][0].adapter
+                      for s in batch.decodes + [c.seq for c in batch.prefills]
+                      if s.adapter is not None}
+            self.slots.activate(needed, keep=self.scheduler.adapters_in_use())
+        done: list[Sequence] = []
+        if batch.decodes:
+            rows = [self._row(s, [s.output_ids[-1]], s.num_cached) for s in batch.decodes]
+            out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.decodes))
+            for i, seq in enumerate(batch.decodes):
+                seq.num_cached += 1
+                self._append(seq, i, out, done)
+        if batch.prefills:
+            rows = [self._row(c.seq, c.seq.prompt_ids[c.start:c.start + c.length], c.start)
+                    for c in batch.prefills]
+            seqs = [c.seq for c in batch.prefills]
+            out = self.runner.run(rows, self._stacks(), self._num_logprobs(seqs))
+            for i, chunk in enumerate(batch.prefills):
+                chunk.seq.num_cached += chunk.length
+                if chunk.completes_prompt:
+                    self._append(chunk.seq, i, out, done)
+        return self._finish(done)
+
+    def _stacks(self):
+        return self.slots.stacks if self.slots is not None else None
+
+    def _num_logprobs(self, seqs: list[Sequence]) -> int:
+        # One static size (0 or MAX_LOGPROBS) keeps the count of compiled programs small.
+        wanted = any(self._owner[s.seq_id][0].params.logprobs is not None for s in seqs)
+        return MAX_LOGPROBS if wanted else 0
+
+    def _row(self, seq: Sequence, tokens: list[int], start: int) -> RowInput:
+        req, i = self._owner[seq.seq_id]
+        p = req.params
+        slot = self.slots.slot_of(seq.adapter) if seq.adapter is not None else -1
+        return RowInput(tokens, start, seq.row, slot, req.rope_scale, p.temperature, p.top_k,
+                        p.top_p, p.min_p, req.seeds[i], len(seq.output_ids))
+
+    def _append(self, seq: Sequence, i: int, out, done: list[Sequence]) -> None:
+        req, index = self._owner[seq.seq_id]
+        comp, p = req.completions[index], req.params
+        token = int(out.tokens[i])
+        seq.output_ids.append(token)
+        comp.cumulative_logprob += float(out.logprob[i])
+        if comp.logprobs is not None:
+            k = p.logprobs
+            entry = {int(t): float(lp) for t, lp in zip(out.top_ids[i][:k],
+                                                        out.top_logprobs[i][:k], strict=True)}
+            entry[token] = float(out.logprob[i])
+            comp.logprobs.append(entry)
+        if token in self.eos_ids and not p.ignore_eos:
+            comp.finish_reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            comp.finish_reason, comp.stop_reason = "stop", token
+        elif p.stop_strings and self.tokenizer is not None and self._hit_stop_string(comp, p):
+            comp.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or (
+                len(seq.prompt_ids) + len(seq.output_ids) >= req.max_len):
+            comp.finish_reason = "length"
+        if comp.finish_reason is not None:
+            done.append(seq)
+
+    def _hit_stop_string(self, comp: CompletionOutput, p: SamplingParams) -> bool:
+        text = self.tokenizer.decode(comp.token_ids)
+        hits = [(text.find(s), s) for s in p.stop_strings if s in text]
+        if not hits:
+            return False
+        at, stop = min(hits)
+        comp.text, comp.stop_reason = text[:at], stop
+        return True
+
+    def _finish(self, done: list[Sequence]) -> list[RequestOutput]:
+        self.scheduler.finish(done)
+        finished = []
+        for seq in done:
+            req, _ = self._owner.pop(seq.seq_id)
+            if all(c.finished() for c in req.completions) and req not in finished:
+                finished.append(req)
+        return [req.output(self.tokenizer) for req in finished]
+
+    def _fail_unschedulable(self) -> list[RequestOutput]:
+        """Nothing runs and nothing can start: the waiting adapters can never get a slot."""
+        failed = []
+        for seq in list(self.scheduler.waiting):
+            req, _ = self._owner.pop(seq.seq_id)
+            if req not in failed:
+                failed.append(req)
+        self.scheduler.finish([s for r in failed for s in r.seqs])
+        outputs = []
+        for req in failed:
+            out = RequestOutput(req.request_id, req.prompt, req.prompt_ids, [], True,
+                                req.lora_request, error=f"adapter {req.lora_request.lora_name!r}"
+                                " can never get a slot: all max_loras slots are pinned")
+            outputs.append(out)
+        return outputs

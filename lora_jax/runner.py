@@ -1,0 +1,97 @@
+"""Runs one scheduled batch on the device: pads it to a shape bucket and calls the jitted step.
+
+The step is a pure function of (model state, adapter stacks, KV cache, batch arrays): the model
+is split once with nnx.split and merged inside jit, the KV cache is donated, and sampling runs
+in the same compiled function, so the host reads back only token ids (and logprobs if asked).
+"""
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lora_jax.sampler import Sampled, SamplingArrays, sample
+from models.kv_cache import init_kv_cache
+
+
+def bucket(n: int, smallest: int = 1) -> int:
+    """The power of two >= max(n, smallest): the padded size that a batch dimension compiles at."""
+    return max(smallest, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class RowInput:
+    """One row of a step: tokens at positions [start, start + len(tokens)) of a cache row."""
+
+    tokens: list[int]
+    start: int
+    row: int
+    slot: int  # adapter slot, -1 for the base model
+    rope_scale: float
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    counter: int
+
+
+def _step(graphdef, state, stacks, kv, tokens, positions, rows, slots, rope_scale, last,
+          sampling: SamplingArrays, num_logprobs: int, lora_backend: str | None):
+    model = nnx.merge(graphdef, state)
+    hidden, kv = model(tokens, positions, kv, rows, stacks, slots, rope_scale,
+                       lora_backend=lora_backend)
+    final = hidden[jnp.arange(hidden.shape[0]), last]  # [B, D]: each row's last real token
+    return sample(model.logits(final), sampling, num_logprobs), kv
+
+
+class Runner:
+    """Owns the model state and the KV cache; `run` executes one padded batch."""
+
+    def __init__(self, model, *, num_rows: int, max_len: int, max_prefill_chunk: int,
+                 dtype, lora_backend: str | None = None):
+        self.graphdef, self.state = nnx.split(model)
+        self.kv = init_kv_cache(model.config, num_rows, max_len, dtype)
+        self.num_rows, self.max_prefill_chunk = num_rows, max_prefill_chunk
+        self._step = jax.jit(
+            functools.partial(_step, self.graphdef, lora_backend=lora_backend),
+            static_argnames=("num_logprobs",), donate_argnames=("kv",))
+        self.shapes_run: set[tuple[int, int, int]] = set()
+
+    def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
+        """Sample one token per row (for the last of its tokens); returns host numpy arrays."""
+        n = len(rows)
+        width = bucket(max(len(r.tokens) for r in rows))
+        b = bucket(n)
+        tokens = np.zeros((b, width), np.int32)
+        positions = np.full((b, width), -1, np.int32)
+        last = np.zeros(b, np.int32)
+        cols = {name: np.zeros(b, dtype) for name, dtype in (
+            ("rows", np.int32), ("slots", np.int32), ("rope_scale", np.float32),
+            ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+            ("min_p", np.float32), ("seed", np.uint32), ("counter", np.int32))}
+        cols["slots"][:] = -1
+        cols["rope_scale"][:] = 1.0
+        cols["top_p"][:] = 1.0
+        for i, r in enumerate(rows):
+            tokens[i, : len(r.tokens)] = r.tokens
+            positions[i, : len(r.tokens)] = np.arange(r.start, r.start + len(r.tokens))
+            last[i] = len(r.tokens) - 1
+            for name in ("slot", "rope_scale", "temperature", "top_k", "top_p", "min_p",
+                         "seed", "counter"):
+                cols["slots" if name == "slot" else name][i] = getattr(r, name)
+            cols["rows"][i] = r.row
+        sampling = SamplingArrays(*(cols[k] for k in (
+            "temperature", "top_k", "top_p", "min_p", "seed", "counter")))
+        self.shapes_run.add((b, width, num_logprobs))
+        out, self.kv = self._step(self.state, stacks, self.kv, tokens, positions, cols["rows"],
+                                  cols["slots"], cols["rope_scale"], last, sampling,
+                                  num_logprobs=num_logprobs)
+        return Sampled(*(np.asarray(x)[:n] for x in jax.device_get(out)))
+
+    def compiled_count(self) -> int:
+        """How many programs the step has compiled (one per shape bucket used)."""
+        return self._step._cache_size()

@@ -1,0 +1,120 @@
+"""One Llama decoder layer as pure functions of its (per-layer) weights, with per-token LoRA.
+
+Numerics follow transformers' Llama: RMSNorm in float32, the residual stream and activations in
+the model dtype, matmuls accumulated in float32, softmax in float32.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from models import kv_cache
+from models.config import LlamaConfig
+from models.lora import LoraStacks
+from models.rope import apply_rope
+from pallas_kernels import lora_apply, lora_apply_sliced
+
+
+class LayerWeights(NamedTuple):
+    """One layer's weights, matrices [d_in, d_out]: qkv = [q | k | v], gate_up = [gate | up]."""
+
+    attn_norm: jax.Array  # [D]
+    qkv: jax.Array  # [D, (H + 2 * KV) * head_dim]
+    o: jax.Array  # [H * head_dim, D]
+    mlp_norm: jax.Array  # [D]
+    gate_up: jax.Array  # [D, 2 * I]
+    down: jax.Array  # [I, D]
+
+
+class TokenBatch(NamedTuple):
+    """What every layer needs to know about the tokens; shapes [B, L] unless noted."""
+
+    positions: jax.Array  # int32, -1 = padding
+    rows: jax.Array  # [B] int32 cache row of each sequence
+    cos: jax.Array  # [B, L, head_dim] float32
+    sin: jax.Array  # [B, L, head_dim] float32
+    slot: jax.Array | None  # [B * L] int32 adapter slot per token, -1 = base
+    lora_backend: str | None
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x [..., D] (any dtype), weight [D] -> [..., D] in x's dtype; statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple,
+            batch: TokenBatch) -> jax.Array:
+    """x [T, d_in] @ w [d_in, d_out] plus each token's adapter term -> [T, d_out] float32.
+
+    lora_a [S, d_in, n*R] and n expand matrices [S, R, w_i] summing to d_out; None = no LoRA.
+    """
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if lora_a is None:
+        return y
+    if len(lora_bs) == 1:
+        return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend)
+    return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend)
+
+
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
+    """Grouped-query attention of each query over its own cache row, up to its own position.
+
+    q [B, L, H, d]; keys, values [B, max_len, KV, d] with entry p holding position p;
+    positions [B, L] (-1 = padding, which sees nothing and outputs garbage) -> [B, L, H, d].
+    """
+    batch, length, heads, dim = q.shape
+    kv_heads, max_len = keys.shape[2], keys.shape[1]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, keys, preferred_element_type=jnp.float32)
+    scores = scores * (dim ** -0.5)
+    visible = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # [B, L, max_len]
+    # A finite floor, not -inf: padding queries see no key and must not turn into NaN.
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, values, preferred_element_type=jnp.float32)
+    return out.reshape(batch, length, heads, dim).astype(q.dtype)
+
+
+def _group(lora: LoraStacks | None, a: str, *bs: str) -> tuple[jax.Array | None, tuple]:
+    """One packed projection's (shrink matrix, expand matrices) for this layer, or (None, ())."""
+    if lora is None:
+        return None, ()
+    return getattr(lora, a), tuple(getattr(lora, b) for b in bs)
+
+
+def decoder_layer(
+    config: LlamaConfig,
+    x: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
+    layer: jax.Array,
+    w: LayerWeights,
+    lora: LoraStacks | None,
+    batch: TokenBatch,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """x [B, L, D]; cache (k, v) [layers, rows, max_len, KV, d], written at `layer` -> (x, cache)."""
+    b, length, d = x.shape
+    h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    normed = rms_norm(x, w.attn_norm, config.rms_norm_eps).reshape(b * length, d)
+    qkv = project(normed, w.qkv, *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch).astype(x.dtype)
+    q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
+    q = apply_rope(q.reshape(b, length, h, hd), batch.cos, batch.sin)
+    k = apply_rope(k.reshape(b, length, kv, hd), batch.cos, batch.sin)
+    k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k)
+    v_cache = kv_cache.write_layer(cache[1], layer, batch.rows, batch.positions,
+                                   v.reshape(b, length, kv, hd))
+    attn = attend(q, kv_cache.read_layer(k_cache, layer, batch.rows),
+                  kv_cache.read_layer(v_cache, layer, batch.rows), batch.positions)
+    attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch)
+    x = x + attn.astype(x.dtype).reshape(b, length, d)
+
+    normed = rms_norm(x, w.mlp_norm, config.rms_norm_eps).reshape(b * length, d)
+    gate_up = project(normed, w.gate_up, *_group(lora, "gate_up_a", "gate_b", "up_b"),
+                      batch).astype(x.dtype)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    hidden = jax.nn.silu(gate) * up
+    mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch)
+    return x + mlp.astype(x.dtype).reshape(b, length, d), (k_cache, v_cache)

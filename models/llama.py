@@ -1,0 +1,108 @@
+"""The Llama model (Flax NNX): stacked layers run under one lax.scan, LoRA and KV cache as arguments.
+
+Jit it the way Flax's performance guide recommends: `graphdef, state = nnx.split(model)` once,
+then `nnx.merge(graphdef, state)` inside your own jax.jit (or jit `forward`, graphdef static).
+Weights then stay arguments of the compiled function, never constants baked into it.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import LlamaConfig
+from models.kv_cache import KVCache
+from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm
+from models.lora import LoraStacks
+from models.rope import rope_cos_sin
+
+
+class DecoderLayers(nnx.Module):
+    """All layers' weights stacked on a leading [layers] axis; matrices stored [d_in, d_out]."""
+
+    def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
+        n, d, i = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+        q = config.num_attention_heads * config.head_dim
+        kv = config.num_key_value_heads * config.head_dim
+        init = nnx.initializers.normal(0.02)
+        self.attn_norm = nnx.Param(jnp.ones((n, d), dtype))
+        self.qkv = nnx.Param(init(rngs.params(), (n, d, q + 2 * kv), dtype))
+        self.o = nnx.Param(init(rngs.params(), (n, q, d), dtype))
+        self.mlp_norm = nnx.Param(jnp.ones((n, d), dtype))
+        self.gate_up = nnx.Param(init(rngs.params(), (n, d, 2 * i), dtype))
+        self.down = nnx.Param(init(rngs.params(), (n, i, d), dtype))
+
+    def weights(self) -> LayerWeights:
+        return LayerWeights(*(getattr(self, name)[...] for name in LayerWeights._fields))
+
+
+class Llama(nnx.Module):
+    """A Llama causal LM. Random weights from `rngs`; use `load_llama` for a checkpoint."""
+
+    def __init__(self, config: LlamaConfig, *, dtype="float32", rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        v, d = config.vocab_size, config.hidden_size
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), self.dtype))
+        self.layers = DecoderLayers(config, self.dtype, rngs)
+        self.norm = nnx.Param(jnp.ones((d,), self.dtype))
+        self.lm_head = (None if config.tie_word_embeddings else
+                        nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, v), self.dtype)))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        kv_cache: KVCache,
+        cache_rows: jax.Array,
+        lora: LoraStacks | None = None,
+        adapter_slot: jax.Array | None = None,
+        rope_scale: jax.Array | None = None,
+        *,
+        lora_backend: str | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Prefill or decode a batch of sequences through the cache.
+
+        tokens, positions [B, L] int32 (position -1 = padding: not written, not attended, its
+        output is garbage); cache_rows [B] int32; lora fields [layers, slots, ...] or None;
+        adapter_slot [B] int32 (-1 = base model); rope_scale [B] float32 (RoPE sees
+        position / rope_scale) or None -> (hidden [B, L, D] after the final norm, kv_cache).
+        Token (b, l) attends to row cache_rows[b] at positions <= positions[b, l].
+        """
+        config = self.config
+        if tokens.shape != positions.shape or tokens.ndim != 2:
+            raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both "
+                             "be [batch, length]")
+        if lora is not None and adapter_slot is None:
+            raise ValueError("adapter_slot is required when lora stacks are given")
+        slot = None
+        if lora is not None:
+            # Padding tokens take no adapter, so kernels that group by slot skip them.
+            slot = jnp.where(positions >= 0, adapter_slot[:, None], -1).reshape(-1).astype(jnp.int32)
+        cos, sin = rope_cos_sin(config, positions, rope_scale)
+        batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend)
+        x = jnp.take(self.embed[...], tokens, axis=0)
+
+        def step(carry, per_layer):
+            x, cache = carry
+            layer, weights, layer_lora = per_layer
+            x, cache = decoder_layer(config, x, cache, layer, weights, layer_lora, batch)
+            return (x, cache), None
+
+        # The cache rides in the carry (not xs/ys) so XLA updates it in place, layer by layer.
+        layers = jnp.arange(config.num_hidden_layers)
+        (x, (k, v)), _ = jax.lax.scan(
+            step, (x, (kv_cache.k, kv_cache.v)), (layers, self.layers.weights(), lora))
+        return rms_norm(x, self.norm[...], config.rms_norm_eps), KVCache(k, v)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
+        if self.lm_head is None:
+            return jnp.einsum("...d,vd->...v", hidden, self.embed[...],
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...],
+                          preferred_element_type=jnp.float32)
+
+
+def forward(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs) -> tuple[jax.Array, KVCache]:
+    """Pure `Llama.__call__`: jax.jit(forward, static_argnums=0) compiles once per shape."""
+    return nnx.merge(graphdef, state)(*args, **kwargs)

@@ -1,0 +1,168 @@
+"""Load a Hugging Face Llama folder (config.json + safetensors, single or sharded) into `Llama`.
+
+Tensors are read one at a time through safetensors' safe_open into a host buffer for one
+stacked parameter, which then moves to the device; the model is built abstractly first
+(nnx.eval_shape), so no second full copy of the weights ever exists in host memory.
+"""
+
+import contextlib
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from models.config import LlamaConfig
+from models.llama import Llama
+
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+
+# Stacked parameter of DecoderLayers -> the per-layer HF tensors concatenated along d_out.
+_LAYER_SOURCES = {
+    "attn_norm": ("input_layernorm",),
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "mlp_norm": ("post_attention_layernorm",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
+
+def resolve_dtype(dtype, config: LlamaConfig) -> str:
+    """"auto" -> the checkpoint's torch_dtype; ValueError for dtypes we do not compute in."""
+    if dtype == "auto":
+        if config.torch_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"the checkpoint's torch_dtype {config.torch_dtype!r} is not "
+                             f"supported; pass dtype as one of {SUPPORTED_DTYPES}")
+        return config.torch_dtype
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use 'auto' or one of "
+                         f"{SUPPORTED_DTYPES}")
+    return name
+
+
+def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape ([d_out, d_in] for linear layers) that config.json implies."""
+    d, v = config.hidden_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    proj = config.projection_shapes()
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        shapes[prefix + "input_layernorm.weight"] = (d,)
+        shapes[prefix + "post_attention_layernorm.weight"] = (d,)
+        for name, (d_in, d_out) in proj.items():
+            group = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            shapes[f"{prefix}{group}.{name}.weight"] = (d_out, d_in)
+    return shapes
+
+
+def _ignorable(name: str, config: LlamaConfig) -> bool:
+    # Old checkpoints carry RoPE buffers; tied ones sometimes still carry the lm_head copy.
+    return name.endswith("rotary_emb.inv_freq") or (
+        name == "lm_head.weight" and config.tie_word_embeddings)
+
+
+def _shard_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, from the index or the single file."""
+    if (folder / _INDEX).is_file():
+        with open(folder / _INDEX) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{folder / _INDEX} has no 'weight_map'")
+        missing = sorted({file for file in weight_map.values() if not (folder / file).is_file()})
+        if missing:
+            raise FileNotFoundError(f"shard(s) {missing} named in {_INDEX} are not in {folder}")
+        return {name: folder / file for name, file in weight_map.items()}
+    if (folder / _SINGLE).is_file():
+        with safe_open(folder / _SINGLE, framework="np") as f:
+            return dict.fromkeys(f.keys(), folder / _SINGLE)
+    raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in model folder {str(folder)!r} "
+                            "(only safetensors checkpoints are supported)")
+
+
+class _Reader:
+    """Open shards lazily and hand out one tensor at a time."""
+
+    def __init__(self, files: dict[str, Path], stack: contextlib.ExitStack):
+        self.files, self._stack, self._open = files, stack, {}
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(path, framework="np"))
+        return self._open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+
+def _check_names_and_shapes(reader: _Reader, config: LlamaConfig, folder: Path) -> None:
+    expected = expected_tensors(config)
+    names = set(reader.files)
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(n for n in names - set(expected) if not _ignorable(n, config))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    for name in sorted(set(expected) & names):
+        if reader.shape(name) != expected[name]:
+            problems.append(f"tensor {name!r} has shape {list(reader.shape(name))}, "
+                            f"config.json implies {list(expected[name])}")
+    if problems:
+        raise ValueError(f"checkpoint in {str(folder)!r} does not match its config.json: "
+                         + "; ".join(problems))
+
+
+def _stacked(reader: _Reader, config: LlamaConfig, param: str, shape, dtype) -> np.ndarray:
+    """Fill one [layers, ...] parameter from its per-layer HF tensors (transposed to [in, out])."""
+    out = np.empty(shape, dtype)
+    for i in range(config.num_hidden_layers):
+        start = 0
+        for source in _LAYER_SOURCES[param]:
+            tensor = reader.get(f"model.layers.{i}.{source}.weight")
+            if tensor.ndim == 1:
+                out[i] = tensor
+                continue
+            out[i, :, start:start + tensor.shape[0]] = tensor.T
+            start += tensor.shape[0]
+    return out
+
+
+def load_llama(folder: str | Path, dtype: str = "auto") -> Llama:
+    """Read a Hugging Face Llama folder into a `Llama` with weights in `dtype` ("auto" = torch_dtype).
+
+    FileNotFoundError for a missing config or weights; ValueError naming every missing,
+    unexpected or misshapen tensor.
+    """
+    folder = Path(folder)
+    config = LlamaConfig.from_pretrained(folder)
+    dtype = resolve_dtype(dtype, config)
+    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    np_dtype = jnp.dtype(dtype)
+    with contextlib.ExitStack() as stack:
+        reader = _Reader(_shard_files(folder), stack)
+        _check_names_and_shapes(reader, config, folder)
+        for param in _LAYER_SOURCES:
+            variable = getattr(model.layers, param)
+            host = _stacked(reader, config, param, variable.get_value().shape, np_dtype)
+            variable.set_value(jnp.asarray(host))
+            del host
+        model.embed.set_value(jnp.asarray(reader.get("model.embed_tokens.weight").astype(np_dtype, copy=False)))
+        model.norm.set_value(jnp.asarray(reader.get("model.norm.weight").astype(np_dtype, copy=False)))
+        if model.lm_head is not None:
+            model.lm_head.set_value(jnp.asarray(reader.get("lm_head.weight").T.astype(np_dtype, copy=False)))
+    return model

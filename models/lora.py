@@ -1,0 +1,123 @@
+"""LoRA stacks: every adapter slot's weights for every layer, laid out for the packed projections.
+
+The model runs q|k|v as one matmul and gate|up as another, so their adapters are packed the
+same way: one shrink matrix whose columns are [A_q | A_k | A_v] (each max_rank wide) and one
+expand matrix per output slice. A projection an adapter leaves alone has zero A and zero B in
+its columns, which adds exactly zero: a q,v-only adapter gives the same k as the base model.
+Ranks below max_rank are zero-padded, which is exact for the same reason.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import PROJECTIONS, LlamaConfig
+
+# Packed shrink matrix -> the projections whose A columns it holds, in column order.
+PACKED = {"qkv_a": ("q_proj", "k_proj", "v_proj"), "o_a": ("o_proj",),
+          "gate_up_a": ("gate_proj", "up_proj"), "down_a": ("down_proj",)}
+EXPAND = {"q_proj": "q_b", "k_proj": "k_b", "v_proj": "v_b", "o_proj": "o_b",
+          "gate_proj": "gate_b", "up_proj": "up_b", "down_proj": "down_b"}
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LoraStacks:
+    """Adapter weights per slot, scaling folded into the B matrices; R = max_rank.
+
+    In the stacks each field has a leading [layers, slots] pair; a single packed adapter
+    (from pack_adapter) has just [layers]. Shrink matrices a: [.., d_in, n*R] for a projection
+    group of n; expand matrices b: [.., R, d_out] per projection.
+    """
+
+    qkv_a: jax.Array
+    q_b: jax.Array
+    k_b: jax.Array
+    v_b: jax.Array
+    o_a: jax.Array
+    o_b: jax.Array
+    gate_up_a: jax.Array
+    gate_b: jax.Array
+    up_b: jax.Array
+    down_a: jax.Array
+    down_b: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.o_a.shape[1]
+
+    @property
+    def max_rank(self) -> int:
+        return self.o_a.shape[-1]
+
+
+def _shapes(config: LlamaConfig, max_rank: int) -> dict[str, tuple[int, int]]:
+    """Per-layer, per-slot shape of every LoraStacks field."""
+    proj = config.projection_shapes()
+    shapes = {a: (proj[group[0]][0], len(group) * max_rank) for a, group in PACKED.items()}
+    shapes.update({EXPAND[p]: (max_rank, proj[p][1]) for p in PROJECTIONS})
+    return shapes
+
+
+def _check_rank(max_rank: Any) -> None:
+    if not isinstance(max_rank, int) or max_rank <= 0:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+
+
+def init_lora_stacks(config: LlamaConfig, num_slots: int, max_rank: int,
+                     dtype="float32") -> LoraStacks:
+    """Zeros: each field [layers, num_slots, *per-slot shape] (see LoraStacks)."""
+    _check_rank(max_rank)
+    if not isinstance(num_slots, int) or num_slots <= 0:
+        raise ValueError(f"num_slots must be a positive integer, got {num_slots!r}")
+    lead = (config.num_hidden_layers, num_slots)
+    return LoraStacks(**{name: jnp.zeros(lead + shape, dtype)
+                         for name, shape in _shapes(config, max_rank).items()})
+
+
+def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
+                 dtype="float32") -> LoraStacks:
+    """One adapter as one slot: modules[proj].a [L, d_in, r], .b [L, r, d_out] -> fields [L, ...].
+
+    Absent projections get zeros; r <= max_rank is zero-padded.
+    """
+    _check_rank(max_rank)
+    unknown = sorted(set(modules) - set(PROJECTIONS))
+    if unknown:
+        raise ValueError(f"adapter targets unsupported module(s) {unknown}; "
+                         f"supported: {', '.join(PROJECTIONS)}")
+    layers, proj = config.num_hidden_layers, config.projection_shapes()
+    host = {name: np.zeros((layers, *shape), np.float32)
+            for name, shape in _shapes(config, max_rank).items()}
+    for name, weights in modules.items():
+        a, b = np.asarray(weights.a), np.asarray(weights.b)
+        rank = a.shape[-1] if a.ndim == 3 else -1
+        d_in, d_out = proj[name]
+        if a.shape != (layers, d_in, rank) or b.shape != (layers, rank, d_out):
+            raise ValueError(
+                f"adapter module {name!r} has a {list(a.shape)} and b {list(b.shape)}; expected "
+                f"a [{layers}, {d_in}, r] and b [{layers}, r, {d_out}] for this base model")
+        if rank > max_rank:
+            raise ValueError(f"adapter module {name!r} has rank {rank} above max_rank {max_rank}")
+        a_field = next(f for f, group in PACKED.items() if name in group)
+        start = PACKED[a_field].index(name) * max_rank
+        host[a_field][:, :, start:start + rank] = a
+        host[EXPAND[name]][:, :rank, :] = b
+    return LoraStacks(**{name: jnp.asarray(value, dtype) for name, value in host.items()})
+
+
+def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> LoraStacks:
+    """stacks fields [L, S, ...], packed fields [L, ...] -> stacks with slot `slot` replaced.
+
+    Pure; jit it with the stacks donated and the copy happens in place.
+    """
+    for field in fields(LoraStacks):
+        have, new = getattr(stacks, field.name).shape, getattr(packed, field.name).shape
+        if have[:1] + have[2:] != new:
+            raise ValueError(f"packed adapter field {field.name!r} has shape {list(new)}, "
+                             f"stacks expect {list(have[:1] + have[2:])}")
+    return jax.tree.map(lambda s, p: s.at[:, slot].set(p.astype(s.dtype)), stacks, packed)

@@ -1,0 +1,122 @@
+"""Block sizes, Triton launch parameters and the in-kernel matmul shared by the Pallas kernels.
+
+Every tile is a power of two that divides the axis it tiles (Triton tensors must be powers of two,
+and the Triton lowering issues unmasked loads, so a block may never run past its array).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Triton's tensor-core dot needs every dimension >= 16; smaller tiles use multiply-and-reduce.
+MIN_DOT = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Overrides for the tiles the kernels would pick from the shapes; None keeps the choice.
+
+    block_t: tokens per grouped block, the size every adapter's run of tokens is padded to.
+    block_k: tile of the contracted feature axis D_in (shrink).
+    block_n: tile of the output feature axis D_out (expand).
+    """
+
+    block_t: int | None = None
+    block_k: int | None = None
+    block_n: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
+                raise ValueError(f"BlockSizes.{field.name}={value!r} must be a power of two")
+
+
+def pow2_divisor(dim: int, cap: int) -> int:
+    """Largest power of two that divides dim and is at most cap."""
+    low_bit = dim & -dim
+    return min(low_bit, 1 << (cap.bit_length() - 1))
+
+
+def tile(dim: int, cap: int, override: int | None, name: str) -> int:
+    """The block along an axis of size dim: the override if it divides dim, else the largest fit."""
+    if override is None:
+        return pow2_divisor(dim, cap)
+    if dim % override:
+        raise ValueError(f"BlockSizes.{name}={override} does not divide the axis of size {dim}")
+    return override
+
+
+def rank_tile(rank: int) -> int:
+    """Tile of the rank axis; raises for ranks a Triton tensor cannot hold."""
+    if rank & (rank - 1):
+        raise ValueError(
+            f"the Pallas backends need a power-of-two rank per slice, got {rank}: "
+            "pad the adapter stacks to max_lora_rank"
+        )
+    return min(rank, 64)
+
+
+def group_block_t(tokens: int, num_slots: int, override: int | None) -> int:
+    """Tokens per grouped block: big enough for tensor cores, small enough that padding is cheap."""
+    if override is not None:
+        return override
+    per_slot = max(tokens // max(num_slots, 1), 1)
+    return max(MIN_DOT, min(64, 1 << (per_slot.bit_length() - 1)))
+
+
+def compiler_params(num_warps: int = 4, num_stages: int = 1) -> plgpu.CompilerParams:
+    """Triton parameters; passing them is what selects Triton over Mosaic GPU on JAX 0.10."""
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def matmul_f32(p: jax.Array, q: jax.Array) -> jax.Array:
+    """p [M, K] @ q [K, N] -> [M, N] float32 inside a kernel.
+
+    Tensor cores when every dimension reaches Triton's minimum, else a broadcast multiply and
+    reduction (still a single Triton op tree, exact enough in float32).
+    """
+    if min(*p.shape, q.shape[1]) >= MIN_DOT:
+        if p.dtype != q.dtype:
+            p = p.astype(q.dtype)
+        return jnp.dot(p, q, preferred_element_type=jnp.float32)
+    prod = p.astype(jnp.float32)[:, :, None] * q.astype(jnp.float32)[None, :, :]
+    return jnp.sum(prod, axis=1)
+
+
+def launch(
+    kernel, *, grid, operands, in_specs, out_spec, out_shape: jax.ShapeDtypeStruct,
+    interpret: bool, alias: int | None = None, poison: bool = False, num_stages: int = 1,
+) -> jax.Array:
+    """pl.pallas_call with the Triton parameters always set (see compiler_params).
+
+    alias: index of the operand whose buffer becomes the output (expand writes into y).
+    poison: alias a NaN-filled buffer onto the output instead, so that an element the kernel
+    never writes shows up in a test; the kernel does not see that extra operand.
+    """
+    if poison:
+        operands = (*operands, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        in_specs = (*in_specs, out_spec)
+        alias = len(operands) - 1
+        body = kernel
+
+        def kernel(*refs):
+            body(*refs[:-2], refs[-1])
+
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=list(in_specs),
+        out_specs=out_spec,
+        out_shape=out_shape,
+        input_output_aliases={} if alias is None else {alias: 0},
+        compiler_params=compiler_params(num_stages=num_stages),
+        interpret=interpret,
+    )(*operands)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

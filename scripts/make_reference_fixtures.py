@@ -1,0 +1,255 @@
+"""Write transformers + PEFT reference fixtures that lora-jax's tests compare against.
+
+The tests never import torch: this script runs Hugging Face transformers + PEFT on CPU once and
+leaves tiny float32 checkpoints, adapters and expected logits / greedy tokens on disk.
+
+Regenerate (in a venv of its own, so the dev venv stays torch-free; pin torch to the CPU wheel):
+
+    pip install torch==2.13.0 transformers peft safetensors numpy
+    python scripts/make_reference_fixtures.py            # --out tests/fixtures/reference
+
+Layout per variant (gqa, tied, llama3, long_lora): model/, adapters/<name>/, expected.npz,
+manifest.json. The array names are documented in tests/fixtures/reference/README.md.
+"""
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import peft
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+GREEDY_NEW_TOKENS = 8
+LONG_LORA_MAX_LEN = 64
+BOS = 1
+
+BASE_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                   max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "all_r4": dict(r=4, lora_alpha=8, target_modules=ALL),
+    "qv_r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "mlp_rslora": dict(r=2, lora_alpha=4, use_rslora=True,
+                       target_modules=["gate_proj", "up_proj", "down_proj"]),
+    # PEFT fullmatches a regex string against the module path ("model.layers.0.self_attn.q_proj").
+    "patterns": dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|o_proj|down_proj)",
+                     rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 32}),
+}
+VARIANTS = {
+    "gqa": dict(config={}, adapters={k: ADAPTERS[k] for k in ADAPTERS}, lengths=[5, 9, 12]),
+    # MQA + a head_dim (16) that is not hidden/heads (8): q/o are 32<->64, k/v 32->16.
+    "tied": dict(config=dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=16),
+                 adapters={k: ADAPTERS[k] for k in ("all_r4", "qv_r8")}, lengths=[5, 9, 12]),
+    "llama3": dict(config=dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+        adapters={k: ADAPTERS[k] for k in ("all_r4", "qv_r8")}, lengths=[5, 9, 12]),
+    # Prompts longer than max_position_embeddings; expected numbers use linear rope scaling.
+    "long_lora": dict(config=dict(max_position_embeddings=32),
+                      adapters={"long": ADAPTERS["all_r4"]}, lengths=[40, 56], long=True),
+}
+
+
+def make_config(overrides: dict) -> LlamaConfig:
+    kwargs = {**BASE_CONFIG, **overrides}
+    # transformers >= 5 keeps rope_theta and rope_scaling together in `rope_parameters`.
+    rope = {"rope_type": "default", **kwargs.pop("rope_scaling", {})}
+    rope["rope_theta"] = kwargs.pop("rope_theta")
+    return LlamaConfig(**kwargs, rope_parameters=rope)
+
+
+@torch.no_grad()
+def randomize_base(model: LlamaForCausalLM, seed: int) -> None:
+    """Re-draw every weight: HF's init (std 0.02, norms exactly 1) would hide norm/scale bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
+        elif "embed_tokens" in name:
+            param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+        else:  # Linear [out, in]: unit-variance outputs keep logits O(1) and greedy margins wide.
+            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[1]))
+
+
+def load_base(model_dir: Path, config: LlamaConfig | None = None) -> LlamaForCausalLM:
+    extra = {"config": config} if config is not None else {}
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                             attn_implementation="eager", **extra)
+    return model.eval()
+
+
+@torch.no_grad()
+def full_logits(model, ids: np.ndarray) -> np.ndarray:
+    out = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None])
+    return out.logits[0].float().numpy()
+
+
+@torch.no_grad()
+def greedy(model, ids: np.ndarray) -> tuple[np.ndarray, float]:
+    """Exactly GREEDY_NEW_TOKENS tokens (min_new_tokens masks EOS) plus the smallest top-1/top-2
+    logit gap on the path, re-derived by a full forward pass (checks the KV-cache path too)."""
+    prompt = torch.from_numpy(ids.astype(np.int64))[None]
+    seq = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                         do_sample=False, max_new_tokens=GREEDY_NEW_TOKENS,
+                         min_new_tokens=GREEDY_NEW_TOKENS, pad_token_id=0)[0].numpy()
+    new = seq[len(ids):]
+    logits = full_logits(model, seq[:-1])[len(ids) - 1:]
+    warn_unless(np.array_equal(logits.argmax(-1), new),
+                f"generate() disagrees with the full-forward argmax: {new}")
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return new.astype(np.int32), float((top2[:, 1] - top2[:, 0]).min())
+
+
+@torch.no_grad()
+def make_adapter(model_dir: Path, out: Path, spec: dict, seed: int, prompts) -> list[np.ndarray]:
+    """Build a PEFT adapter with random non-zero A and B, save it, return its in-memory logits."""
+    model = get_peft_model(load_base(model_dir),
+                           LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **spec))
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        # PEFT's default init zeroes B, which would make the adapter a no-op.
+        if "lora_A" in name or "lora_B" in name:
+            param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    canonicalize_adapter_folder(out)
+    return [full_logits(model, p) for p in prompts]
+
+
+def canonicalize_adapter_folder(adapter_dir: Path) -> None:
+    """PEFT writes target_modules from a Python set, so its order follows the per-process string
+    hash seed: sort it so reruns are byte-identical. Drop the boilerplate model card too."""
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg["target_modules"], list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (adapter_dir / "README.md").unlink(missing_ok=True)
+
+
+def saved_adapter_entry(adapter_dir: Path) -> dict:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
+            "target_modules": cfg["target_modules"],
+            "rank_pattern": cfg["rank_pattern"], "alpha_pattern": cfg["alpha_pattern"]}
+
+
+def warn_unless(ok: bool, message: str) -> None:
+    # Print, don't raise: a failed check should still leave the fixtures to inspect.
+    if not ok:
+        print(f"    CHECK FAILED: {message}")
+
+
+def make_prompts(lengths: list[int], vocab: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[BOS], rng.integers(3, vocab, n - 1)]).astype(np.int32)
+            for n in lengths]
+
+
+def build_variant(name: str, spec: dict, out: Path, seed: int) -> None:
+    print(f"== {name}")
+    vdir = out / name
+    shutil.rmtree(vdir, ignore_errors=True)
+    config = make_config(spec["config"])
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(config).to(torch.float32)
+    randomize_base(base, seed)
+    base.save_pretrained(vdir / "model", safe_serialization=True)
+    prompts = make_prompts(spec["lengths"], config.vocab_size, seed)
+    arrays = {f"prompt_ids_{j}": p for j, p in enumerate(prompts)}
+    manifest = {"variant": name, "adapters": {}, "num_prompts": len(prompts),
+                "prompt_lengths": spec["lengths"], "greedy_new_tokens": GREEDY_NEW_TOKENS,
+                # Smallest top-1/top-2 logit gap along each greedy path: a test comparing greedy
+                # tokens needs its numeric error to stay below this.
+                "greedy_min_gap": {}}
+    long = spec.get("long", False)
+    eval_config = None
+    if long:
+        # LongLoRA-style serving: linear rope scaling by ceil(max_len / trained context), applied
+        # at run time only -- the saved base config.json stays plain.
+        factor = float(math.ceil(LONG_LORA_MAX_LEN / config.max_position_embeddings))
+        eval_config = LlamaConfig.from_pretrained(vdir / "model")
+        eval_config.rope_parameters = {"rope_type": "linear", "factor": factor,
+                                       "rope_theta": config.rope_parameters["rope_theta"]}
+        manifest.update(long_lora_max_len=LONG_LORA_MAX_LEN, linear_factor=factor)
+        del manifest["greedy_min_gap"]
+
+    plain = load_base(vdir / "model")
+    base_model = load_base(vdir / "model", eval_config) if long else plain
+    base_logits = [full_logits(base_model, p) for p in prompts]
+    for j, p in enumerate(prompts):
+        arrays[f"logits_base_{j}"] = base_logits[j]
+        if long:
+            scaled_diff = np.abs(base_logits[j] - full_logits(plain, p)).max()
+            warn_unless(scaled_diff > 1e-2, f"{name}/base: rope scaling had no effect")
+            print(f"  base prompt {j}: max|scaled - unscaled| = {scaled_diff:.3f}")
+        else:
+            arrays[f"greedy_base_{j}"], margin = greedy(base_model, p)
+            manifest["greedy_min_gap"].setdefault("base", []).append(round(margin, 6))
+            print(f"  base prompt {j}: greedy {arrays[f'greedy_base_{j}'].tolist()} "
+                  f"min top-2 gap {margin:.3f}")
+
+    for k, (aname, aspec) in enumerate(spec["adapters"].items()):
+        adir = vdir / "adapters" / aname
+        in_memory = make_adapter(vdir / "model", adir, aspec, seed * 100 + k, prompts)
+        # Expected numbers come from a fresh reload of the SAVED folder: that proves the files.
+        model = PeftModel.from_pretrained(load_base(vdir / "model", eval_config), adir).eval()
+        reload_plain = model
+        if long:  # the in-memory adapter ran unscaled: compare the reload on equal terms
+            reload_plain = PeftModel.from_pretrained(load_base(vdir / "model"), adir).eval()
+        manifest["adapters"][aname] = saved_adapter_entry(adir)
+        for j, p in enumerate(prompts):
+            logits = arrays[f"logits_{aname}_{j}"] = full_logits(model, p)
+            with model.disable_adapter():
+                disabled_diff = np.abs(full_logits(model, p) - base_logits[j]).max()
+            effect = np.abs(logits - base_logits[j]).max()
+            reload_diff = np.abs(full_logits(reload_plain, p) - in_memory[j]).max()
+            warn_unless(effect > 1e-2, f"{name}/{aname}: adapter barely changes the logits")
+            warn_unless(reload_diff == 0, f"{name}/{aname}: reload differs from in-memory")
+            warn_unless(disabled_diff == 0, f"{name}/{aname}: disabled adapter != base")
+            line = (f"  {aname} prompt {j}: max|adapter - base| = {effect:.3f}, "
+                    f"reload diff {reload_diff:.1e}, disabled-vs-base {disabled_diff:.1e}")
+            if long:
+                scaled_diff = np.abs(logits - in_memory[j]).max()
+                warn_unless(scaled_diff > 1e-2, f"{name}/{aname}: rope scaling had no effect")
+                line += f", scaled-vs-unscaled {scaled_diff:.3f}"
+            else:
+                arrays[f"greedy_{aname}_{j}"], margin = greedy(model, p)
+                manifest["greedy_min_gap"].setdefault(aname, []).append(round(margin, 6))
+                line += f", min top-2 gap {margin:.3f}"
+            print(line)
+
+    manifest["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__,
+                            "torch": torch.__version__}
+    np.savez_compressed(vdir / "expected.npz", **arrays)
+    (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("tests/fixtures/reference"),
+                        help="folder to write the variants into (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=list(VARIANTS),
+                        help="variants to (re)build (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # single-threaded CPU kernels: bit-identical reruns
+    torch.use_deterministic_algorithms(True)
+    transformers.utils.logging.disable_progress_bar()
+    for i, name in enumerate(VARIANTS):
+        if name in args.variants:
+            build_variant(name, VARIANTS[name], args.out, args.seed + i + 1)
+    print(f"versions: transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The forward pass against an independent float64 NumPy Llama with transformers' semantics.
+
+The NumPy model reads the HF-named tensors directly (unpacked projections, [d_out, d_in]), so
+these tests also check the loader's transposes and packing, RoPE variants, GQA/MQA, tied
+embeddings and the LoRA mapping, before any transformers fixture exists.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers.checkpoints import random_lora, random_tensors, tiny_config, write_checkpoint
+
+from models import LlamaConfig, forward, init_kv_cache, init_lora_stacks, load_llama, pack_adapter
+from models import set_slot as set_slot_fn
+
+MAX_LEN, PREFILL = 16, 8
+
+_forward = jax.jit(forward, static_argnums=0, static_argnames="lora_backend")
+_logits = jax.jit(lambda g, s, h: nnx.merge(g, s).logits(h), static_argnums=0)
+
+
+def _inv_freq(config: LlamaConfig, seq_len: int) -> np.ndarray:
+    d, scaling = config.head_dim, config.rope_scaling or {}
+    theta = config.rope_theta
+    if config.rope_type == "dynamic" and seq_len > config.max_position_embeddings:
+        f = scaling["factor"]
+        theta *= (f * seq_len / config.max_position_embeddings - (f - 1)) ** (d / (d - 2))
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    if config.rope_type == "linear":
+        inv = inv / scaling["factor"]
+    if config.rope_type == "llama3":
+        f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        inv = np.where(wavelen < old / hi, inv,
+                       np.where(wavelen > old / lo, inv / f, (1 - smooth) * inv / f + smooth * inv))
+    return inv
+
+
+def reference_logits(tensors, config: LlamaConfig, ids, lora=None, rope_scale=1.0):
+    """One sequence, whole-prompt forward in float64: ids [L] -> logits [L, V]."""
+    t = {k: v.astype(np.float64) for k, v in tensors.items()}
+    h, kv, d, eps = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                     config.rms_norm_eps)
+    length = len(ids)
+    angles = np.arange(length)[:, None] / rope_scale * _inv_freq(config, length)[None]
+    cos, sin = np.cos(np.concatenate([angles] * 2, -1)), np.sin(np.concatenate([angles] * 2, -1))
+
+    def rope(x):  # [L, heads, d]
+        rotated = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    def norm(x, w):
+        return t[w] * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
+
+    def linear(x, i, group, name):
+        y = x @ t[f"model.layers.{i}.{group}.{name}.weight"].T
+        if lora and name in lora:
+            y = y + x @ lora[name].a[i].astype(np.float64) @ lora[name].b[i].astype(np.float64)
+        return y
+
+    x = t["model.embed_tokens.weight"][ids]
+    causal = np.tril(np.ones((length, length), bool))
+    for i in range(config.num_hidden_layers):
+        a = norm(x, f"model.layers.{i}.input_layernorm.weight")
+        q = rope(linear(a, i, "self_attn", "q_proj").reshape(length, h, d))
+        k = rope(linear(a, i, "self_attn", "k_proj").reshape(length, kv, d))
+        v = linear(a, i, "self_attn", "v_proj").reshape(length, kv, d)
+        k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+        scores = np.where(causal, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(length, h * d)
+        x = x + linear(attn, i, "self_attn", "o_proj")
+        m = norm(x, f"model.layers.{i}.post_attention_layernorm.weight")
+        gate, up = linear(m, i, "mlp", "gate_proj"), linear(m, i, "mlp", "up_proj")
+        x = x + linear(gate / (1 + np.exp(-gate)) * up, i, "mlp", "down_proj")
+    x = norm(x, "model.norm.weight")
+    head = t["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+    return x @ head.T
+
+
+def run(model, tokens, positions, cache, rows, lora=None, slots=None, rope_scale=None):
+    """One jitted step -> (logits [B, L, V] float32 numpy, new cache)."""
+    graphdef, state = nnx.split(model)
+    as_i32 = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
+    hidden, cache = _forward(graphdef, state, as_i32(tokens), as_i32(positions), cache,
+                             as_i32(rows), lora, as_i32(slots),
+                             None if rope_scale is None else jnp.asarray(rope_scale, jnp.float32))
+    return np.asarray(_logits(graphdef, state, hidden)), cache
+
+
+def prefill_batch(prompts, length=PREFILL):
+    """Left-aligned prompts -> tokens, positions [B, length] with -1 padding."""
+    tokens = np.zeros((len(prompts), length), np.int32)
+    positions = np.full((len(prompts), length), -1, np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)], positions[b, :len(p)] = p, np.arange(len(p))
+    return tokens, positions
+
+
+PROMPTS = [[3, 17, 42, 5, 99, 64, 7, 11], [8, 1, 120], [77, 23, 4, 4, 31, 2], [50]]
+ADAPTERS = [("all_r4", dict(rank=4, seed=1)),
+            ("qv_r2", dict(targets=("q_proj", "v_proj"), rank=2, seed=2)),
+            ("mlp_r8", dict(targets=("gate_proj", "up_proj", "down_proj"), rank=8, seed=3))]
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    """The tiny GQA checkpoint, its model, and three adapters packed into slots 0..2."""
+    folder = tmp_path_factory.mktemp("gqa")
+    tensors = random_tensors(tiny_config())
+    model = load_llama(write_checkpoint(folder, tensors=tensors))
+    config = model.config
+    adapters = {name: random_lora(config, **kw) for name, kw in ADAPTERS}
+    stacks = init_lora_stacks(config, num_slots=4, max_rank=8)
+    for slot, modules in enumerate(adapters.values()):
+        stacks = set_slot_fn(stacks, slot, pack_adapter(config, modules, max_rank=8))
+    return model, tensors, adapters, stacks
+
+
+@pytest.mark.parametrize("slot", [-1, 0, 1, 2])
+def test_prefill_equals_the_numpy_reference_for_base_and_each_adapter(gqa, slot):
+    model, tensors, adapters, stacks = gqa
+    tokens, positions = prefill_batch(PROMPTS)
+    cache = init_kv_cache(model.config, 4, MAX_LEN)
+    logits, _ = run(model, tokens, positions, cache, [0, 1, 2, 3], stacks, [slot] * 4)
+    lora = None if slot < 0 else list(adapters.values())[slot]
+    for b, prompt in enumerate(PROMPTS):
+        want = reference_logits(tensors, model.config, prompt, lora)
+        np.testing.assert_allclose(logits[b, :len(prompt)], want, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_token_by_token_through_the_cache_equals_prefill(gqa):
+    model, _, _, stacks = gqa
+    slots, rows = [0, -1, 1, 2], [3, 0, 2, 1]  # rows need not follow batch order
+    tokens, positions = prefill_batch(PROMPTS)
+    whole, _ = run(model, tokens, positions, init_kv_cache(model.config, 4, MAX_LEN), rows,
+                   stacks, slots)
+    cache = init_kv_cache(model.config, 4, MAX_LEN)
+    first = prefill_batch([p[:1] for p in PROMPTS])
+    logits, cache = run(model, *first, cache, rows, stacks, slots)
+    steps = [logits[:, 0]]
+    for t in range(1, PREFILL):  # sequences of different lengths: finished ones decode padding
+        tok = np.array([[p[t] if t < len(p) else 0] for p in PROMPTS], np.int32)
+        pos = np.array([[t if t < len(p) else -1] for p in PROMPTS], np.int32)
+        step, cache = run(model, tok, pos, cache, rows, stacks, slots)
+        steps.append(step[:, 0])
+    decoded = np.stack(steps, axis=1)
+    for b, prompt in enumerate(PROMPTS):
+        np.testing.assert_allclose(decoded[b, :len(prompt)], whole[b, :len(prompt)], atol=1e-5)
