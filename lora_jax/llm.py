@@ -41,8 +41,9 @@ class LLM:
         """Outputs in the order of the prompts."""
         single = isinstance(prompts, str | dict)
         prompts = [prompts] if single else list(prompts)
-        params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
-        loras = _per_prompt(lora_request, len(prompts), "lora_request")
+        params = _per_prompt(sampling_params or SamplingParams(), len(prompts),
+                             "sampling_params", SamplingParams)
+        loras = _per_prompt(lora_request, len(prompts), "lora_request", LoRARequest | None)
         outputs: dict[str, RequestOutput] = {}
         order = []
         for prompt, p, lora in zip(prompts, params, loras, strict=True):
@@ -88,14 +89,17 @@ class LLM:
         return self.engine.tokenizer
 
 
-def _per_prompt(value, n: int, name: str) -> list:
-    if value is None or isinstance(value, SamplingParams | LoRARequest):
-        return [value] * n
-    value = list(value)
-    if len(value) != n:
-        raise ValueError(f"{name} has {len(value)} entries for {n} prompts; pass one, or one "
+def _per_prompt(value, n: int, name: str, kind) -> list:
+    """One value for every prompt, or a list with one per prompt, each of type `kind`."""
+    values = [value] * n if value is None or isinstance(value, SamplingParams | LoRARequest) \
+        else list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} prompts; pass one, or one "
                          "per prompt")
-    return value
+    wrong = next((v for v in values if not isinstance(v, kind)), None)
+    if wrong is not None:
+        raise ValueError(f"{name} entries must be {kind}, got {type(wrong).__name__}")
+    return values
 
 
 def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
