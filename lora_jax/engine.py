@@ -1,6 +1,7 @@
 """The engine: requests in, continuous batching over adapters, finished outputs out."""
 
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 
 from lora_jax.adapters import LoRAAdapter, load_adapter
 from lora_jax.config import EngineConfig
-from lora_jax.outputs import CompletionOutput, RequestOutput
+from lora_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.runner import Runner, RowInput
 from lora_jax.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -46,6 +47,7 @@ class _Request:
     rope_scale: float
     max_len: int  # prompt + output never pass this
     seeds: list[int]
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
     seqs: list[Sequence] = field(default_factory=list)
     completions: list[CompletionOutput] = field(default_factory=list)
 
@@ -55,7 +57,7 @@ class _Request:
                 comp.text = tokenizer.decode(comp.token_ids)  # a stop string already cut it
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.completions,
                              finished=all(c.finished() for c in self.completions),
-                             lora_request=self.lora_request)
+                             lora_request=self.lora_request, metrics=self.metrics)
 
 
 class Engine:
@@ -245,6 +247,8 @@ class Engine:
         comp, p = req.completions[index], req.params
         token = int(out.tokens[i])
         seq.output_ids.append(token)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.perf_counter()
         comp.cumulative_logprob += float(out.logprob[i])
         if comp.logprobs is not None:
             k = p.logprobs
@@ -279,6 +283,7 @@ class Engine:
         for seq in done:
             req, _ = self._owner.pop(seq.seq_id)
             if all(c.finished() for c in req.completions) and req not in finished:
+                req.metrics.finished_time = time.perf_counter()
                 finished.append(req)
         return [req.output(self.tokenizer) for req in finished]
 

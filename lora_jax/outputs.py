@@ -1,6 +1,6 @@
 """What generate returns, shaped like vLLM's RequestOutput / CompletionOutput."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lora_jax.request import LoRARequest
 
@@ -22,6 +22,19 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Wall-clock times (time.perf_counter) of a request's life, as vLLM reports them."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     """All sequences of one prompt. `error` is set, and outputs empty, when the request failed."""
 
@@ -31,4 +44,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     lora_request: LoRARequest | None = None
-    error: str | None = field(default=None)
+    error: str | None = None
+    metrics: RequestMetrics | None = None

@@ -1,0 +1,51 @@
+"""The benchmark's peer: the same workload through transformers + PEFT mixed-adapter batches.
+
+Needs the `reference` extra (torch, transformers, peft). The adapters are the benchmark's own
+random adapters, saved in the PEFT format, so both sides compute the same function.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lora_jax.adapters import save_adapter
+
+
+def run_peft(model_dir: str, args, num_adapters: int) -> dict:
+    """Greedy generation of the benchmark workload with PeftModel.generate(adapter_names=...)."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from lora_jax.bench import random_adapter, workload
+    from models import LlamaConfig
+
+    config = LlamaConfig.from_pretrained(model_dir)
+    prompts, loras = workload(args, num_adapters, config.vocab_size)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    names = ["__base__" if r is None else f"a{r.lora_int_id}" for r in loras]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(num_adapters):
+            folder = save_adapter(random_adapter(config, args.rank, seed=i), Path(tmp) / f"a{i}")
+            if i == 0:
+                model = PeftModel.from_pretrained(model, folder, adapter_name="a1")
+            else:
+                model.load_adapter(folder, adapter_name=f"a{i + 1}")
+        ids = torch.tensor(np.array([p["prompt_token_ids"] for p in prompts]))
+        kwargs = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len,
+                      do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        generated = 0
+        with torch.inference_mode():
+            for lo in range(0, len(prompts), args.max_num_seqs):
+                batch = ids[lo:lo + args.max_num_seqs]
+                extra = {"adapter_names": names[lo:lo + args.max_num_seqs]} if num_adapters \
+                    else {}
+                out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch),
+                                     **kwargs, **extra)
+                generated += (out.shape[1] - batch.shape[1]) * batch.shape[0]
+        elapsed = time.perf_counter() - start
+    return {"generated_tokens": generated, "seconds": round(elapsed, 3),
+            "tokens_per_s": round(generated / elapsed, 2)}
