@@ -43,7 +43,7 @@ def init_kv_cache(config: LlamaConfig, num_rows: int, max_len: int, dtype="float
 def write_layer(
     cache: jax.Array, layer: jax.Array, rows: jax.Array, positions: jax.Array, new: jax.Array
 ) -> jax.Array:
-    """cache [layers, rows, max_len, H, d]; new [B, L, H, d] goes to [layer, rows[b], positions[b, l]].
+    """cache [layers, rows, max_len, H, d]; new [B, L, H, d] -> [layer, rows[b], positions[b, l]].
 
     Padding (position -1) and positions past max_len are dropped, not wrapped.
     """
@@ -53,5 +53,5 @@ def write_layer(
 
 
 def read_layer(cache: jax.Array, layer: jax.Array, rows: jax.Array) -> jax.Array:
-    """cache [layers, rows, max_len, H, d], rows [B] -> [B, max_len, H, d]: each sequence's entries."""
+    """cache [layers, rows, max_len, H, d], rows [B] -> [B, max_len, H, d]: each sequence's row."""
     return cache[layer, rows]

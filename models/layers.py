@@ -94,7 +94,7 @@ def decoder_layer(
     lora: LoraStacks | None,
     batch: TokenBatch,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """x [B, L, D]; cache (k, v) [layers, rows, max_len, KV, d], written at `layer` -> (x, cache)."""
+    """x [B, L, D]; cache (k, v) [layers, rows, max_len, KV, d] written at `layer` -> (x, cache)."""
     b, length, d = x.shape
     h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 

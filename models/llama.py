@@ -1,4 +1,4 @@
-"""The Llama model (Flax NNX): stacked layers run under one lax.scan, LoRA and KV cache as arguments.
+"""The Llama model (Flax NNX): layers stacked under one lax.scan; LoRA and KV cache are arguments.
 
 Jit it the way Flax's performance guide recommends: `graphdef, state = nnx.split(model)` once,
 then `nnx.merge(graphdef, state)` inside your own jax.jit (or jit `forward`, graphdef static).
@@ -45,8 +45,9 @@ class Llama(nnx.Module):
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), self.dtype))
         self.layers = DecoderLayers(config, self.dtype, rngs)
         self.norm = nnx.Param(jnp.ones((d,), self.dtype))
+        # [V, D] like the embedding (and HF), so tied and untied heads are the same matmul.
         self.lm_head = (None if config.tie_word_embeddings else
-                        nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, v), self.dtype)))
+                        nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), self.dtype)))
 
     def __call__(
         self,
@@ -72,12 +73,18 @@ class Llama(nnx.Module):
         if tokens.shape != positions.shape or tokens.ndim != 2:
             raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must both "
                              "be [batch, length]")
+        for name, value in (("cache_rows", cache_rows), ("adapter_slot", adapter_slot),
+                            ("rope_scale", rope_scale)):
+            if value is not None and value.shape != tokens.shape[:1]:
+                raise ValueError(f"{name} has shape {value.shape}, expected [batch] = "
+                                 f"{tokens.shape[:1]}")
         if lora is not None and adapter_slot is None:
             raise ValueError("adapter_slot is required when lora stacks are given")
         slot = None
         if lora is not None:
             # Padding tokens take no adapter, so kernels that group by slot skip them.
-            slot = jnp.where(positions >= 0, adapter_slot[:, None], -1).reshape(-1).astype(jnp.int32)
+            slot = jnp.where(positions >= 0, adapter_slot[:, None], -1).astype(jnp.int32)
+            slot = slot.reshape(-1)
         cos, sin = rope_cos_sin(config, positions, rope_scale)
         batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend)
         x = jnp.take(self.embed[...], tokens, axis=0)
@@ -96,11 +103,8 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
-        if self.lm_head is None:
-            return jnp.einsum("...d,vd->...v", hidden, self.embed[...],
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...],
-                          preferred_element_type=jnp.float32)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return jnp.einsum("...d,vd->...v", hidden, head[...], preferred_element_type=jnp.float32)
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs) -> tuple[jax.Array, KVCache]:

@@ -1,14 +1,17 @@
 """Load a Hugging Face Llama folder (config.json + safetensors, single or sharded) into `Llama`.
 
-Tensors are read one at a time through safetensors' safe_open into a host buffer for one
-stacked parameter, which then moves to the device; the model is built abstractly first
-(nnx.eval_shape), so no second full copy of the weights ever exists in host memory.
+The model is built abstractly first (nnx.eval_shape). Each stacked parameter is then allocated
+on the device and filled in place, one tensor at a time read through safetensors' safe_open and
+transposed and cast on the device: host memory holds about one tensor, never a second copy of
+the weights (nor of one stacked parameter).
 """
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -127,23 +130,29 @@ def _check_names_and_shapes(reader: _Reader, config: LlamaConfig, folder: Path) 
                          + "; ".join(problems))
 
 
-def _stacked(reader: _Reader, config: LlamaConfig, param: str, shape, dtype) -> np.ndarray:
-    """Fill one [layers, ...] parameter from its per-layer HF tensors (transposed to [in, out])."""
-    out = np.empty(shape, dtype)
+@functools.partial(jax.jit, donate_argnums=0)
+def _place(stacked: jax.Array, tensor: jax.Array, layer: jax.Array, offset: jax.Array):
+    """HF tensor [d_out, d_in] (or a [D] norm) -> stacked[layer, :, offset:] as [d_in, d_out]."""
+    if tensor.ndim == 1:
+        return jax.lax.dynamic_update_slice(stacked, tensor.astype(stacked.dtype)[None], (layer, 0))
+    update = tensor.T.astype(stacked.dtype)[None]
+    return jax.lax.dynamic_update_slice(stacked, update, (layer, 0, offset))
+
+
+def _stacked(reader: _Reader, config: LlamaConfig, param: str, shape, dtype) -> jax.Array:
+    """One [layers, ...] parameter on the device, filled from its per-layer HF tensors."""
+    out = jnp.zeros(shape, dtype)
     for i in range(config.num_hidden_layers):
-        start = 0
+        offset = 0
         for source in _LAYER_SOURCES[param]:
             tensor = reader.get(f"model.layers.{i}.{source}.weight")
-            if tensor.ndim == 1:
-                out[i] = tensor
-                continue
-            out[i, :, start:start + tensor.shape[0]] = tensor.T
-            start += tensor.shape[0]
+            out = _place(out, tensor, jnp.int32(i), jnp.int32(offset))
+            offset += tensor.shape[0]
     return out
 
 
 def load_llama(folder: str | Path, dtype: str = "auto") -> Llama:
-    """Read a Hugging Face Llama folder into a `Llama` with weights in `dtype` ("auto" = torch_dtype).
+    """A Hugging Face Llama folder -> `Llama` with weights in `dtype` ("auto" = torch_dtype).
 
     FileNotFoundError for a missing config or weights; ValueError naming every missing,
     unexpected or misshapen tensor.
@@ -152,17 +161,15 @@ def load_llama(folder: str | Path, dtype: str = "auto") -> Llama:
     config = LlamaConfig.from_pretrained(folder)
     dtype = resolve_dtype(dtype, config)
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    np_dtype = jnp.dtype(dtype)
     with contextlib.ExitStack() as stack:
         reader = _Reader(_shard_files(folder), stack)
         _check_names_and_shapes(reader, config, folder)
         for param in _LAYER_SOURCES:
             variable = getattr(model.layers, param)
-            host = _stacked(reader, config, param, variable.get_value().shape, np_dtype)
-            variable.set_value(jnp.asarray(host))
-            del host
-        model.embed.set_value(jnp.asarray(reader.get("model.embed_tokens.weight").astype(np_dtype, copy=False)))
-        model.norm.set_value(jnp.asarray(reader.get("model.norm.weight").astype(np_dtype, copy=False)))
-        if model.lm_head is not None:
-            model.lm_head.set_value(jnp.asarray(reader.get("lm_head.weight").T.astype(np_dtype, copy=False)))
+            variable.set_value(_stacked(reader, config, param, variable.get_value().shape, dtype))
+        for variable, name in ((model.embed, "model.embed_tokens.weight"),
+                               (model.norm, "model.norm.weight"),
+                               (model.lm_head, "lm_head.weight")):
+            if variable is not None:
+                variable.set_value(jnp.asarray(reader.get(name)).astype(dtype))
     return model

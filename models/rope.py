@@ -63,7 +63,8 @@ def rope_cos_sin(
     if config.rope_type == "dynamic":
         inv_freq = _dynamic_inv_freq(config, positions)
     else:
-        inv_freq = jnp.broadcast_to(jnp.asarray(static_inv_freq(config)), (batch, config.head_dim // 2))
+        inv_freq = jnp.broadcast_to(jnp.asarray(static_inv_freq(config)),
+                                    (batch, config.head_dim // 2))
     if rope_scale is not None:
         # Long-context LoRA: dividing the frequency equals dividing the position.
         inv_freq = inv_freq / rope_scale.astype(jnp.float32)[:, None]
@@ -73,7 +74,7 @@ def rope_cos_sin(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, L, H, head_dim], cos/sin [B, L, head_dim] -> x rotated, x's dtype (half-split layout)."""
+    """x [B, L, H, head_dim], cos/sin [B, L, head_dim] -> rotated x in x's dtype (half-split)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)

@@ -1,7 +1,19 @@
 """Public entry points; `backend=` picks the implementation.
 
-backend: "pallas" (GPU, Triton), "pallas_interpret" (any platform, tests), "reference" (plain JAX).
-None picks "pallas" on GPU and "reference" elsewhere.
+backend:
+  "pallas"            Pallas kernels through Triton (GPU): per-token gather for decode, grouped
+                      tensor-core blocks for prefill (see pallas_backend.py); custom_vjp gradients.
+  "pallas_interpret"  the same kernels in Pallas interpret mode: any platform, for tests.
+  "dense"             plain JAX, one matmul over all slots then a per-token select (dense.py).
+  "reference"         plain JAX per-token gather: the definition every backend must equal.
+None picks "pallas" on GPU and "dense" elsewhere. Measured on this project's 2-core CPU machine
+(scripts/bench_kernels.py --reduced, float32, D=1024, R=16): for a decode batch (T=32, S=8) the
+dense backend's shrink + expand runs in about half the reference's time, because the reference
+materializes T gathered copies of the adapters ([T, D, R] and [T, R, D_out]) while dense reads
+each adapter once; it still wins for prefill-sized T with few adapters.
+
+pattern ("gather" | "grouped" | None) and block_sizes (BlockSizes) tune the Pallas backends
+and are ignored by the others. A slot of -1 means no adapter: that token gets exactly y back.
 """
 
 from collections.abc import Sequence
@@ -9,56 +21,152 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import reference
+from pallas_kernels import blocks, dense, pallas_backend, reference
+from pallas_kernels.blocks import BlockSizes
 
-BACKENDS = ("pallas", "pallas_interpret", "reference")
+BACKENDS = ("pallas", "pallas_interpret", "dense", "reference")
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def default_backend() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return "pallas" if jax.default_backend() == "gpu" else "dense"
 
 
-def _resolve(backend: str | None) -> str:
+def _resolve(backend, pattern, block_sizes) -> tuple[str, pallas_backend.Plan | None]:
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    return backend
+    if not backend.startswith("pallas"):
+        return backend, None
+    plan = pallas_backend.Plan(
+        interpret=backend == "pallas_interpret", pattern=pattern,
+        blocks=block_sizes or BlockSizes(),
+    )
+    return backend, plan
 
 
-def lora_shrink(x, a, slot, *, backend: str | None = None) -> jax.Array:
+def _check_float(name: str, value) -> None:
+    if value.dtype not in DTYPES:
+        raise ValueError(f"{name} has dtype {value.dtype}; expected float32, bfloat16 or float16")
+
+
+def _check_rows(name: str, value, ndim: int, tokens: int | None = None) -> None:
+    if value.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {value.shape}")
+    if tokens is not None and value.shape[0] != tokens:
+        raise ValueError(f"{name} {value.shape} has {value.shape[0]} rows, expected T={tokens}")
+
+
+def _check_slot(slot, tokens: int) -> None:
+    _check_rows("slot", slot, 1, tokens)
+    if not jnp.issubdtype(slot.dtype, jnp.integer):
+        raise ValueError(f"slot must be an integer array, got dtype {slot.dtype}")
+
+
+def _check_shrink(x, a, slot) -> None:
+    _check_rows("x", x, 2)
+    _check_rows("a", a, 3)
+    _check_float("x", x)
+    _check_float("a", a)
+    _check_slot(slot, x.shape[0])
+    if a.shape[1] != x.shape[1]:
+        raise ValueError(f"a {a.shape} must be [S, D_in, R] with D_in = x.shape[1] = {x.shape[1]}")
+
+
+def _check_expand(y, h, bs, slot) -> None:
+    _check_rows("y", y, 2)
+    _check_float("y", y)
+    tokens = y.shape[0]
+    _check_rows("h", h, 2, tokens)
+    _check_float("h", h)
+    _check_slot(slot, tokens)
+    if not bs:
+        raise ValueError("expected at least one B stack")
+    for i, b in enumerate(bs):
+        _check_rows(f"b[{i}]", b, 3)
+        _check_float(f"b[{i}]", b)
+    num_slots, rank = bs[0].shape[:2]
+    for i, b in enumerate(bs):
+        if b.shape[:2] != (num_slots, rank):
+            raise ValueError(f"b[{i}] {b.shape} must be [S={num_slots}, R={rank}, W]")
+    if h.shape[1] != rank * len(bs):
+        raise ValueError(f"h {h.shape} must be [T, {len(bs)} * R] with R = {rank}")
+    widths = sum(b.shape[-1] for b in bs)
+    if y.shape[1] != widths:
+        raise ValueError(f"y {y.shape} must be [T, {widths}], the sum of the B widths")
+
+
+def _shrink(x, a, slot, backend: str, plan) -> jax.Array:
+    if backend == "reference":
+        return reference.shrink(x, a, slot)
+    if backend == "dense":
+        return dense.shrink(x, a, slot)
+    return pallas_backend.shrink(x, a, slot, plan)
+
+
+def _expand(y, h, bs: tuple, slot, backend: str, plan) -> jax.Array:
+    if backend == "dense":
+        return dense.expand_sliced(y, h, bs, slot)
+    if backend != "reference":
+        return pallas_backend.expand(y, h, bs, slot, plan)
+    rank = h.shape[1] // len(bs)
+    outs, start = [], 0
+    for i, b in enumerate(bs):
+        width = b.shape[-1]
+        h_i = h[:, i * rank : (i + 1) * rank]
+        outs.append(reference.expand(y[:, start : start + width], h_i, b, slot))
+        start += width
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+
+
+def lora_shrink(
+    x, a, slot, *, backend: str | None = None, pattern: str | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """x [T, D_in], a [S, D_in, R], slot [T] int32 (-1 = none) -> [T, R] float32."""
-    _resolve(backend)
-    return reference.shrink(x, a, slot)
+    _check_shrink(x, a, slot)
+    return _shrink(x, a, slot, *_resolve(backend, pattern, block_sizes))
 
 
-def lora_expand(y, h, b, slot, *, backend: str | None = None) -> jax.Array:
+def lora_expand(
+    y, h, b, slot, *, backend: str | None = None, pattern: str | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """y [T, D_out], h [T, R], b [S, R, D_out], slot [T] -> y + h @ b[slot], y's dtype."""
-    _resolve(backend)
-    return reference.expand(y, h, b, slot)
+    _check_expand(y, h, (b,), slot)
+    resolved = _resolve(backend, pattern, block_sizes)
+    if resolved[1] is not None:
+        blocks.check_rank(b.shape[1])
+    return _expand(y, h, (b,), slot, *resolved)
 
 
-def lora_apply(y, x, a, b, slot, *, backend: str | None = None) -> jax.Array:
+def lora_apply(
+    y, x, a, b, slot, *, backend: str | None = None, pattern: str | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
     """y [T, D_out], x [T, D_in], a [S, D_in, R], b [S, R, D_out] -> y + (x @ a[slot]) @ b[slot]."""
-    h = lora_shrink(x, a, slot, backend=backend)
-    return lora_expand(y, h, b, slot, backend=backend)
+    return lora_apply_sliced(y, x, a, (b,), slot, backend=backend, pattern=pattern,
+                             block_sizes=block_sizes)
 
 
 def lora_apply_sliced(
-    y, x, a, bs: Sequence[jax.Array], slot, *, backend: str | None = None
+    y, x, a, bs: Sequence[jax.Array], slot, *, backend: str | None = None,
+    pattern: str | None = None, block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """Fused projection: y [T, sum(w_i)], x [T, D_in], a [S, D_in, n*R], bs n arrays [S, R, w_i].
 
     Slice i of the output gets (x @ a[slot][:, i*R:(i+1)*R]) @ bs[i][slot].
     """
-    n = len(bs)
-    rank = a.shape[-1] // n
-    h = lora_shrink(x, a, slot, backend=backend)
-    outs, start = [], 0
-    for i, b in enumerate(bs):
-        width = b.shape[-1]
-        outs.append(
-            lora_expand(y[:, start : start + width], h[:, i * rank : (i + 1) * rank], b, slot,
-                        backend=backend)
-        )
-        start += width
-    return jnp.concatenate(outs, axis=-1)
+    bs = tuple(bs)
+    _check_shrink(x, a, slot)
+    if a.shape[-1] % max(len(bs), 1):
+        raise ValueError(f"a {a.shape}: its rank axis must split into {len(bs)} equal slices")
+    h_shape = jax.ShapeDtypeStruct((x.shape[0], a.shape[-1]), jnp.float32)
+    _check_expand(y, h_shape, bs, slot)
+    if a.shape[0] != bs[0].shape[0]:
+        raise ValueError(f"a has S={a.shape[0]} slots but b has S={bs[0].shape[0]}")
+    resolved = _resolve(backend, pattern, block_sizes)
+    if resolved[1] is not None:
+        blocks.check_rank(bs[0].shape[1])
+    h = _shrink(x, a, slot, *resolved)
+    return _expand(y, h, bs, slot, *resolved)

@@ -8,6 +8,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -31,7 +32,8 @@ class BlockSizes:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is not None and (not isinstance(value, int) or value < 1 or value & (value - 1)):
+            power_of_two = isinstance(value, int) and value >= 1 and not value & (value - 1)
+            if value is not None and not power_of_two:
                 raise ValueError(f"BlockSizes.{field.name}={value!r} must be a power of two")
 
 
@@ -50,14 +52,13 @@ def tile(dim: int, cap: int, override: int | None, name: str) -> int:
     return override
 
 
-def rank_tile(rank: int) -> int:
-    """Tile of the rank axis; raises for ranks a Triton tensor cannot hold."""
+def check_rank(rank: int) -> None:
+    """Expand loads the whole rank as one Triton tensor, so it must be a power of two."""
     if rank & (rank - 1):
         raise ValueError(
             f"the Pallas backends need a power-of-two rank per slice, got {rank}: "
             "pad the adapter stacks to max_lora_rank"
         )
-    return min(rank, 64)
 
 
 def group_block_t(tokens: int, num_slots: int, override: int | None) -> int:
@@ -82,7 +83,9 @@ def matmul_f32(p: jax.Array, q: jax.Array) -> jax.Array:
     if min(*p.shape, q.shape[1]) >= MIN_DOT:
         if p.dtype != q.dtype:
             p = p.astype(q.dtype)
-        return jnp.dot(p, q, preferred_element_type=jnp.float32)
+        # Triton lowers a DEFAULT-precision float32 dot to TF32 (10-bit mantissa); HIGHEST keeps
+        # IEEE float32 and changes nothing for 16-bit inputs.
+        return jnp.dot(p, q, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     prod = p.astype(jnp.float32)[:, :, None] * q.astype(jnp.float32)[None, :, :]
     return jnp.sum(prod, axis=1)
 

@@ -42,7 +42,7 @@ def gather_expand(
     """
     tokens, width_y = y.shape
     num_slots, rank, width = b.shape
-    blocks.rank_tile(rank)
+    blocks.check_rank(rank)
     # The tile must divide the offset of the slice as well as its width.
     cap = min(256, max(blocks.MIN_DOT, _TILE_ELEMENTS // rank))
     block_n = blocks.tile(math.gcd(width, col), cap, block_n, "block_n")

@@ -15,7 +15,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 def test_config_reads_gqa_fields_and_derives_head_dim():
     config = LlamaConfig.from_dict(tiny_config())
-    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (64, 4, 2)
+    assert config.hidden_size == 64
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
     assert config.head_dim == 16
     assert config.rope_scaling is None and config.rope_type == "default"
     assert (config.bos_token_id, config.eos_token_id, config.torch_dtype) == (1, 2, "float32")

@@ -155,3 +155,140 @@ def test_decode_token_by_token_through_the_cache_equals_prefill(gqa):
     decoded = np.stack(steps, axis=1)
     for b, prompt in enumerate(PROMPTS):
         np.testing.assert_allclose(decoded[b, :len(prompt)], whole[b, :len(prompt)], atol=1e-5)
+
+
+def test_a_batch_mixing_all_adapters_and_the_base_gives_each_row_its_result_alone(gqa):
+    model, _, _, stacks = gqa
+    slots = [2, -1, 0, 1]
+    tokens, positions = prefill_batch(PROMPTS)
+    mixed, _ = run(model, tokens, positions, init_kv_cache(model.config, 4, MAX_LEN),
+                   [0, 1, 2, 3], stacks, slots)
+    for b, prompt in enumerate(PROMPTS):
+        alone, _ = run(model, *prefill_batch([prompt]), init_kv_cache(model.config, 1, MAX_LEN),
+                       [0], stacks, [slots[b]])
+        np.testing.assert_allclose(mixed[b, :len(prompt)], alone[0, :len(prompt)], atol=1e-5)
+
+
+def test_slot_minus_one_gives_exactly_the_model_without_lora(gqa):
+    model, _, _, stacks = gqa
+    tokens, positions = prefill_batch(PROMPTS)
+    cache = init_kv_cache(model.config, 4, MAX_LEN)
+    with_stacks, _ = run(model, tokens, positions, cache, [0, 1, 2, 3], stacks, [-1] * 4)
+    without, _ = run(model, tokens, positions, cache, [0, 1, 2, 3])
+    np.testing.assert_array_equal(with_stacks, without)
+
+
+def test_a_prefill_chunk_can_start_at_any_position(gqa):
+    model, _, _, stacks = gqa
+    prompt = PROMPTS[0]
+    whole, _ = run(model, *prefill_batch([prompt]), init_kv_cache(model.config, 1, MAX_LEN),
+                   [0], stacks, [1])
+    cache = init_kv_cache(model.config, 1, MAX_LEN)
+    _, cache = run(model, *prefill_batch([prompt[:3]]), cache, [0], stacks, [1])
+    tokens = np.zeros((1, PREFILL), np.int32)
+    positions = np.full((1, PREFILL), -1, np.int32)
+    tokens[0, :5], positions[0, :5] = prompt[3:], np.arange(3, 8)
+    chunk, _ = run(model, tokens, positions, cache, [0], stacks, [1])
+    np.testing.assert_allclose(chunk[0, :5], whole[0, 3:], atol=1e-5)
+
+
+def test_padding_is_not_written_and_other_rows_are_untouched(gqa):
+    model, _, _, _ = gqa
+    cache = init_kv_cache(model.config, 4, MAX_LEN)
+    cache = jax.tree.map(lambda x: x + 7.0, cache)
+    tokens, positions = prefill_batch([[5, 6, 7]])
+    _, cache = run(model, tokens, positions, cache, [2])
+    k = np.asarray(cache.k)
+    assert np.all(k[:, 2, 3:] == 7.0) and np.all(k[:, [0, 1, 3]] == 7.0)
+    assert not np.any(k[:, 2, :3] == 7.0)
+
+
+def test_rope_scale_on_a_row_equals_a_checkpoint_with_linear_rope_scaling(gqa, tmp_path):
+    model, tensors, _, _ = gqa
+    scaled = load_llama(write_checkpoint(
+        tmp_path, tiny_config(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+        tensors=tensors))
+    tokens, positions = prefill_batch([PROMPTS[0]])
+    want, _ = run(scaled, tokens, positions, init_kv_cache(model.config, 1, MAX_LEN), [0])
+    got, _ = run(model, tokens, positions, init_kv_cache(model.config, 1, MAX_LEN), [0],
+                 rope_scale=[4.0])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    plain, _ = run(model, tokens, positions, init_kv_cache(model.config, 1, MAX_LEN), [0])
+    assert np.abs(plain - want).max() > 1e-3
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_key_value_heads=1, tie_word_embeddings=True, head_dim=8),
+    dict(rope_scaling=LLAMA3, rope_theta=500000.0),
+    dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=4),
+    dict(rope_scaling={"type": "linear", "factor": 2.0}),
+], ids=["mqa_tied_head_dim", "llama3", "dynamic", "linear"])
+def test_config_variants_equal_the_numpy_reference(tmp_path, overrides):
+    config = tiny_config(**overrides)
+    tensors = random_tensors(config, seed=5)
+    model = load_llama(write_checkpoint(tmp_path, config, tensors=tensors))
+    lora = random_lora(model.config, rank=4, seed=6)
+    stacks = set_slot_fn(init_lora_stacks(model.config, 1, 4), 0,
+                         pack_adapter(model.config, lora, 4))
+    logits, _ = run(model, *prefill_batch([PROMPTS[0]]), init_kv_cache(model.config, 1, MAX_LEN),
+                    [0], stacks, [0])
+    want = reference_logits(tensors, model.config, PROMPTS[0], lora)
+    np.testing.assert_allclose(logits[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_weights_compute_in_bfloat16_and_stay_near_float32(gqa, tmp_path):
+    model, tensors, _, _ = gqa
+    bf16 = load_llama(write_checkpoint(tmp_path, tensors=tensors, dtype="bfloat16"))
+    assert bf16.dtype == jnp.bfloat16 and bf16.layers.qkv[...].dtype == jnp.bfloat16
+    cache = init_kv_cache(bf16.config, 1, MAX_LEN, jnp.bfloat16)
+    tokens, positions = prefill_batch([PROMPTS[0]])
+    got, cache = run(bf16, tokens, positions, cache, [0])
+    want, _ = run(model, tokens, positions, init_kv_cache(model.config, 1, MAX_LEN), [0])
+    assert got.dtype == np.float32 and cache.k.dtype == jnp.bfloat16
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
+
+
+def test_split_merge_under_jit_compiles_once_per_shape_and_takes_weights_as_arguments(gqa):
+    model, _, _, stacks = gqa
+    graphdef, state = nnx.split(model)
+    traces = []
+
+    def step(state, tokens, positions, cache, rows, lora, slots):
+        traces.append(tokens.shape)
+        hidden, cache = nnx.merge(graphdef, state)(tokens, positions, cache, rows, lora, slots)
+        return nnx.merge(graphdef, state).logits(hidden), cache
+
+    step = jax.jit(step, donate_argnums=3)
+    tokens, positions = (jnp.asarray(x) for x in prefill_batch(PROMPTS))
+    rows, slots = jnp.arange(4, dtype=jnp.int32), jnp.array([0, 1, -1, 2], jnp.int32)
+    first, cache = step(state, tokens, positions, init_kv_cache(model.config, 4, MAX_LEN), rows,
+                        stacks, slots)
+    doubled = jax.tree.map(lambda x: 2 * x, state)
+    second, cache = step(doubled, tokens + 1, positions, cache, rows, stacks, slots)
+    assert traces == [(4, PREFILL)]
+    assert not np.allclose(first, second)
+
+
+def test_an_unknown_lora_backend_is_passed_through_and_rejected(gqa):
+    model, _, _, stacks = gqa
+    with pytest.raises(ValueError, match="no_such_backend"):
+        model(*(jnp.asarray(x) for x in prefill_batch([[1, 2]])),
+              init_kv_cache(model.config, 1, MAX_LEN), jnp.zeros(1, jnp.int32), stacks,
+              jnp.zeros(1, jnp.int32), lora_backend="no_such_backend")
+
+
+def test_arguments_of_the_wrong_batch_size_are_rejected_by_name(gqa):
+    model, _, _, stacks = gqa
+    tokens, positions = (jnp.asarray(x) for x in prefill_batch([[1, 2], [3]]))
+    cache = init_kv_cache(model.config, 2, MAX_LEN)
+    with pytest.raises(ValueError, match="cache_rows"):
+        model(tokens, positions, cache, jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match="adapter_slot"):
+        model(tokens, positions, cache, jnp.zeros(2, jnp.int32), stacks, jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="adapter_slot is required"):
+        model(tokens, positions, cache, jnp.zeros(2, jnp.int32), stacks)

@@ -1,0 +1,300 @@
+"""Train LoRA adapters on a frozen base Llama, several at once: each batch row names its slot.
+
+The step is the serving forward (models.Llama with LoRA stacks [layers, slots, ...] and a slot
+per row, through the same gathered kernels and their gradients), differentiated only w.r.t. the
+stacks. Each adapter's loss is the mean over its own completion tokens and AdamW is elementwise,
+so an adapter trained beside others ends up as it would alone (same data, same seed).
+
+Trainable stacks hold PEFT's A and unscaled B; the scaling (alpha / r, or alpha / sqrt(r) with
+rsLoRA) multiplies B in the forward pass, as in PEFT, and is folded into B on export.
+"""
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from lora_jax.adapters import LoRAAdapter, LoRAWeights, save_adapter
+from lora_jax.datasets import Batch, Example, eval_rows, make_batch, shuffled_rows, stack
+from models import PROJECTIONS, Llama, LlamaConfig, LoraStacks, init_kv_cache, pack_adapter
+from models.lora import EXPAND, PACKED
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter to train: PEFT's r, lora_alpha, use_rslora, target_modules; seed draws A's
+    initial values and the order of its examples."""
+
+    name: str
+    rank: int = 8
+    alpha: float = 16.0
+    use_rslora: bool = False
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"adapter {self.name!r}: rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"adapter {self.name!r}: alpha must be positive, got {self.alpha!r}")
+        unknown = sorted(set(self.target_modules) - set(PROJECTIONS))
+        if unknown or not self.target_modules:
+            raise ValueError(f"adapter {self.name!r}: target_modules must be a non-empty subset "
+                             f"of {list(PROJECTIONS)}, got {list(self.target_modules)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """batch_size rows per adapter per micro-batch; grad_accum micro-batches per optimizer step;
+    learning rate: linear warm-up, then cosine decay to 0 at `steps`. max_grad_norm clips each
+    adapter's gradient on its own (None: no clipping); dropout is PEFT's lora_dropout."""
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 128
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    dropout: float = 0.0
+    seed: int = 0
+    eval_every: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+
+
+def steps_for_epochs(num_examples: int, epochs: float, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps that show each of num_examples `epochs` times."""
+    return max(1, math.ceil(epochs * num_examples / (batch_size * grad_accum)))
+
+
+def token_losses(model: Llama, stacks: LoraStacks | None, batch: Batch, *,
+                 lora_backend: str | None = None, dropout=None) -> jax.Array:
+    """Cross-entropy of each target times its weight, [B, L] float32 (stacks None: base only).
+
+    The forward runs through a throwaway KV cache of one row per sequence; dropout is
+    (key, rate) for the LoRA inputs or None.
+    """
+    rows, length = batch.tokens.shape
+    kv = init_kv_cache(model.config, rows, length, model.dtype)
+    extra = {"lora_dropout": dropout} if dropout is not None else {}
+    hidden, _ = model(batch.tokens, batch.positions, kv, jnp.arange(rows, dtype=jnp.int32),
+                      stacks, batch.slot if stacks is not None else None,
+                      lora_backend=lora_backend, **extra)
+    logits = model.logits(hidden)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets) * batch.weights
+
+
+def _scaled(params: LoraStacks, scales: jax.Array, dtype) -> LoraStacks:
+    """PEFT's forward: B times its adapter's scaling, everything in the model's dtype."""
+    expand = set(EXPAND.values())
+    return LoraStacks(**{f.name: (getattr(params, f.name) * scales[None, :, None, None]
+                                  if f.name in expand else getattr(params, f.name)).astype(dtype)
+                         for f in fields(LoraStacks)})
+
+
+def _per_slot(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
+    """values [B, L] -> [num_slots] sums over each slot's rows (rows of slot -1 drop out)."""
+    return jax.ops.segment_sum(values.sum(axis=1), slot, num_segments=num_slots)
+
+
+def _clip_per_slot(grads: LoraStacks, max_norm: float) -> LoraStacks:
+    leaves = jax.tree.leaves(grads)
+    norms = jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(i for i in range(g.ndim) if i != 1))
+                         for g in leaves))
+    factor = max_norm / jnp.maximum(norms, max_norm)
+    return jax.tree.map(lambda g: g * factor.reshape(1, -1, *[1] * (g.ndim - 2)), grads)
+
+
+def _train_step(params, opt_state, state, masks, scales, batches: Batch, key, *, graphdef,
+                optimizer, config: TrainConfig, lora_backend):
+    """One optimizer step over batches [grad_accum, B, L] -> (params, opt_state, loss per slot)."""
+    model = nnx.merge(graphdef, state)
+    num_slots = scales.shape[0]
+
+    def micro(carry, xs):
+        grads, sums, counts = carry
+        batch, index = xs
+        dropout = (jax.random.fold_in(key, index), config.dropout) if config.dropout else None
+
+        def loss(p):
+            losses = token_losses(model, _scaled(p, scales, model.dtype), batch,
+                                  lora_backend=lora_backend, dropout=dropout)
+            per_slot = _per_slot(losses, batch.slot, num_slots)
+            return per_slot.sum(), per_slot
+
+        (_, per_slot), g = jax.value_and_grad(loss, has_aux=True)(params)
+        counts = counts + _per_slot(batch.weights, batch.slot, num_slots)
+        return (jax.tree.map(jnp.add, grads, g), sums + per_slot, counts), None
+
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(num_slots), jnp.zeros(num_slots))
+    steps = jnp.arange(batches.tokens.shape[0])
+    (grads, sums, counts), _ = jax.lax.scan(micro, init, (batches, steps))
+    # Each adapter's gradient is that of the mean over its own tokens, whatever else is in the
+    # batch; the masks keep projections an adapter does not target (and padded ranks) at zero.
+    inverse = 1.0 / jnp.maximum(counts, 1.0)
+    grads = jax.tree.map(lambda g, m: g * m * inverse[None, :, None, None], grads, masks)
+    if config.max_grad_norm is not None:
+        grads = _clip_per_slot(grads, config.max_grad_norm)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, sums * inverse
+
+
+def _eval_step(params, state, scales, batch: Batch, *, graphdef, lora_backend):
+    """Held-out loss sums and target counts per slot, [num_slots] each."""
+    model = nnx.merge(graphdef, state)
+    losses = token_losses(model, _scaled(params, scales, model.dtype), batch,
+                          lora_backend=lora_backend)
+    num_slots = scales.shape[0]
+    return _per_slot(losses, batch.slot, num_slots), _per_slot(batch.weights, batch.slot, num_slots)
+
+
+class LoRATrainer:
+    """Adapters in slots 0..n-1 of one set of stacks, trained together on a frozen base model."""
+
+    def __init__(self, model: Llama, adapters: Sequence[AdapterSpec], config: TrainConfig, *,
+                 lora_backend: str | None = None):
+        names = [a.name for a in adapters]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"adapters must be a non-empty list with unique names, got {names}")
+        self.specs, self.config = tuple(adapters), config
+        self.model_config: LlamaConfig = model.config
+        graphdef, self.state = nnx.split(model)
+        self.max_rank = max(a.rank for a in adapters)
+        self.params, self.masks = self._init_params()
+        self.scales = jnp.asarray([a.scale for a in adapters], jnp.float32)
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, min(config.warmup_steps, config.steps - 1),
+            config.steps, end_value=0.0)
+        optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
+        self.opt_state = optimizer.init(self.params)
+        self.step = 0
+        self._train_step = jax.jit(functools.partial(
+            _train_step, graphdef=graphdef, optimizer=optimizer, config=config,
+            lora_backend=lora_backend), donate_argnums=(0, 1))
+        self._eval_step = jax.jit(functools.partial(
+            _eval_step, graphdef=graphdef, lora_backend=lora_backend))
+
+    def _init_params(self) -> tuple[LoraStacks, LoraStacks]:
+        """PEFT's init: A kaiming-uniform (bound 1/sqrt(d_in)), B zeros; and the target masks."""
+        shapes, layers = self.model_config.projection_shapes(), self.model_config.num_hidden_layers
+        params, masks = [], []
+        for spec in self.specs:
+            modules, ones = {}, {}
+            for proj in spec.target_modules:
+                d_in, d_out = shapes[proj]
+                rng = np.random.default_rng([spec.seed, PROJECTIONS.index(proj)])
+                bound = 1.0 / math.sqrt(d_in)
+                a = rng.uniform(-bound, bound, (layers, d_in, spec.rank)).astype(np.float32)
+                modules[proj] = LoRAWeights(a, np.zeros((layers, spec.rank, d_out), np.float32))
+                ones[proj] = LoRAWeights(np.ones_like(a), np.ones((layers, spec.rank, d_out)))
+            params.append(pack_adapter(self.model_config, modules, self.max_rank))
+            masks.append(pack_adapter(self.model_config, ones, self.max_rank))
+        return tuple(jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *packed)
+                     for packed in (params, masks))
+
+    def train(self, train_sets: Sequence[Sequence[Example]],
+              eval_sets: Sequence[Sequence[Example]] | None = None, *,
+              progress: bool = True) -> list[dict]:
+        """Run config.steps optimizer steps; one example list per adapter, in adapter order.
+
+        Returns the history: {"step", "loss": {name: float}} per step, plus "eval_loss" on
+        steps where it was measured (every eval_every steps and the last one, when eval_sets).
+        """
+        self._check_sets(train_sets, "train_sets")
+        cfg, history = self.config, []
+        streams = [shuffled_rows(examples, cfg.batch_size, slot, spec.seed)
+                   for slot, (spec, examples) in enumerate(zip(self.specs, train_sets, strict=True))]
+        base_key = jax.random.key(cfg.seed)
+        bar = tqdm(range(self.step, cfg.steps), desc="train", disable=not progress,
+                   initial=self.step, total=cfg.steps)
+        for step in bar:
+            batches = stack([make_batch([row for s in streams for row in next(s)], cfg.seq_len)
+                             for _ in range(cfg.grad_accum)])
+            self.params, self.opt_state, loss = self._train_step(
+                self.params, self.opt_state, self.state, self.masks, self.scales, batches,
+                jax.random.fold_in(base_key, step))
+            self.step = step + 1
+            record = {"step": self.step, "loss": dict(zip(self._names(), np.asarray(loss).tolist(),
+                                                          strict=True))}
+            if eval_sets is not None and (self.step == cfg.steps or (
+                    cfg.eval_every and self.step % cfg.eval_every == 0)):
+                record["eval_loss"] = self.evaluate(eval_sets)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.get("eval_loss",
+                                                                  record["loss"]).items()})
+            history.append(record)
+        return history
+
+    def evaluate(self, eval_sets: Sequence[Sequence[Example]]) -> dict[str, float]:
+        """Mean loss over each adapter's held-out completion tokens (NaN where it has none)."""
+        self._check_sets(eval_sets, "eval_sets")
+        rows = self.config.batch_size * len(self.specs)
+        sums, counts = np.zeros(len(self.specs)), np.zeros(len(self.specs))
+        for slot, examples in enumerate(eval_sets):
+            for chunk in eval_rows(examples, rows, slot):
+                s, c = self._eval_step(self.params, self.state, self.scales,
+                                       make_batch(chunk, self.config.seq_len))
+                sums, counts = sums + np.asarray(s), counts + np.asarray(c)
+        losses = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return dict(zip(self._names(), losses.tolist(), strict=True))
+
+    def adapters(self, base_model_name: str | None = None) -> list[LoRAAdapter]:
+        """The trained adapters as served: per-projection a [L, d_in, r], b [L, r, d_out] float32
+        with the scaling folded into b."""
+        host = jax.tree.map(np.asarray, self.params)
+        out = []
+        for slot, spec in enumerate(self.specs):
+            modules = {}
+            for proj in spec.target_modules:
+                a_field = next(f for f, group in PACKED.items() if proj in group)
+                start = PACKED[a_field].index(proj) * self.max_rank
+                a = getattr(host, a_field)[:, slot, :, start:start + spec.rank]
+                b = getattr(host, EXPAND[proj])[:, slot, :spec.rank, :] * np.float32(spec.scale)
+                modules[proj] = LoRAWeights(np.ascontiguousarray(a), np.ascontiguousarray(b))
+            config = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": spec.use_rslora,
+                      "target_modules": sorted(spec.target_modules),
+                      "lora_dropout": self.config.dropout}
+            out.append(LoRAAdapter(spec.name, modules, base_model_name=base_model_name,
+                                   config=config))
+        return out
+
+    def save(self, folder: str | Path, base_model_name_or_path: str) -> list[Path]:
+        """Each adapter as a PEFT folder folder/<name> (adapter_config.json + safetensors)."""
+        return [save_adapter(adapter, Path(folder) / spec.name, lora_alpha=spec.alpha,
+                             use_rslora=spec.use_rslora,
+                             base_model_name_or_path=base_model_name_or_path)
+                for spec, adapter in zip(self.specs, self.adapters(), strict=True)]
+
+    def _names(self) -> list[str]:
+        return [a.name for a in self.specs]
+
+    def _check_sets(self, sets: Sequence, what: str) -> None:
+        if len(sets) != len(self.specs):
+            raise ValueError(f"{what} has {len(sets)} example lists for {len(self.specs)} "
+                             "adapters; pass one per adapter, in order")

@@ -1,0 +1,75 @@
+"""The "dense" backend: one matmul over all slots, then a per-token select (plain JAX).
+
+Where no Pallas kernel runs (CPU), the per-token gather of the reference reads T copies of the
+adapter weights ([T, D, R] materialized). Computing every slot at once reads each adapter once
+and turns the work into two ordinary matmuls, which XLA's CPU backend runs well:
+  shrink: [T, D_in] x [S, D_in, R] -> [T, S, R], keep slot[t]'s row;
+  expand: one-hot-masked h [T, S*R] @ b reshaped [S*R, D_out] (a free reshape).
+It spends S times the minimal FLOPs, which pays off while S*R stays small next to D (decode); see
+scripts/bench_kernels.py and the api docstring for the measurement. With fewer tokens than slots
+the per-token gather reads fewer adapter bytes than all S slots, so that case uses it instead.
+Reference: pallas_kernels.reference.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import reference
+
+
+def one_hot(slot: jax.Array, num_slots: int) -> jax.Array:
+    """slot [T] -> [T, S] float32; slot -1 matches no column, so its row is all zero."""
+    return (slot[:, None] == jnp.arange(num_slots, dtype=slot.dtype)).astype(jnp.float32)
+
+
+def shrink(x: jax.Array, a: jax.Array, slot: jax.Array) -> jax.Array:
+    """x [T, D_in], a [S, D_in, R], slot [T] int32 -> h [T, R] float32."""
+    if x.shape[0] < a.shape[0]:
+        return reference.shrink(x, a, slot)
+    every = jnp.einsum("td,sdr->tsr", x, a, preferred_element_type=jnp.float32)
+    picked = jnp.take_along_axis(every, jnp.maximum(slot, 0)[:, None, None], axis=1)[:, 0]
+    return jnp.where(slot[:, None] >= 0, picked, 0.0)
+
+
+def expand_sliced(
+    y: jax.Array, h: jax.Array, bs: Sequence[jax.Array], slot: jax.Array
+) -> jax.Array:
+    """y [T, sum W_i], h [T, n*R], bs n arrays [S, R, W_i] -> y + per-slice h_i @ b_i[slot]."""
+    rank = bs[0].shape[1]
+    deltas = [  # the fused projections' slices (q|k|v): a static handful
+        _delta(h[:, i * rank : (i + 1) * rank].astype(jnp.float32), b, slot)
+        for i, b in enumerate(bs)
+    ]
+    delta = deltas[0] if len(deltas) == 1 else jnp.concatenate(deltas, axis=-1)
+    out = (y.astype(jnp.float32) + delta).astype(y.dtype)
+    return jnp.where(slot[:, None] >= 0, out, y)
+
+
+def _delta(h: jax.Array, b: jax.Array, slot: jax.Array) -> jax.Array:
+    """h [T, R] float32, b [S, R, W] -> h @ b[slot] [T, W] float32 (rows of slot -1: unused)."""
+    tokens = h.shape[0]
+    num_slots, rank, width = b.shape
+    if tokens < num_slots:
+        gathered = jnp.take(b, jnp.maximum(slot, 0), axis=0)  # [T, R, W]
+        return jnp.einsum("tr,trw->tw", h, gathered, preferred_element_type=jnp.float32)
+    masked = one_hot(slot, num_slots)[:, :, None] * h[:, None, :]
+    flat_b = b.reshape(num_slots * rank, width)  # free: slots and rank are the leading axes
+    return jnp.dot(masked.reshape(tokens, num_slots * rank), flat_b,
+                   preferred_element_type=jnp.float32)
+
+
+def slot_outer(u: jax.Array, v: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
+    """u [T, P], v [T, Q] -> [S, P, Q] float32: per slot, the sum of outer(u[t], v[t]).
+
+    The adapter gradients (da = slot_outer(x, dh), db = slot_outer(h, dy)). The one-hot mask goes
+    on the narrower side (the rank), so the one matmul is [P, T] @ [T, S*Q] and nothing of size
+    T*S*D is ever built; slot -1 tokens contribute exactly zero.
+    """
+    onehot = one_hot(slot, num_slots)
+    if u.shape[1] <= v.shape[1]:
+        masked = onehot[:, :, None] * u.astype(jnp.float32)[:, None, :]
+        return jnp.einsum("tsp,tq->spq", masked, v, preferred_element_type=jnp.float32)
+    masked = onehot[:, :, None] * v.astype(jnp.float32)[:, None, :]
+    return jnp.einsum("tp,tsq->spq", u, masked, preferred_element_type=jnp.float32)

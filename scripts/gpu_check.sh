@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (H200, Python 3.12, JAX 0.11 with CUDA, no msgspec, no network):
+# the kernel tests against the real Pallas backend (Triton), then the kernel benchmark.
+# About 5 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
+#   bash scripts/gpu_check.sh [OUT_DIR]
+# JAX_PLATFORMS and LORA_JAX_TEST_BACKEND can be overridden to rehearse it on a CPU
+# (JAX_PLATFORMS=cpu LORA_JAX_TEST_BACKEND=pallas_interpret).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out_dir=${1:-${OUT:-/tmp/gpu_check}}
+mkdir -p "$out_dir"
+python=${PYTHON:-python3}
+
+# Nothing can be fetched there: install carried wheels (msgspec for the rest of the suite) if any.
+shopt -s nullglob
+wheels=(shared/wheels/*.whl .wheels/*.whl .whl/*.whl)
+if ((${#wheels[@]})); then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/lora_jax_site \
+    "${wheels[@]}" && export PYTHONPATH=/tmp/lora_jax_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export LORA_JAX_TEST_BACKEND=${LORA_JAX_TEST_BACKEND:-pallas}
+export PYTHONUNBUFFERED=1
+
+"$python" -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
+
+status=0
+# --noconftest: tests/conftest.py pins JAX to the CPU and belongs to the whole suite; the kernel
+# tests need nothing from it (no msgspec, no model).
+timeout 420 "$python" -m pytest -q -p no:cacheprovider --noconftest --durations=5 \
+  tests/test_kernels.py tests/test_kernels_grouping.py tests/test_kernels_export.py \
+  2>&1 | tee "$out_dir/kernel_tests.log" || status=1
+bench_args=()
+[ "$JAX_PLATFORMS" = cuda ] || bench_args=(--reduced)
+timeout 240 "$python" scripts/bench_kernels.py "${bench_args[@]}" \
+  >"$out_dir/bench_kernels.json" 2>"$out_dir/bench_kernels.err" || status=1
+cat "$out_dir/bench_kernels.json"
+tail -n 5 "$out_dir/bench_kernels.err"
+echo "gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL)"
+exit $status
