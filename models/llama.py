@@ -36,7 +36,11 @@ class DecoderLayers(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """A Llama causal LM. Random weights from `rngs`; use `load_llama` for a checkpoint."""
+    """A Llama causal LM. Random weights from `rngs`; use `load_llama` for a checkpoint.
+
+    Params: embed [V, D]; layers (DecoderLayers, [layers, d_in, d_out]); norm [D];
+    lm_head [D, V], or None when tied to the embedding.
+    """
 
     def __init__(self, config: LlamaConfig, *, dtype="float32", rngs: nnx.Rngs):
         self.config = config
@@ -45,9 +49,8 @@ class Llama(nnx.Module):
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), self.dtype))
         self.layers = DecoderLayers(config, self.dtype, rngs)
         self.norm = nnx.Param(jnp.ones((d,), self.dtype))
-        # [V, D] like the embedding (and HF), so tied and untied heads are the same matmul.
         self.lm_head = (None if config.tie_word_embeddings else
-                        nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), self.dtype)))
+                        nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, v), self.dtype)))
 
     def __call__(
         self,
@@ -103,8 +106,11 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
-        head = self.embed if self.lm_head is None else self.lm_head
-        return jnp.einsum("...d,vd->...v", hidden, head[...], preferred_element_type=jnp.float32)
+        if self.lm_head is None:
+            return jnp.einsum("...d,vd->...v", hidden, self.embed[...],
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...],
+                          preferred_element_type=jnp.float32)
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs) -> tuple[jax.Array, KVCache]:

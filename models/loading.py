@@ -167,9 +167,8 @@ def load_llama(folder: str | Path, dtype: str = "auto") -> Llama:
         for param in _LAYER_SOURCES:
             variable = getattr(model.layers, param)
             variable.set_value(_stacked(reader, config, param, variable.get_value().shape, dtype))
-        for variable, name in ((model.embed, "model.embed_tokens.weight"),
-                               (model.norm, "model.norm.weight"),
-                               (model.lm_head, "lm_head.weight")):
-            if variable is not None:
-                variable.set_value(jnp.asarray(reader.get(name)).astype(dtype))
+        model.embed.set_value(jnp.asarray(reader.get("model.embed_tokens.weight")).astype(dtype))
+        model.norm.set_value(jnp.asarray(reader.get("model.norm.weight")).astype(dtype))
+        if model.lm_head is not None:
+            model.lm_head.set_value(jnp.asarray(reader.get("lm_head.weight")).T.astype(dtype))
     return model

@@ -104,11 +104,7 @@ def launch(
         operands = (*operands, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         in_specs = (*in_specs, out_spec)
         alias = len(operands) - 1
-        body = kernel
-
-        def kernel(*refs):
-            body(*refs[:-2], refs[-1])
-
+        kernel = _without_poison_input(kernel)
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -119,6 +115,15 @@ def launch(
         compiler_params=compiler_params(num_stages=num_stages),
         interpret=interpret,
     )(*operands)
+
+
+def _without_poison_input(kernel):
+    """The kernel, called with every ref but the aliased poison buffer (second to last)."""
+
+    def wrapped(*refs):
+        kernel(*refs[:-2], refs[-1])
+
+    return wrapped
 
 
 def cdiv(a: int, b: int) -> int:
