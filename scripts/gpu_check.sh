@@ -27,13 +27,15 @@ export PYTHONUNBUFFERED=1
 
 status=0
 # --noconftest: tests/conftest.py pins JAX to the CPU and belongs to the whole suite; the kernel
-# tests need nothing from it (no msgspec, no model).
-timeout 420 "$python" -m pytest -q -p no:cacheprovider --noconftest --durations=5 \
+# tests need nothing from it (no msgspec, no model). Highest matmul precision: on a GPU, XLA's
+# float32 matmuls (the reference and dense backends) would otherwise use TF32, far from 1e-5.
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 360 \
+  "$python" -m pytest -q -p no:cacheprovider --noconftest --durations=5 \
   tests/test_kernels.py tests/test_kernels_grouping.py tests/test_kernels_export.py \
   2>&1 | tee "$out_dir/kernel_tests.log" || status=1
 bench_args=()
 [ "$JAX_PLATFORMS" = cuda ] || bench_args=(--reduced)
-timeout 240 "$python" scripts/bench_kernels.py "${bench_args[@]}" \
+timeout 180 "$python" scripts/bench_kernels.py ${bench_args[@]+"${bench_args[@]}"} \
   >"$out_dir/bench_kernels.json" 2>"$out_dir/bench_kernels.err" || status=1
 cat "$out_dir/bench_kernels.json"
 tail -n 5 "$out_dir/bench_kernels.err"
