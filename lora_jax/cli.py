@@ -3,6 +3,9 @@
 import argparse
 import sys
 
+from lora_jax.train_cli import add_arguments as add_train_arguments
+from lora_jax.train_cli import run_command as run_training
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -11,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a tiny model and adapters, then serve them")
     demo.add_argument("--workdir", default=None,
                       help="where the demo model and adapters go (default: the user cache)")
+    train = sub.add_parser("train", help="train LoRA adapters on a base model, save them as PEFT")
+    add_train_arguments(train)
     inspect = sub.add_parser("inspect-adapter", help="load a PEFT adapter and describe it")
     inspect.add_argument("path", help="local adapter folder or Hugging Face Hub id")
     inspect.add_argument("--max-lora-rank", type=int, default=None)
@@ -24,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         from lora_jax.demo import run_demo
 
         return run_demo(args.workdir)
+    if args.command == "train":
+        return run_training(args, parser)
     if args.command == "inspect-adapter":
         from lora_jax.adapters import load_adapter
 

@@ -132,8 +132,18 @@ def _clip_per_slot(grads: LoraStacks, max_norm: float) -> LoraStacks:
     return jax.tree.map(lambda g: g * factor.reshape(1, -1, *[1] * (g.ndim - 2)), grads)
 
 
+def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, min(config.warmup_steps, config.steps - 1), config.steps,
+        end_value=0.0)
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+# Module-level jits with hashable static arguments: trainers of the same shapes share programs.
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "lora_backend"),
+                   donate_argnums=(0, 1))
 def _train_step(params, opt_state, state, masks, scales, batches: Batch, key, *, graphdef,
-                optimizer, config: TrainConfig, lora_backend):
+                config: TrainConfig, lora_backend):
     """One optimizer step over batches [grad_accum, B, L] -> (params, opt_state, loss per slot)."""
     model = nnx.merge(graphdef, state)
     num_slots = scales.shape[0]
@@ -162,10 +172,11 @@ def _train_step(params, opt_state, state, masks, scales, batches: Batch, key, *,
     grads = jax.tree.map(lambda g, m: g * m * inverse[None, :, None, None], grads, masks)
     if config.max_grad_norm is not None:
         grads = _clip_per_slot(grads, config.max_grad_norm)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates, opt_state = _optimizer(config).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, sums * inverse
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "lora_backend"))
 def _eval_step(params, state, scales, batch: Batch, *, graphdef, lora_backend):
     """Held-out loss sums and target counts per slot, [num_slots] each."""
     model = nnx.merge(graphdef, state)
@@ -189,17 +200,9 @@ class LoRATrainer:
         self.max_rank = max(a.rank for a in adapters)
         self.params, self.masks = self._init_params()
         self.scales = jnp.asarray([a.scale for a in adapters], jnp.float32)
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, min(config.warmup_steps, config.steps - 1),
-            config.steps, end_value=0.0)
-        optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
-        self.opt_state = optimizer.init(self.params)
+        self.opt_state = _optimizer(config).init(self.params)
         self.step = 0
-        self._train_step = jax.jit(functools.partial(
-            _train_step, graphdef=graphdef, optimizer=optimizer, config=config,
-            lora_backend=lora_backend), donate_argnums=(0, 1))
-        self._eval_step = jax.jit(functools.partial(
-            _eval_step, graphdef=graphdef, lora_backend=lora_backend))
+        self._static = {"graphdef": graphdef, "lora_backend": lora_backend}
 
     def _init_params(self) -> tuple[LoraStacks, LoraStacks]:
         """PEFT's init: A kaiming-uniform (bound 1/sqrt(d_in)), B zeros; and the target masks."""
@@ -237,9 +240,9 @@ class LoRATrainer:
         for step in bar:
             batches = stack([make_batch([row for s in streams for row in next(s)], cfg.seq_len)
                              for _ in range(cfg.grad_accum)])
-            self.params, self.opt_state, loss = self._train_step(
+            self.params, self.opt_state, loss = _train_step(
                 self.params, self.opt_state, self.state, self.masks, self.scales, batches,
-                jax.random.fold_in(base_key, step))
+                jax.random.fold_in(base_key, step), config=cfg, **self._static)
             self.step = step + 1
             record = {"step": self.step, "loss": dict(zip(self._names(), np.asarray(loss).tolist(),
                                                           strict=True))}
@@ -258,8 +261,8 @@ class LoRATrainer:
         sums, counts = np.zeros(len(self.specs)), np.zeros(len(self.specs))
         for slot, examples in enumerate(eval_sets):
             for chunk in eval_rows(examples, rows, slot):
-                s, c = self._eval_step(self.params, self.state, self.scales,
-                                       make_batch(chunk, self.config.seq_len))
+                s, c = _eval_step(self.params, self.state, self.scales,
+                                  make_batch(chunk, self.config.seq_len), **self._static)
                 sums, counts = sums + np.asarray(s), counts + np.asarray(c)
         losses = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         return dict(zip(self._names(), losses.tolist(), strict=True))

@@ -10,6 +10,10 @@ Regenerate (in a venv of its own, so the dev venv stays torch-free; pin torch to
 
 Layout per variant (gqa, tied, llama3, long_lora): model/, adapters/<name>/, expected.npz,
 manifest.json. The array names are documented in tests/fixtures/reference/README.md.
+
+The `trained` case holds adapters that lora-jax itself trained (scripts/train_lora.py on the gqa
+base model; the command is in the README there): this script only loads them into PEFT and
+writes trained/expected.npz and trained/manifest.json, so it never touches the adapters.
 """
 
 import argparse
@@ -233,13 +237,41 @@ def build_variant(name: str, spec: dict, out: Path, seed: int) -> None:
     (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+TRAINED_LENGTHS = [5, 9, 12]
+
+
+def build_trained(out: Path, seed: int) -> None:
+    """PEFT's logits for every adapter lora-jax trained under trained/adapters/, gqa base."""
+    print("== trained")
+    tdir, base_dir = out / "trained", out / "gqa" / "model"
+    base = load_base(base_dir)
+    prompts = make_prompts(TRAINED_LENGTHS, base.config.vocab_size, seed)
+    arrays = {f"prompt_ids_{j}": p for j, p in enumerate(prompts)}
+    base_logits = [full_logits(base, p) for p in prompts]
+    arrays.update({f"logits_base_{j}": logits for j, logits in enumerate(base_logits)})
+    manifest = {"variant": "trained", "base_model": "../gqa/model", "adapters": {},
+                "num_prompts": len(prompts), "prompt_lengths": TRAINED_LENGTHS}
+    for adir in sorted(p for p in (tdir / "adapters").iterdir() if p.is_dir()):
+        model = PeftModel.from_pretrained(load_base(base_dir), adir).eval()
+        manifest["adapters"][adir.name] = saved_adapter_entry(adir)
+        for j, p in enumerate(prompts):
+            logits = arrays[f"logits_{adir.name}_{j}"] = full_logits(model, p)
+            effect = np.abs(logits - base_logits[j]).max()
+            warn_unless(effect > 1e-2, f"trained/{adir.name}: adapter barely changes the logits")
+            print(f"  {adir.name} prompt {j}: max|adapter - base| = {effect:.3f}")
+    manifest["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__,
+                            "torch": torch.__version__}
+    np.savez_compressed(tdir / "expected.npz", **arrays)
+    (tdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures/reference"),
                         help="folder to write the variants into (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
-    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=list(VARIANTS),
-                        help="variants to (re)build (default: all)")
+    parser.add_argument("--variants", nargs="*", choices=sorted([*VARIANTS, "trained"]),
+                        default=[*VARIANTS, "trained"], help="variants to (re)build (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # single-threaded CPU kernels: bit-identical reruns
     torch.use_deterministic_algorithms(True)
@@ -247,6 +279,8 @@ def main() -> None:
     for i, name in enumerate(VARIANTS):
         if name in args.variants:
             build_variant(name, VARIANTS[name], args.out, args.seed + i + 1)
+    if "trained" in args.variants:
+        build_trained(args.out, args.seed + len(VARIANTS) + 1)
     print(f"versions: transformers {transformers.__version__}, peft {peft.__version__}, "
           f"torch {torch.__version__}")
 
