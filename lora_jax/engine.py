@@ -12,12 +12,12 @@ from lora_jax.adapters import LoRAAdapter, load_adapter
 from lora_jax.config import EngineConfig
 from lora_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lora_jax.request import LoRARequest
-from lora_jax.runner import Runner, RowInput
+from lora_jax.runner import RowInput, Runner
 from lora_jax.sampling_params import MAX_LOGPROBS, SamplingParams
-from lora_jax.scheduler import Batch, Scheduler, Sequence
+from lora_jax.scheduler import Scheduler, Sequence
 from lora_jax.slots import AdapterSlots
 from lora_jax.tokenizer import TextTokenizer
-from models import load_llama
+from models import load_llama, pack_adapter
 
 
 def resolve_model_path(model: str) -> Path:
@@ -85,6 +85,7 @@ class Engine:
                              max_prefill_chunk=config.max_prefill_chunk, dtype=dtype,
                              lora_backend=config.lora_backend)
         self._cpu_loras: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
+        self._in_memory: set[int] = set()  # no path to reload them from: never evicted
         self._owner: dict[int, tuple[_Request, int]] = {}
         self._next_seq = 0
         self._rng = np.random.default_rng(config.seed)
@@ -108,17 +109,28 @@ class Engine:
         if adapter is None:
             adapter = load_adapter(req.lora_path, name=req.lora_name, base=self.model.config,
                                    max_lora_rank=self.config.max_lora_rank)
+        else:
+            self._check_in_memory(req, adapter)
+            self._in_memory.add(req.lora_int_id)
         self._cpu_loras[req.lora_int_id] = (req, adapter)
         if known is not None:
             self.slots.reload(req.lora_int_id, adapter)
         limit = self.config.max_cpu_loras or max(self.config.max_loras, 8)
-        in_slots = set(self.slots.loaded()) | self.scheduler.pinned
+        in_slots = set(self.slots.loaded()) | self.scheduler.pinned | self._in_memory
         while len(self._cpu_loras) > limit:
             victim = next((i for i in self._cpu_loras if i not in in_slots), None)
             if victim is None:
                 break
             del self._cpu_loras[victim]
         return adapter
+
+    def _check_in_memory(self, req: LoRARequest, adapter: LoRAAdapter) -> None:
+        """What load_adapter checks of a folder (shapes, rank), for weights handed over in
+        memory: fail here, not later inside a step that serves other requests too."""
+        try:
+            pack_adapter(self.model.config, adapter.modules, self.config.max_lora_rank)
+        except ValueError as err:
+            raise ValueError(f"adapter {req.lora_name!r}: {err}") from err
 
     def _check_base_model(self, req: LoRARequest) -> None:
         if req.base_model_name is None:
@@ -132,6 +144,7 @@ class Engine:
         if lora_id in self.scheduler.adapters_in_use():
             raise ValueError(f"adapter {lora_id} is used by running requests; remove it later")
         self.scheduler.pinned.discard(lora_id)
+        self._in_memory.discard(lora_id)
         if self.slots is not None:
             self.slots.evict(lora_id)
         return self._cpu_loras.pop(lora_id, None) is not None

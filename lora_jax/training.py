@@ -41,14 +41,15 @@ class AdapterSpec:
     seed: int = 0
 
     def __post_init__(self):
+        where = f"adapter {self.name!r}:"
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"adapter {self.name!r}: rank must be a positive int, got {self.rank!r}")
+            raise ValueError(f"{where} rank must be a positive int, got {self.rank!r}")
         if not self.alpha > 0:
-            raise ValueError(f"adapter {self.name!r}: alpha must be positive, got {self.alpha!r}")
+            raise ValueError(f"{where} alpha must be positive, got {self.alpha!r}")
         unknown = sorted(set(self.target_modules) - set(PROJECTIONS))
         if unknown or not self.target_modules:
-            raise ValueError(f"adapter {self.name!r}: target_modules must be a non-empty subset "
-                             f"of {list(PROJECTIONS)}, got {list(self.target_modules)}")
+            raise ValueError(f"{where} target_modules must be a non-empty subset of "
+                             f"{list(PROJECTIONS)}, got {list(self.target_modules)}")
 
     @property
     def scale(self) -> float:
@@ -78,20 +79,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "eval_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        for name, value in (("warmup_steps", self.warmup_steps), ("eval_every", self.eval_every)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
-
-
-def steps_for_epochs(num_examples: int, epochs: float, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps that show each of num_examples `epochs` times."""
-    return max(1, math.ceil(epochs * num_examples / (batch_size * grad_accum)))
 
 
 def token_losses(model: Llama, stacks: LoraStacks | None, batch: Batch, *,
@@ -103,10 +99,9 @@ def token_losses(model: Llama, stacks: LoraStacks | None, batch: Batch, *,
     """
     rows, length = batch.tokens.shape
     kv = init_kv_cache(model.config, rows, length, model.dtype)
-    extra = {"lora_dropout": dropout} if dropout is not None else {}
     hidden, _ = model(batch.tokens, batch.positions, kv, jnp.arange(rows, dtype=jnp.int32),
                       stacks, batch.slot if stacks is not None else None,
-                      lora_backend=lora_backend, **extra)
+                      lora_backend=lora_backend, lora_dropout=dropout)
     logits = model.logits(hidden)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets) * batch.weights
 
@@ -125,6 +120,7 @@ def _per_slot(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
 
 
 def _clip_per_slot(grads: LoraStacks, max_norm: float) -> LoraStacks:
+    """optax.clip_by_global_norm for each adapter on its own: norms over the slot's entries."""
     leaves = jax.tree.leaves(grads)
     norms = jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(i for i in range(g.ndim) if i != 1))
                          for g in leaves))
@@ -212,8 +208,7 @@ class LoRATrainer:
             modules, ones = {}, {}
             for proj in spec.target_modules:
                 d_in, d_out = shapes[proj]
-                rng = np.random.default_rng([spec.seed, PROJECTIONS.index(proj)])
-                bound = 1.0 / math.sqrt(d_in)
+                rng, bound = np.random.default_rng([spec.seed, PROJECTIONS.index(proj)]), d_in**-0.5
                 a = rng.uniform(-bound, bound, (layers, d_in, spec.rank)).astype(np.float32)
                 modules[proj] = LoRAWeights(a, np.zeros((layers, spec.rank, d_out), np.float32))
                 ones[proj] = LoRAWeights(np.ones_like(a), np.ones((layers, spec.rank, d_out)))
@@ -232,8 +227,8 @@ class LoRATrainer:
         """
         self._check_sets(train_sets, "train_sets")
         cfg, history = self.config, []
-        streams = [shuffled_rows(examples, cfg.batch_size, slot, spec.seed)
-                   for slot, (spec, examples) in enumerate(zip(self.specs, train_sets, strict=True))]
+        streams = [shuffled_rows(data, cfg.batch_size, slot, spec.seed) for slot, (spec, data)
+                   in enumerate(zip(self.specs, train_sets, strict=True))]
         base_key = jax.random.key(cfg.seed)
         bar = tqdm(range(self.step, cfg.steps), desc="train", disable=not progress,
                    initial=self.step, total=cfg.steps)
@@ -244,13 +239,14 @@ class LoRATrainer:
                 self.params, self.opt_state, self.state, self.masks, self.scales, batches,
                 jax.random.fold_in(base_key, step), config=cfg, **self._static)
             self.step = step + 1
-            record = {"step": self.step, "loss": dict(zip(self._names(), np.asarray(loss).tolist(),
-                                                          strict=True))}
+            record = {"step": self.step, "loss": self._by_name(np.asarray(loss))}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record["loss"].items()})
             if eval_sets is not None and (self.step == cfg.steps or (
                     cfg.eval_every and self.step % cfg.eval_every == 0)):
                 record["eval_loss"] = self.evaluate(eval_sets)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.get("eval_loss",
-                                                                  record["loss"]).items()})
+                if progress:
+                    bar.write(f"step {self.step} eval loss: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in record["eval_loss"].items()))
             history.append(record)
         return history
 
@@ -265,7 +261,7 @@ class LoRATrainer:
                                   make_batch(chunk, self.config.seq_len), **self._static)
                 sums, counts = sums + np.asarray(s), counts + np.asarray(c)
         losses = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        return dict(zip(self._names(), losses.tolist(), strict=True))
+        return self._by_name(losses)
 
     def adapters(self, base_model_name: str | None = None) -> list[LoRAAdapter]:
         """The trained adapters as served: per-projection a [L, d_in, r], b [L, r, d_out] float32
@@ -294,8 +290,8 @@ class LoRATrainer:
                              base_model_name_or_path=base_model_name_or_path)
                 for spec, adapter in zip(self.specs, self.adapters(), strict=True)]
 
-    def _names(self) -> list[str]:
-        return [a.name for a in self.specs]
+    def _by_name(self, values: np.ndarray) -> dict[str, float]:
+        return dict(zip((a.name for a in self.specs), values.tolist(), strict=True))
 
     def _check_sets(self, sets: Sequence, what: str) -> None:
         if len(sets) != len(self.specs):

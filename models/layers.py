@@ -36,6 +36,7 @@ class TokenBatch(NamedTuple):
     sin: jax.Array  # [B, L, head_dim] float32
     slot: jax.Array | None  # [B * L] int32 adapter slot per token, -1 = base
     lora_backend: str | None
+    lora_dropout: tuple[jax.Array, float] | None = None  # (key, rate) on LoRA inputs: training
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -46,14 +47,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple,
-            batch: TokenBatch) -> jax.Array:
+            batch: TokenBatch, dropout_key: jax.Array | None = None) -> jax.Array:
     """x [T, d_in] @ w [d_in, d_out] plus each token's adapter term -> [T, d_out] float32.
 
     lora_a [S, d_in, n*R] and n expand matrices [S, R, w_i] summing to d_out; None = no LoRA.
+    With batch.lora_dropout the adapter sees x through dropout, as PEFT's lora_dropout does.
     """
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     if lora_a is None:
         return y
+    if batch.lora_dropout is not None:
+        rate = batch.lora_dropout[1]
+        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
     if len(lora_bs) == 1:
         return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend)
     return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend)
@@ -97,9 +103,13 @@ def decoder_layer(
     """x [B, L, D]; cache (k, v) [layers, rows, max_len, KV, d] written at `layer` -> (x, cache)."""
     b, length, d = x.shape
     h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    # One dropout mask per packed projection (q|k|v share one; PEFT draws one per projection).
+    keys = (jax.random.split(jax.random.fold_in(batch.lora_dropout[0], layer), 4)
+            if batch.lora_dropout is not None else [None] * 4)
 
     normed = rms_norm(x, w.attn_norm, config.rms_norm_eps).reshape(b * length, d)
-    qkv = project(normed, w.qkv, *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch).astype(x.dtype)
+    qkv = project(normed, w.qkv, *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch,
+                  keys[0]).astype(x.dtype)
     q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
     q = apply_rope(q.reshape(b, length, h, hd), batch.cos, batch.sin)
     k = apply_rope(k.reshape(b, length, kv, hd), batch.cos, batch.sin)
@@ -108,13 +118,14 @@ def decoder_layer(
                                    v.reshape(b, length, kv, hd))
     attn = attend(q, kv_cache.read_layer(k_cache, layer, batch.rows),
                   kv_cache.read_layer(v_cache, layer, batch.rows), batch.positions)
-    attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch)
+    attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
+                   keys[1])
     x = x + attn.astype(x.dtype).reshape(b, length, d)
 
     normed = rms_norm(x, w.mlp_norm, config.rms_norm_eps).reshape(b * length, d)
     gate_up = project(normed, w.gate_up, *_group(lora, "gate_up_a", "gate_b", "up_b"),
-                      batch).astype(x.dtype)
+                      batch, keys[2]).astype(x.dtype)
     gate, up = jnp.split(gate_up, 2, axis=-1)
     hidden = jax.nn.silu(gate) * up
-    mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch)
+    mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch, keys[3])
     return x + mlp.astype(x.dtype).reshape(b, length, d), (k_cache, v_cache)

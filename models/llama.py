@@ -63,6 +63,7 @@ class Llama(nnx.Module):
         rope_scale: jax.Array | None = None,
         *,
         lora_backend: str | None = None,
+        lora_dropout: tuple[jax.Array, float] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Prefill or decode a batch of sequences through the cache.
 
@@ -71,6 +72,7 @@ class Llama(nnx.Module):
         adapter_slot [B] int32 (-1 = base model); rope_scale [B] float32 (RoPE sees
         position / rope_scale) or None -> (hidden [B, L, D] after the final norm, kv_cache).
         Token (b, l) attends to row cache_rows[b] at positions <= positions[b, l].
+        lora_dropout (key, rate): PEFT's lora_dropout on every adapter's input (training).
         """
         config = self.config
         if tokens.shape != positions.shape or tokens.ndim != 2:
@@ -89,7 +91,7 @@ class Llama(nnx.Module):
             slot = jnp.where(positions >= 0, adapter_slot[:, None], -1).astype(jnp.int32)
             slot = slot.reshape(-1)
         cos, sin = rope_cos_sin(config, positions, rope_scale)
-        batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend)
+        batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend, lora_dropout)
         x = jnp.take(self.embed[...], tokens, axis=0)
 
         def step(carry, per_layer):

@@ -78,8 +78,6 @@ class Variant:
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def variant(request):
-    if not (FIXTURES / request.param / "expected.npz").is_file():
-        pytest.skip(f"reference fixtures for {request.param!r} are not generated")
     return Variant(request.param)
 
 
@@ -107,9 +105,9 @@ def test_decode_token_by_token_through_the_cache_equals_transformers(variant):
                                    err_msg=f"{adapter} prompt {j}")
 
 
+# long_lora's references are logits under linear RoPE scaling; it has no greedy runs.
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "long_lora"], indirect=True)
 def test_greedy_generation_equals_transformers(variant):
-    if "greedy_base_0" not in variant.expected:
-        pytest.skip(f"{variant.manifest['variant']} has no greedy references")
     logits, cache = variant.prefill()
     lengths = np.array([len(p) for p in variant.prompts])
     next_tokens = logits[np.arange(len(lengths)), lengths - 1].argmax(-1)

@@ -1,0 +1,13 @@
+"""Train LoRA adapters on a base model folder and save them in the PEFT format.
+
+    python scripts/train_lora.py --model BASE --data NAME=FILE [--data NAME=FILE ...] --out DIR
+
+Same as `lora-jax train`; see lora_jax/train_cli.py for the options (or --help).
+"""
+
+import sys
+
+from lora_jax.train_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
