@@ -120,8 +120,8 @@ def bench_one(args, model: str, num_adapters: int) -> dict:
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use")}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options, for scripts/benchmark.py and `lora-jax bench` alike."""
     p.add_argument("--model", default=None, help="model folder (default: generated bench model)")
     p.add_argument("--bench-dir", default=str(Path.home() / ".cache" / "lora-jax" / "bench"))
     p.add_argument("--num-requests", type=int, default=32)
@@ -141,11 +141,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the same workload through transformers + PEFT (reference extra)")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters")
-    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
     model = args.model or str(ensure_bench_model(Path(args.bench_dir) / "model"))
     runs = [bench_one(args, model, m) for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":

@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from lora_jax.bench import add_arguments as add_bench_arguments
+from lora_jax.bench import run_command as run_bench
 from lora_jax.train_cli import add_arguments as add_train_arguments
 from lora_jax.train_cli import run_command as run_training
 
@@ -16,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the demo model and adapters go (default: the user cache)")
     train = sub.add_parser("train", help="train LoRA adapters on a base model, save them as PEFT")
     add_train_arguments(train)
+    bench = sub.add_parser("bench", help="serving benchmark: tokens/s, TTFT, compilations")
+    add_bench_arguments(bench)
     inspect = sub.add_parser("inspect-adapter", help="load a PEFT adapter and describe it")
     inspect.add_argument("path", help="local adapter folder or Hugging Face Hub id")
     inspect.add_argument("--max-lora-rank", type=int, default=None)
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.workdir)
     if args.command == "train":
         return run_training(args, parser)
+    if args.command == "bench":
+        return run_bench(args)
     if args.command == "inspect-adapter":
         from lora_jax.adapters import load_adapter
 
