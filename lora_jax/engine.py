@@ -82,8 +82,7 @@ class Engine:
         self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype)
                       if config.enable_lora else None)
         self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
-                             max_prefill_chunk=config.max_prefill_chunk, dtype=dtype,
-                             lora_backend=config.lora_backend)
+                             dtype=dtype, lora_backend=config.lora_backend)
         self._cpu_loras: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
         self._in_memory: set[int] = set()  # no path to reload them from: never evicted
         self._owner: dict[int, tuple[_Request, int]] = {}

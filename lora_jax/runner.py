@@ -16,6 +16,12 @@ from flax import nnx
 from lora_jax.sampler import Sampled, SamplingArrays, sample
 from models.kv_cache import init_kv_cache
 
+# Smallest buckets: a few padded decode rows or prompt tokens cost little next to another
+# compiled program (reading the weights dominates a small step), so small batches share a shape.
+# Prefill rows are not padded up: an idle row there would cost a whole padded prompt.
+MIN_DECODE_ROWS = 8
+MIN_PREFILL_WIDTH = 16
+
 
 def bucket(n: int, smallest: int = 1) -> int:
     """The power of two >= max(n, smallest): the padded size that a batch dimension compiles at."""
@@ -51,11 +57,10 @@ def _step(graphdef, state, stacks, kv, tokens, positions, rows, slots, rope_scal
 class Runner:
     """Owns the model state and the KV cache; `run` executes one padded batch."""
 
-    def __init__(self, model, *, num_rows: int, max_len: int, max_prefill_chunk: int,
-                 dtype, lora_backend: str | None = None):
+    def __init__(self, model, *, num_rows: int, max_len: int, dtype,
+                 lora_backend: str | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.kv = init_kv_cache(model.config, num_rows, max_len, dtype)
-        self.num_rows, self.max_prefill_chunk = num_rows, max_prefill_chunk
         self._step = jax.jit(
             functools.partial(_step, self.graphdef, lora_backend=lora_backend),
             static_argnames=("num_logprobs",), donate_argnames=("kv",))
@@ -64,8 +69,9 @@ class Runner:
     def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
         """Sample one token per row (for the last of its tokens); returns host numpy arrays."""
         n = len(rows)
-        width = bucket(max(len(r.tokens) for r in rows))
-        b = bucket(n)
+        longest = max(len(r.tokens) for r in rows)
+        width = 1 if longest == 1 else bucket(longest, MIN_PREFILL_WIDTH)
+        b = bucket(n, MIN_DECODE_ROWS if width == 1 else 1)
         tokens = np.zeros((b, width), np.int32)
         positions = np.full((b, width), -1, np.int32)
         last = np.zeros(b, np.int32)

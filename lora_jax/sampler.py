@@ -40,20 +40,26 @@ def _filter_sorted(sorted_logits: jax.Array, p: SamplingArrays) -> jax.Array:
 
 
 def _draw(logits: jax.Array, p: SamplingArrays) -> jax.Array:
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(p.seed, p.counter)
-    scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
-    needs_filter = jnp.any((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def filtered(x):
-        order = jnp.argsort(-x, axis=-1)
-        picked = jax.vmap(jax.random.categorical)(
-            keys, _filter_sorted(jnp.take_along_axis(x, order, axis=-1), p))
-        return jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+    def stochastic(logits):
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(p.seed, p.counter)
+        scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
 
-    # Sorting the vocabulary costs more than the rest of sampling; skip it when no row filters.
-    drawn = jax.lax.cond(needs_filter, filtered,
-                         lambda x: jax.vmap(jax.random.categorical)(keys, x), scaled)
-    return jnp.where(p.temperature == 0, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+        def filtered(x):
+            order = jnp.argsort(-x, axis=-1)
+            picked = jax.vmap(jax.random.categorical)(
+                keys, _filter_sorted(jnp.take_along_axis(x, order, axis=-1), p))
+            return jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+
+        # Sorting the vocabulary costs more than the rest of sampling: only when a row filters.
+        needs_filter = jnp.any((p.top_k > 0) | (p.top_p < 1) | (p.min_p > 0))
+        drawn = jax.lax.cond(needs_filter, filtered,
+                             lambda x: jax.vmap(jax.random.categorical)(keys, x), scaled)
+        return jnp.where(p.temperature == 0, greedy, drawn.astype(jnp.int32))
+
+    # An all-greedy batch (the common serving case) draws no random numbers at all.
+    return jax.lax.cond(jnp.all(p.temperature == 0), lambda _: greedy, stochastic, logits)
 
 
 def sample(logits: jax.Array, params: SamplingArrays, num_logprobs: int = 0) -> Sampled:

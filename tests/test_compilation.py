@@ -39,11 +39,14 @@ def test_adapter_churn_compiles_only_one_program_per_shape_bucket(compile_events
                      for i, n in enumerate(ref.adapters)]
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     runner, slots = llm.engine.runner, llm.engine.slots
+    # jit caches per function, so other models in this process may have filled set_slot's.
+    fills_before = slots._set._cache_size()
 
     prompts, loras = _workload(ref, reqs, 0)
     llm.generate(prompts, params, loras, use_tqdm=False)
     assert runner.compiled_count() == len(runner.shapes_run)
-    assert slots._set._cache_size() == 1  # every slot fill reuses one program
+    fills = slots._set._cache_size()
+    assert fills <= fills_before + 1  # every slot fill reuses one program
     buckets = set(runner.shapes_run)
 
     compile_events.clear()
@@ -53,4 +56,4 @@ def test_adapter_churn_compiles_only_one_program_per_shape_bucket(compile_events
     new_buckets = runner.shapes_run - buckets
     assert runner.compiled_count() == len(runner.shapes_run)
     assert len(compile_events) == len(new_buckets)
-    assert slots._set._cache_size() == 1
+    assert slots._set._cache_size() == fills
