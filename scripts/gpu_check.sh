@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 
 # Nothing can be fetched there: install carried wheels (msgspec for the rest of the suite) if any.
 shopt -s nullglob
-wheels=(shared/wheels/*.whl .wheels/*.whl .whl/*.whl)
+wheels=(.whl/*.whl)
 if ((${#wheels[@]})); then
   "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/lora_jax_site \
     "${wheels[@]}" && export PYTHONPATH=/tmp/lora_jax_site${PYTHONPATH:+:$PYTHONPATH}
@@ -39,5 +39,15 @@ timeout 180 "$python" scripts/bench_kernels.py ${bench_args[@]+"${bench_args[@]}
   >"$out_dir/bench_kernels.json" 2>"$out_dir/bench_kernels.err" || status=1
 cat "$out_dir/bench_kernels.json"
 tail -n 5 "$out_dir/bench_kernels.err"
+# The serving benchmark needs msgspec (carry its cp312 wheel in .whl/, see the device README):
+# bench model, 32 requests, 1/8/32 adapters through 8 slots, against the same without adapters.
+if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda ]; then
+  timeout 240 "$python" scripts/benchmark.py --num-adapters 1 8 32 --max-loras 8 \
+    --compare-base --bench-dir /tmp/lora_jax_bench --json-out "$out_dir/bench_serving.json" \
+    >"$out_dir/bench_serving.log" 2>&1 || status=1
+  head -n 5 "$out_dir/bench_serving.log"
+else
+  echo "serving benchmark skipped: msgspec/tqdm not importable (carry their wheels in .whl/)"
+fi
 echo "gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status
