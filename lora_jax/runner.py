@@ -21,6 +21,9 @@ from models.kv_cache import init_kv_cache
 # Prefill rows are not padded up: an idle row there would cost a whole padded prompt.
 MIN_DECODE_ROWS = 8
 MIN_PREFILL_WIDTH = 16
+# Attention reads each row's cache up to a power-of-two window over the batch's furthest
+# position, not max_model_len: short contexts cost what they use, at one program per window.
+MIN_KV_WINDOW = 64
 
 
 def bucket(n: int, smallest: int = 1) -> int:
@@ -46,10 +49,11 @@ class RowInput:
 
 
 def _step(graphdef, state, stacks, kv, tokens, positions, rows, slots, rope_scale, last,
-          sampling: SamplingArrays, num_logprobs: int, lora_backend: str | None):
+          sampling: SamplingArrays, num_logprobs: int, kv_window: int,
+          lora_backend: str | None):
     model = nnx.merge(graphdef, state)
     hidden, kv = model(tokens, positions, kv, rows, stacks, slots, rope_scale,
-                       lora_backend=lora_backend)
+                       lora_backend=lora_backend, kv_window=kv_window)
     final = hidden[jnp.arange(hidden.shape[0]), last]  # [B, D]: each row's last real token
     return sample(model.logits(final), sampling, num_logprobs), kv
 
@@ -63,8 +67,8 @@ class Runner:
         self.kv = init_kv_cache(model.config, num_rows, max_len, dtype)
         self._step = jax.jit(
             functools.partial(_step, self.graphdef, lora_backend=lora_backend),
-            static_argnames=("num_logprobs",), donate_argnames=("kv",))
-        self.shapes_run: set[tuple[int, int, int]] = set()
+            static_argnames=("num_logprobs", "kv_window"), donate_argnames=("kv",))
+        self.shapes_run: set[tuple[int, int, int, int]] = set()
 
     def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
         """Sample one token per row (for the last of its tokens); returns host numpy arrays."""
@@ -92,10 +96,12 @@ class Runner:
             cols["rows"][i] = r.row
         sampling = SamplingArrays(*(cols[k] for k in (
             "temperature", "top_k", "top_p", "min_p", "seed", "counter")))
-        self.shapes_run.add((b, width, num_logprobs))
+        max_len = self.kv.max_len
+        window = min(max_len, bucket(int(positions.max()) + 1, MIN_KV_WINDOW))
+        self.shapes_run.add((b, width, num_logprobs, window))
         out, self.kv = self._step(self.state, stacks, self.kv, tokens, positions, cols["rows"],
                                   cols["slots"], cols["rope_scale"], last, sampling,
-                                  num_logprobs=num_logprobs)
+                                  num_logprobs=num_logprobs, kv_window=window)
         return Sampled(*(np.asarray(x)[:n] for x in jax.device_get(out)))
 
     def compiled_count(self) -> int:

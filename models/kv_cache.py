@@ -52,6 +52,9 @@ def write_layer(
     return cache.at[layer, rows[:, None], index].set(new.astype(cache.dtype), mode="drop")
 
 
-def read_layer(cache: jax.Array, layer: jax.Array, rows: jax.Array) -> jax.Array:
-    """cache [layers, rows, max_len, H, d], rows [B] -> [B, max_len, H, d]: each sequence's row."""
-    return cache[layer, rows]
+def read_layer(cache: jax.Array, layer: jax.Array, rows: jax.Array,
+               window: int | None = None) -> jax.Array:
+    """cache [layers, rows, max_len, H, d], rows [B] -> [B, window, H, d]: each row's first
+    `window` positions (all max_len when None). Attention cost follows the window, so a caller
+    that knows every position in the batch is below it reads and scores only that much."""
+    return cache[layer, rows, :window]

@@ -37,6 +37,7 @@ class TokenBatch(NamedTuple):
     slot: jax.Array | None  # [B * L] int32 adapter slot per token, -1 = base
     lora_backend: str | None
     lora_dropout: tuple[jax.Array, float] | None = None  # (key, rate) on LoRA inputs: training
+    kv_window: int | None = None  # static: every position in the batch is below it (None: all)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -116,8 +117,9 @@ def decoder_layer(
     k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k)
     v_cache = kv_cache.write_layer(cache[1], layer, batch.rows, batch.positions,
                                    v.reshape(b, length, kv, hd))
-    attn = attend(q, kv_cache.read_layer(k_cache, layer, batch.rows),
-                  kv_cache.read_layer(v_cache, layer, batch.rows), batch.positions)
+    attn = attend(q, kv_cache.read_layer(k_cache, layer, batch.rows, batch.kv_window),
+                  kv_cache.read_layer(v_cache, layer, batch.rows, batch.kv_window),
+                  batch.positions)
     attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
                    keys[1])
     x = x + attn.astype(x.dtype).reshape(b, length, d)

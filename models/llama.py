@@ -64,6 +64,7 @@ class Llama(nnx.Module):
         *,
         lora_backend: str | None = None,
         lora_dropout: tuple[jax.Array, float] | None = None,
+        kv_window: int | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Prefill or decode a batch of sequences through the cache.
 
@@ -73,6 +74,8 @@ class Llama(nnx.Module):
         position / rope_scale) or None -> (hidden [B, L, D] after the final norm, kv_cache).
         Token (b, l) attends to row cache_rows[b] at positions <= positions[b, l].
         lora_dropout (key, rate): PEFT's lora_dropout on every adapter's input (training).
+        kv_window (static int): attend over only the first kv_window cache positions; every
+        position in the batch must be below it (None = the whole row).
         """
         config = self.config
         if tokens.shape != positions.shape or tokens.ndim != 2:
@@ -91,7 +94,8 @@ class Llama(nnx.Module):
             slot = jnp.where(positions >= 0, adapter_slot[:, None], -1).astype(jnp.int32)
             slot = slot.reshape(-1)
         cos, sin = rope_cos_sin(config, positions, rope_scale)
-        batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend, lora_dropout)
+        batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend, lora_dropout,
+                           kv_window)
         x = jnp.take(self.embed[...], tokens, axis=0)
 
         def step(carry, per_layer):

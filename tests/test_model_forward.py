@@ -292,3 +292,18 @@ def test_arguments_of_the_wrong_batch_size_are_rejected_by_name(gqa):
         model(tokens, positions, cache, jnp.zeros(2, jnp.int32), stacks, jnp.zeros(1, jnp.int32))
     with pytest.raises(ValueError, match="adapter_slot is required"):
         model(tokens, positions, cache, jnp.zeros(2, jnp.int32), stacks)
+
+
+def test_a_kv_window_covering_every_position_changes_nothing(gqa):
+    model, _, _, stacks = gqa
+    tokens, positions = prefill_batch(PROMPTS)  # every position is below PREFILL
+    graphdef, state = nnx.split(model)
+    step = jax.jit(forward, static_argnums=0, static_argnames=("kv_window",))
+    args = (graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
+            init_kv_cache(model.config, 4, MAX_LEN), jnp.arange(4, dtype=jnp.int32), stacks,
+            jnp.asarray([0, -1, 1, 2], jnp.int32))
+    whole, whole_cache = step(*args)
+    windowed, windowed_cache = step(*args, kv_window=PREFILL)
+    live = positions >= 0
+    np.testing.assert_allclose(np.asarray(windowed)[live], np.asarray(whole)[live], atol=1e-6)
+    np.testing.assert_array_equal(windowed_cache.k, whole_cache.k)
