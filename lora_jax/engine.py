@@ -220,7 +220,8 @@ class Engine:
             needed = {s.adapter: self._owner[s.seq_id][0].adapter
                       for s in batch.decodes + [c.seq for c in batch.prefills]
                       if s.adapter is not None}
-            self.slots.activate(needed, keep=self.scheduler.adapters_in_use())
+            held = self.scheduler.adapters_in_use() | self.scheduler.pinned
+            self.slots.activate(needed, keep=held)
         done: list[Sequence] = []
         if batch.decodes:
             rows = [self._row(s, [s.output_ids[-1]], s.num_cached) for s in batch.decodes]
