@@ -199,8 +199,7 @@ class Engine:
         req = _Request(request_id, prompt, prompt_ids, params, lora_request, adapter, rope_scale,
                        max_len, seeds)
         for i in range(params.n):
-            seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id,
-                           params.max_tokens)
+            seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id)
             self._next_seq += 1
             self._owner[seq.seq_id] = (req, i)
             req.seqs.append(seq)
@@ -217,8 +216,7 @@ class Engine:
         if not batch:
             return self._fail_unschedulable()
         if self.slots is not None:
-            needed = {s.adapter: self._owner[s.seq_id][0].adapter
-                      for s in batch.decodes + [c.seq for c in batch.prefills]
+            needed = {s.adapter: self._owner[s.seq_id][0].adapter for s in batch.seqs()
                       if s.adapter is not None}
             held = self.scheduler.adapters_in_use() | self.scheduler.pinned
             self.slots.activate(needed, keep=held)

@@ -48,6 +48,13 @@ class RowInput:
     counter: int
 
 
+# The per-row arrays of a step: (RowInput field, dtype, value in a padding row). Padding rows
+# take no adapter, no rope scaling, and greedy sampling (so they never force a random draw).
+_COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.float32, 1.0),
+            ("temperature", np.float32, 0.0), ("top_k", np.int32, 0), ("top_p", np.float32, 1.0),
+            ("min_p", np.float32, 0.0), ("seed", np.uint32, 0), ("counter", np.int32, 0))
+
+
 def _step(graphdef, state, stacks, kv, tokens, positions, rows, slots, rope_scale, last,
           sampling: SamplingArrays, num_logprobs: int, kv_window: int,
           lora_backend: str | None):
@@ -79,28 +86,19 @@ class Runner:
         tokens = np.zeros((b, width), np.int32)
         positions = np.full((b, width), -1, np.int32)
         last = np.zeros(b, np.int32)
-        cols = {name: np.zeros(b, dtype) for name, dtype in (
-            ("rows", np.int32), ("slots", np.int32), ("rope_scale", np.float32),
-            ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
-            ("min_p", np.float32), ("seed", np.uint32), ("counter", np.int32))}
-        cols["slots"][:] = -1
-        cols["rope_scale"][:] = 1.0
-        cols["top_p"][:] = 1.0
+        cols = {name: np.full(b, pad, dtype) for name, dtype, pad in _COLUMNS}
         for i, r in enumerate(rows):
             tokens[i, : len(r.tokens)] = r.tokens
             positions[i, : len(r.tokens)] = np.arange(r.start, r.start + len(r.tokens))
             last[i] = len(r.tokens) - 1
-            for name in ("slot", "rope_scale", "temperature", "top_k", "top_p", "min_p",
-                         "seed", "counter"):
-                cols["slots" if name == "slot" else name][i] = getattr(r, name)
-            cols["rows"][i] = r.row
-        sampling = SamplingArrays(*(cols[k] for k in (
-            "temperature", "top_k", "top_p", "min_p", "seed", "counter")))
+            for name in cols:
+                cols[name][i] = getattr(r, name)
+        sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
         max_len = self.kv.max_len
         window = min(max_len, bucket(int(positions.max()) + 1, MIN_KV_WINDOW))
         self.shapes_run.add((b, width, num_logprobs, window))
-        out, self.kv = self._step(self.state, stacks, self.kv, tokens, positions, cols["rows"],
-                                  cols["slots"], cols["rope_scale"], last, sampling,
+        out, self.kv = self._step(self.state, stacks, self.kv, tokens, positions, cols["row"],
+                                  cols["slot"], cols["rope_scale"], last, sampling,
                                   num_logprobs=num_logprobs, kv_window=window)
         return Sampled(*(np.asarray(x)[:n] for x in jax.device_get(out)))
 

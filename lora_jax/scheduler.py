@@ -17,7 +17,6 @@ class Sequence:
     seq_id: int
     prompt_ids: list[int]
     adapter: int | None  # lora_int_id, None for the base model
-    max_tokens: int
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys and values are in the cache row
     row: int | None = None
@@ -45,9 +44,11 @@ class Batch:
     decodes: list[Sequence]
     prefills: list[PrefillChunk]
 
+    def seqs(self) -> list[Sequence]:
+        return self.decodes + [c.seq for c in self.prefills]
+
     def adapters(self) -> set[int]:
-        seqs = self.decodes + [c.seq for c in self.prefills]
-        return {s.adapter for s in seqs if s.adapter is not None}
+        return {s.adapter for s in self.seqs() if s.adapter is not None}
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)

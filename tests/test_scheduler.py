@@ -7,7 +7,7 @@ from lora_jax.scheduler import Scheduler, Sequence
 
 
 def _seq(i, prompt_len=4, adapter=None):
-    return Sequence(i, list(range(prompt_len)), adapter, max_tokens=4)
+    return Sequence(i, list(range(prompt_len)), adapter)
 
 
 def _sched(**kw):
