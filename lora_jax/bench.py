@@ -104,7 +104,7 @@ def bench_one(args, model: str, num_adapters: int) -> dict:
     llm = LLM(model, enable_lora=num_adapters > 0, max_loras=args.max_loras,
               max_lora_rank=args.rank, max_cpu_loras=max(num_adapters, args.max_loras),
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              lora_backend=args.lora_backend)
+              lora_backend=args.lora_backend, dtype=args.dtype)
     config = llm.engine.model.config
     for i in range(num_adapters):
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
@@ -133,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--lora-backend", default=None)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype of both engines (auto: the checkpoint's, float32 for "
+                        "the bench model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--include-base", action="store_true",
                    help="the base model takes a share of the requests too")
@@ -154,7 +157,7 @@ def run_command(args: argparse.Namespace) -> int:
     runs = [bench_one(args, model, m) for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":
               args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
-              "rank": args.rank, "max_loras": args.max_loras, "runs": runs}
+              "rank": args.rank, "max_loras": args.max_loras, "dtype": args.dtype, "runs": runs}
     if args.compare_base:
         base = bench_one(args, model, 0)
         report["base"] = base

@@ -16,7 +16,7 @@ from lora_jax.runner import RowInput, Runner
 from lora_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 from lora_jax.scheduler import Scheduler, Sequence
 from lora_jax.slots import AdapterSlots
-from lora_jax.tokenizer import TextTokenizer
+from lora_jax.tokenizer import TextStream, TextTokenizer
 from models import load_llama, pack_adapter
 
 
@@ -50,6 +50,7 @@ class _Request:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
     seqs: list[Sequence] = field(default_factory=list)
     completions: list[CompletionOutput] = field(default_factory=list)
+    streams: dict[int, TextStream] = field(default_factory=dict)  # stop strings: per completion
 
     def output(self, tokenizer: TextTokenizer | None) -> RequestOutput:
         for comp in self.completions:
@@ -271,7 +272,8 @@ class Engine:
             comp.finish_reason = "stop"
         elif p.stop_token_ids and token in p.stop_token_ids:
             comp.finish_reason, comp.stop_reason = "stop", token
-        elif p.stop_strings and self.tokenizer is not None and self._hit_stop_string(comp, p):
+        elif p.stop_strings and self.tokenizer is not None and self._hit_stop_string(
+                comp, p, req.streams.setdefault(index, self.tokenizer.stream()), token):
             comp.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or (
                 len(seq.prompt_ids) + len(seq.output_ids) >= req.max_len):
@@ -279,9 +281,17 @@ class Engine:
         if comp.finish_reason is not None:
             done.append(seq)
 
-    def _hit_stop_string(self, comp: CompletionOutput, p: SamplingParams) -> bool:
-        text = self.tokenizer.decode(comp.token_ids)
-        hits = [(text.find(s), s) for s in p.stop_strings if s in text]
+    @staticmethod
+    def _hit_stop_string(comp: CompletionOutput, p: SamplingParams, stream: TextStream,
+                         token: int) -> bool:
+        """Decode one more token; a stop string can only end in the new text, so only the
+        tail that could hold it is searched (the output is never decoded whole per token)."""
+        piece = stream.add(token)
+        if not piece:
+            return False
+        text = stream.text
+        tail = max(0, len(text) - len(piece) - max(map(len, p.stop_strings)) + 1)
+        hits = [(at, s) for s in p.stop_strings if (at := text.find(s, tail)) >= 0]
         if not hits:
             return False
         at, stop = min(hits)

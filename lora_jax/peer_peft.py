@@ -21,10 +21,12 @@ def run_peft(model_dir: str, args, num_adapters: int) -> dict:
 
     from lora_jax.bench import random_adapter, workload
     from models import LlamaConfig
+    from models.loading import resolve_dtype
 
     config = LlamaConfig.from_pretrained(model_dir)
+    dtype = getattr(torch, resolve_dtype(args.dtype, config))
     prompts, loras = workload(args, num_adapters, config.vocab_size)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     names = ["__base__" if r is None else f"a{r.lora_int_id}" for r in loras]
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(num_adapters):

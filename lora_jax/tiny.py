@@ -104,10 +104,10 @@ def save_llama(model: Llama, folder: str | Path, tokenizer: Tokenizer | None = N
               "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        tensors[prefix + "input_layernorm.weight"] = layers["attn_norm"][...][i]
-        tensors[prefix + "post_attention_layernorm.weight"] = layers["mlp_norm"][...][i]
+        tensors[prefix + "input_layernorm.weight"] = layers[i]["attn_norm"][...]
+        tensors[prefix + "post_attention_layernorm.weight"] = layers[i]["mlp_norm"][...]
         for param, (parent, names) in packed.items():
-            weight, start = layers[param][...][i], 0
+            weight, start = layers[i][param][...], 0
             for name in names:
                 width = proj[name][1]
                 tensors[f"{prefix}{parent}.{name}.weight"] = weight[:, start:start + width].T

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class TextTokenizer:
@@ -30,3 +31,21 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def stream(self) -> "TextStream":
+        """An incremental decoder for one output: each token costs O(1), not a re-decode."""
+        return TextStream(self._tok)
+
+
+class TextStream:
+    """The text of a growing output, one token at a time (tokenizers' DecodeStream buffers the
+    tokens of a character split across several, such as multi-byte UTF-8)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok, self._stream, self.text = tokenizer, DecodeStream(skip_special_tokens=True), ""
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the text it completed ("" while a character is partial)."""
+        piece = self._stream.step(self._tok, token_id) or ""
+        self.text += piece
+        return piece

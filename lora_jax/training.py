@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 
 from lora_jax.adapters import LoRAAdapter, LoRAWeights, save_adapter
 from lora_jax.datasets import Batch, Example, eval_rows, make_batch, shuffled_rows, stack
-from models import PROJECTIONS, Llama, LlamaConfig, LoraStacks, init_kv_cache, pack_adapter
+from models import (
+    PROJECTIONS,
+    LayerLora,
+    Llama,
+    LlamaConfig,
+    LoraStacks,
+    init_kv_cache,
+    pack_adapter,
+)
 from models.lora import EXPAND, PACKED
 
 
@@ -109,9 +117,11 @@ def token_losses(model: Llama, stacks: LoraStacks | None, batch: Batch, *,
 def _scaled(params: LoraStacks, scales: jax.Array, dtype) -> LoraStacks:
     """PEFT's forward: B times its adapter's scaling, everything in the model's dtype."""
     expand = set(EXPAND.values())
-    return LoraStacks(**{f.name: (getattr(params, f.name) * scales[None, :, None, None]
-                                  if f.name in expand else getattr(params, f.name)).astype(dtype)
-                         for f in fields(LoraStacks)})
+    return LoraStacks(tuple(
+        LayerLora(**{f.name: (getattr(layer, f.name) * scales[:, None, None]
+                              if f.name in expand else getattr(layer, f.name)).astype(dtype)
+                     for f in fields(LayerLora)})
+        for layer in params.layers))
 
 
 def _per_slot(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
@@ -122,10 +132,10 @@ def _per_slot(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
 def _clip_per_slot(grads: LoraStacks, max_norm: float) -> LoraStacks:
     """optax.clip_by_global_norm for each adapter on its own: norms over the slot's entries."""
     leaves = jax.tree.leaves(grads)
-    norms = jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(i for i in range(g.ndim) if i != 1))
+    norms = jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim)))
                          for g in leaves))
     factor = max_norm / jnp.maximum(norms, max_norm)
-    return jax.tree.map(lambda g: g * factor.reshape(1, -1, *[1] * (g.ndim - 2)), grads)
+    return jax.tree.map(lambda g: g * factor.reshape(-1, *[1] * (g.ndim - 1)), grads)
 
 
 def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -165,7 +175,7 @@ def _train_step(params, opt_state, state, masks, scales, batches: Batch, key, *,
     # Each adapter's gradient is that of the mean over its own tokens, whatever else is in the
     # batch; the masks keep projections an adapter does not target (and padded ranks) at zero.
     inverse = 1.0 / jnp.maximum(counts, 1.0)
-    grads = jax.tree.map(lambda g, m: g * m * inverse[None, :, None, None], grads, masks)
+    grads = jax.tree.map(lambda g, m: g * m * inverse[:, None, None], grads, masks)
     if config.max_grad_norm is not None:
         grads = _clip_per_slot(grads, config.max_grad_norm)
     updates, opt_state = _optimizer(config).update(grads, opt_state, params)
@@ -214,7 +224,7 @@ class LoRATrainer:
                 ones[proj] = LoRAWeights(np.ones_like(a), np.ones((layers, spec.rank, d_out)))
             params.append(pack_adapter(self.model_config, modules, self.max_rank))
             masks.append(pack_adapter(self.model_config, ones, self.max_rank))
-        return tuple(jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *packed)
+        return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *packed)
                      for packed in (params, masks))
 
     def train(self, train_sets: Sequence[Sequence[Example]],
@@ -273,8 +283,10 @@ class LoRATrainer:
             for proj in spec.target_modules:
                 a_field = next(f for f, group in PACKED.items() if proj in group)
                 start = PACKED[a_field].index(proj) * self.max_rank
-                a = getattr(host, a_field)[:, slot, :, start:start + spec.rank]
-                b = getattr(host, EXPAND[proj])[:, slot, :spec.rank, :] * np.float32(spec.scale)
+                a = np.stack([getattr(layer, a_field)[slot, :, start:start + spec.rank]
+                              for layer in host.layers])
+                b = np.stack([getattr(layer, EXPAND[proj])[slot, :spec.rank, :]
+                              for layer in host.layers]) * np.float32(spec.scale)
                 modules[proj] = LoRAWeights(np.ascontiguousarray(a), np.ascontiguousarray(b))
             config = {"r": spec.rank, "lora_alpha": spec.alpha, "use_rslora": spec.use_rslora,
                       "target_modules": sorted(spec.target_modules),

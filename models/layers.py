@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from models import kv_cache
 from models.config import LlamaConfig
-from models.lora import LoraStacks
+from models.lora import LayerLora
 from models.rope import apply_rope
 from pallas_kernels import lora_apply, lora_apply_sliced
 
@@ -38,6 +38,7 @@ class TokenBatch(NamedTuple):
     lora_backend: str | None
     lora_dropout: tuple[jax.Array, float] | None = None  # (key, rate) on LoRA inputs: training
     kv_window: int | None = None  # static: every position in the batch is below it (None: all)
+    kv_dtype: str = "float32"  # static: the dtype the KV cache holds
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -85,7 +86,7 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Arra
     return out.reshape(batch, length, heads, dim).astype(q.dtype)
 
 
-def _group(lora: LoraStacks | None, a: str, *bs: str) -> tuple[jax.Array | None, tuple]:
+def _group(lora: LayerLora | None, a: str, *bs: str) -> tuple[jax.Array | None, tuple]:
     """One packed projection's (shrink matrix, expand matrices) for this layer, or (None, ())."""
     if lora is None:
         return None, ()
@@ -98,7 +99,7 @@ def decoder_layer(
     cache: tuple[jax.Array, jax.Array],
     layer: jax.Array,
     w: LayerWeights,
-    lora: LoraStacks | None,
+    lora: LayerLora | None,
     batch: TokenBatch,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, L, D]; cache (k, v) [layers, rows, max_len, KV, d] written at `layer` -> (x, cache)."""
@@ -114,11 +115,13 @@ def decoder_layer(
     q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
     q = apply_rope(q.reshape(b, length, h, hd), batch.cos, batch.sin)
     k = apply_rope(k.reshape(b, length, kv, hd), batch.cos, batch.sin)
-    k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k)
+    k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
+                                   batch.kv_dtype)
     v_cache = kv_cache.write_layer(cache[1], layer, batch.rows, batch.positions,
-                                   v.reshape(b, length, kv, hd))
-    attn = attend(q, kv_cache.read_layer(k_cache, layer, batch.rows, batch.kv_window),
-                  kv_cache.read_layer(v_cache, layer, batch.rows, batch.kv_window),
+                                   v.reshape(b, length, kv, hd), batch.kv_dtype)
+    attn = attend(q,
+                  kv_cache.read_layer(k_cache, layer, batch.rows, batch.kv_dtype, batch.kv_window),
+                  kv_cache.read_layer(v_cache, layer, batch.rows, batch.kv_dtype, batch.kv_window),
                   batch.positions)
     attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
                    keys[1])

@@ -1,9 +1,9 @@
 """Load a Hugging Face Llama folder (config.json + safetensors, single or sharded) into `Llama`.
 
-The model is built abstractly first (nnx.eval_shape). Each stacked parameter is then allocated
-on the device and filled in place, one tensor at a time read through safetensors' safe_open and
+The model is built abstractly first (nnx.eval_shape). Each parameter is then allocated on the
+device and filled in place, one tensor at a time read through safetensors' safe_open and
 transposed and cast on the device: host memory holds about one tensor, never a second copy of
-the weights (nor of one stacked parameter).
+the weights (nor of one packed parameter).
 """
 
 import contextlib
@@ -23,7 +23,7 @@ from models.llama import Llama
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 
-# Stacked parameter of DecoderLayers -> the per-layer HF tensors concatenated along d_out.
+# Parameter of a DecoderLayer -> the HF tensors of that layer concatenated along d_out.
 _LAYER_SOURCES = {
     "attn_norm": ("input_layernorm",),
     "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -131,23 +131,20 @@ def _check_names_and_shapes(reader: _Reader, config: LlamaConfig, folder: Path) 
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _place(stacked: jax.Array, tensor: jax.Array, layer: jax.Array, offset: jax.Array):
-    """HF tensor [d_out, d_in] (or a [D] norm) -> stacked[layer, :, offset:] as [d_in, d_out]."""
+def _place(param: jax.Array, tensor: jax.Array, offset: jax.Array) -> jax.Array:
+    """HF tensor [d_out, d_in] (or a [D] norm) -> param[:, offset:] as [d_in, d_out]."""
     if tensor.ndim == 1:
-        return jax.lax.dynamic_update_slice(stacked, tensor.astype(stacked.dtype)[None], (layer, 0))
-    update = tensor.T.astype(stacked.dtype)[None]
-    return jax.lax.dynamic_update_slice(stacked, update, (layer, 0, offset))
+        return tensor.astype(param.dtype)
+    return jax.lax.dynamic_update_slice(param, tensor.T.astype(param.dtype), (0, offset))
 
 
-def _stacked(reader: _Reader, config: LlamaConfig, param: str, shape, dtype) -> jax.Array:
-    """One [layers, ...] parameter on the device, filled from its per-layer HF tensors."""
-    out = jnp.zeros(shape, dtype)
-    for i in range(config.num_hidden_layers):
-        offset = 0
-        for source in _LAYER_SOURCES[param]:
-            tensor = reader.get(f"model.layers.{i}.{source}.weight")
-            out = _place(out, tensor, jnp.int32(i), jnp.int32(offset))
-            offset += tensor.shape[0]
+def _packed(reader: _Reader, layer: int, param: str, shape, dtype) -> jax.Array:
+    """One layer's parameter on the device, filled from its HF tensors one at a time."""
+    out, offset = jnp.zeros(shape, dtype), 0
+    for source in _LAYER_SOURCES[param]:
+        tensor = reader.get(f"model.layers.{layer}.{source}.weight")
+        out = _place(out, tensor, jnp.int32(offset))
+        offset += tensor.shape[0]
     return out
 
 
@@ -164,9 +161,10 @@ def load_llama(folder: str | Path, dtype: str = "auto") -> Llama:
     with contextlib.ExitStack() as stack:
         reader = _Reader(_shard_files(folder), stack)
         _check_names_and_shapes(reader, config, folder)
-        for param in _LAYER_SOURCES:
-            variable = getattr(model.layers, param)
-            variable.set_value(_stacked(reader, config, param, variable.get_value().shape, dtype))
+        for i, layer in enumerate(model.layers):
+            for param in _LAYER_SOURCES:
+                variable = getattr(layer, param)
+                variable.set_value(_packed(reader, i, param, variable.get_value().shape, dtype))
         model.embed.set_value(jnp.asarray(reader.get("model.embed_tokens.weight")).astype(dtype))
         model.norm.set_value(jnp.asarray(reader.get("model.norm.weight")).astype(dtype))
         if model.lm_head is not None:

@@ -26,12 +26,12 @@ EXPAND = {"q_proj": "q_b", "k_proj": "k_b", "v_proj": "v_b", "o_proj": "o_b",
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class LoraStacks:
-    """Adapter weights per slot, scaling folded into the B matrices; R = max_rank.
+class LayerLora:
+    """One layer's adapter weights, scaling folded into the B matrices; R = max_rank.
 
-    In the stacks each field has a leading [layers, slots] pair; a single packed adapter
-    (from pack_adapter) has just [layers]. Shrink matrices a: [.., d_in, n*R] for a projection
-    group of n; expand matrices b: [.., R, d_out] per projection.
+    In the stacks each field has a leading [slots] axis; a single packed adapter (from
+    pack_adapter) has none. Shrink matrices a: [.., d_in, n*R] for a projection group of n;
+    expand matrices b: [.., R, d_out] per projection.
     """
 
     qkv_a: jax.Array
@@ -46,17 +46,32 @@ class LoraStacks:
     down_a: jax.Array
     down_b: jax.Array
 
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LoraStacks:
+    """Every layer's LayerLora, one array per layer and field.
+
+    Not one [layers, ...] array per field: XLA:CPU copies a slice of a stacked array before a
+    matmul reads it, and those copies cost more than the adapters' own matmuls.
+    """
+
+    layers: tuple[LayerLora, ...]
+
     @property
     def num_slots(self) -> int:
-        return self.o_a.shape[1]
+        return self.layers[0].o_a.shape[0]
 
     @property
     def max_rank(self) -> int:
-        return self.o_a.shape[-1]
+        return self.layers[0].o_a.shape[-1]
+
+    def layer(self, i: int) -> LayerLora:
+        return self.layers[i]
 
 
 def _shapes(config: LlamaConfig, max_rank: int) -> dict[str, tuple[int, int]]:
-    """Per-layer, per-slot shape of every LoraStacks field."""
+    """Per-slot shape of every LayerLora field."""
     proj = config.projection_shapes()
     shapes = {a: (proj[group[0]][0], len(group) * max_rank) for a, group in PACKED.items()}
     shapes.update({EXPAND[p]: (max_rank, proj[p][1]) for p in PROJECTIONS})
@@ -70,18 +85,20 @@ def _check_rank(max_rank: Any) -> None:
 
 def init_lora_stacks(config: LlamaConfig, num_slots: int, max_rank: int,
                      dtype="float32") -> LoraStacks:
-    """Zeros: each field [layers, num_slots, *per-slot shape] (see LoraStacks)."""
+    """Zeros: per layer, each field [num_slots, *per-slot shape] (see LayerLora)."""
     _check_rank(max_rank)
     if not isinstance(num_slots, int) or num_slots <= 0:
         raise ValueError(f"num_slots must be a positive integer, got {num_slots!r}")
-    lead = (config.num_hidden_layers, num_slots)
-    return LoraStacks(**{name: jnp.zeros(lead + shape, dtype)
-                         for name, shape in _shapes(config, max_rank).items()})
+    shapes = _shapes(config, max_rank)
+    return LoraStacks(tuple(
+        LayerLora(**{name: jnp.zeros((num_slots, *shape), dtype) for name, shape in shapes.items()})
+        for _ in range(config.num_hidden_layers)))
 
 
 def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
                  dtype="float32") -> LoraStacks:
-    """One adapter as one slot: modules[proj].a [L, d_in, r], .b [L, r, d_out] -> fields [L, ...].
+    """One adapter as one slot: modules[proj].a [L, d_in, r], .b [L, r, d_out] -> per layer,
+    fields without the slot axis.
 
     Absent projections get zeros; r <= max_rank is zero-padded.
     """
@@ -107,17 +124,23 @@ def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
         start = PACKED[a_field].index(name) * max_rank
         host[a_field][:, :, start:start + rank] = a
         host[EXPAND[name]][:, :rank, :] = b
-    return LoraStacks(**{name: jnp.asarray(value, dtype) for name, value in host.items()})
+    return LoraStacks(tuple(
+        LayerLora(**{name: jnp.asarray(value[i], dtype) for name, value in host.items()})
+        for i in range(layers)))
 
 
 def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> LoraStacks:
-    """stacks fields [L, S, ...], packed fields [L, ...] -> stacks with slot `slot` replaced.
+    """stacks fields [S, ...], packed fields [...] -> stacks with slot `slot` replaced.
 
     Pure; jit it with the stacks donated and the copy happens in place.
     """
-    for field in fields(LoraStacks):
-        have, new = getattr(stacks, field.name).shape, getattr(packed, field.name).shape
-        if have[:1] + have[2:] != new:
+    if len(stacks.layers) != len(packed.layers):
+        raise ValueError(f"packed adapter has {len(packed.layers)} layers, stacks have "
+                         f"{len(stacks.layers)}")
+    for field in fields(LayerLora):
+        have = getattr(stacks.layers[0], field.name).shape
+        new = getattr(packed.layers[0], field.name).shape
+        if have[1:] != new:
             raise ValueError(f"packed adapter field {field.name!r} has shape {list(new)}, "
-                             f"stacks expect {list(have[:1] + have[2:])}")
-    return jax.tree.map(lambda s, p: s.at[:, slot].set(p.astype(s.dtype)), stacks, packed)
+                             f"stacks expect {list(have[1:])}")
+    return jax.tree.map(lambda s, p: s.at[slot].set(p.astype(s.dtype)), stacks, packed)

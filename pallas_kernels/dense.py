@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import reference
 
+_BROADCAST_TOKENS = 64
+
 
 def one_hot(slot: jax.Array, num_slots: int) -> jax.Array:
     """slot [T] -> [T, S] float32; slot -1 matches no column, so its row is all zero."""
@@ -28,8 +30,16 @@ def shrink(x: jax.Array, a: jax.Array, slot: jax.Array) -> jax.Array:
     """x [T, D_in], a [S, D_in, R], slot [T] int32 -> h [T, R] float32."""
     if x.shape[0] < a.shape[0]:
         return reference.shrink(x, a, slot)
-    every = jnp.einsum("td,sdr->tsr", x, a, preferred_element_type=jnp.float32)
-    picked = jnp.take_along_axis(every, jnp.maximum(slot, 0)[:, None, None], axis=1)[:, 0]
+    # A matmul batched over slots reads a [S, D_in, R] as it lies; contracting it against x
+    # directly makes XLA transpose all of a first, which costs more than broadcasting x while
+    # tokens are few. With many tokens (prefill) x is the bigger side and the transpose wins.
+    if x.shape[0] <= _BROADCAST_TOKENS:
+        xs = jnp.broadcast_to(x, (a.shape[0], *x.shape))
+        every = jnp.einsum("std,sdr->str", xs, a, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(every, jnp.maximum(slot, 0)[None, :, None], axis=0)[0]
+    else:
+        every = jnp.einsum("td,sdr->tsr", x, a, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(every, jnp.maximum(slot, 0)[:, None, None], axis=1)[:, 0]
     return jnp.where(slot[:, None] >= 0, picked, 0.0)
 
 
@@ -56,7 +66,8 @@ def _delta(h: jax.Array, b: jax.Array, slot: jax.Array) -> jax.Array:
         return jnp.einsum("tr,trw->tw", h, gathered, preferred_element_type=jnp.float32)
     masked = one_hot(slot, num_slots)[:, :, None] * h[:, None, :]
     flat_b = b.reshape(num_slots * rank, width)  # free: slots and rank are the leading axes
-    return jnp.dot(masked.reshape(tokens, num_slots * rank), flat_b,
+    # In b's dtype: a mixed-dtype dot would convert all of b to float32 on every call.
+    return jnp.dot(masked.reshape(tokens, num_slots * rank).astype(b.dtype), flat_b,
                    preferred_element_type=jnp.float32)
 
 

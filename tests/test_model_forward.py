@@ -16,6 +16,7 @@ from helpers.checkpoints import random_lora, random_tensors, tiny_config, write_
 
 from models import LlamaConfig, forward, init_kv_cache, init_lora_stacks, load_llama, pack_adapter
 from models import set_slot as set_slot_fn
+from models.kv_cache import read_layer
 
 MAX_LEN, PREFILL = 16, 8
 
@@ -243,12 +244,18 @@ def test_config_variants_equal_the_numpy_reference(tmp_path, overrides):
 def test_bfloat16_weights_compute_in_bfloat16_and_stay_near_float32(gqa, tmp_path):
     model, tensors, _, _ = gqa
     bf16 = load_llama(write_checkpoint(tmp_path, tensors=tensors, dtype="bfloat16"))
-    assert bf16.dtype == jnp.bfloat16 and bf16.layers.qkv[...].dtype == jnp.bfloat16
+    assert bf16.dtype == jnp.bfloat16 and bf16.layers[0].qkv[...].dtype == jnp.bfloat16
     cache = init_kv_cache(bf16.config, 1, MAX_LEN, jnp.bfloat16)
     tokens, positions = prefill_batch([PROMPTS[0]])
     got, cache = run(bf16, tokens, positions, cache, [0])
-    want, _ = run(model, tokens, positions, init_kv_cache(model.config, 1, MAX_LEN), [0])
-    assert got.dtype == np.float32 and cache.k.dtype == jnp.bfloat16
+    want, f32_cache = run(model, tokens, positions, init_kv_cache(model.config, 1, MAX_LEN),
+                          [0])
+    assert got.dtype == np.float32 and cache.dtype == "bfloat16"
+    # The cache keeps bfloat16 bits and reads them back as the bfloat16 keys the model wrote.
+    keys = read_layer(cache.k, 1, jnp.array([0]), cache.dtype, window=len(PROMPTS[0]))
+    want_keys = read_layer(f32_cache.k, 1, jnp.array([0]), "float32", window=len(PROMPTS[0]))
+    assert keys.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(keys, np.float32), want_keys, atol=0.1, rtol=0.05)
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
 

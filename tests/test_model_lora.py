@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.checkpoints import LoraModule, random_lora, tiny_config
+from helpers.checkpoints import LoraModule, by_field, random_lora, tiny_config
 
 from models import LlamaConfig, init_lora_stacks, pack_adapter, set_slot
 from models.layers import TokenBatch, project
@@ -15,8 +15,10 @@ CONFIG = LlamaConfig.from_dict(tiny_config())
 
 def test_stacks_are_zeros_shaped_layers_by_slots():
     stacks = init_lora_stacks(CONFIG, num_slots=3, max_rank=8, dtype=jnp.bfloat16)
-    assert stacks.qkv_a.shape == (2, 3, 64, 3 * 8) and stacks.k_b.shape == (2, 3, 8, 32)
-    assert stacks.gate_up_a.shape == (2, 3, 64, 16) and stacks.down_a.shape == (2, 3, 96, 8)
+    assert len(stacks.layers) == 2
+    layer = stacks.layer(1)
+    assert layer.qkv_a.shape == (3, 64, 3 * 8) and layer.k_b.shape == (3, 8, 32)
+    assert layer.gate_up_a.shape == (3, 64, 16) and layer.down_a.shape == (3, 96, 8)
     assert (stacks.num_slots, stacks.max_rank) == (3, 8)
     assert all(x.dtype == jnp.bfloat16 and not x.any() for x in jax.tree.leaves(stacks))
 
@@ -24,14 +26,14 @@ def test_stacks_are_zeros_shaped_layers_by_slots():
 def test_pack_adapter_zero_pads_the_rank_and_leaves_absent_projections_zero():
     lora = random_lora(CONFIG, targets=("q_proj", "v_proj", "up_proj"), rank=3)
     packed = pack_adapter(CONFIG, lora, max_rank=8)
-    qkv_a = np.asarray(packed.qkv_a)  # [L, D, 3 * 8]: columns q 0..7, k 8..15, v 16..23
+    qkv_a = by_field(packed, "qkv_a")  # [L, D, 3 * 8]: columns q 0..7, k 8..15, v 16..23
     np.testing.assert_array_equal(qkv_a[:, :, 0:3], lora["q_proj"].a)
     np.testing.assert_array_equal(qkv_a[:, :, 16:19], lora["v_proj"].a)
     assert not qkv_a[:, :, 3:16].any() and not qkv_a[:, :, 19:].any()
-    np.testing.assert_array_equal(np.asarray(packed.up_b)[:, :3], lora["up_proj"].b)
-    np.testing.assert_array_equal(np.asarray(packed.gate_up_a)[:, :, 8:11], lora["up_proj"].a)
-    assert not np.asarray(packed.k_b).any() and not np.asarray(packed.gate_b).any()
-    assert not np.asarray(packed.down_a).any() and not np.asarray(packed.o_b).any()
+    np.testing.assert_array_equal(by_field(packed, "up_b")[:, :3], lora["up_proj"].b)
+    np.testing.assert_array_equal(by_field(packed, "gate_up_a")[:, :, 8:11], lora["up_proj"].a)
+    assert not by_field(packed, "k_b").any() and not by_field(packed, "gate_b").any()
+    assert not by_field(packed, "down_a").any() and not by_field(packed, "o_b").any()
 
 
 def test_adapter_with_rank_above_max_rank_is_rejected():
@@ -67,9 +69,9 @@ def test_set_slot_replaces_one_slot_in_place_under_jit_without_recompiling():
     assert len(traces) == 1
     for got, one, two in zip(jax.tree.leaves(stacks), jax.tree.leaves(first),
                              jax.tree.leaves(second), strict=True):
-        np.testing.assert_array_equal(got[:, 2], one)
-        np.testing.assert_array_equal(got[:, 0], two)
-        assert not np.asarray(got[:, 1]).any()
+        np.testing.assert_array_equal(got[2], one)
+        np.testing.assert_array_equal(got[0], two)
+        assert not np.asarray(got[1]).any()
 
 
 def test_set_slot_rejects_an_adapter_packed_for_another_max_rank():
@@ -81,7 +83,7 @@ def test_set_slot_rejects_an_adapter_packed_for_another_max_rank():
 def test_a_q_and_v_only_adapter_in_the_packed_qkv_equals_separate_projections():
     lora = random_lora(CONFIG, targets=("q_proj", "v_proj"), rank=4, seed=3)
     stacks = set_slot(init_lora_stacks(CONFIG, 2, 4), 1, pack_adapter(CONFIG, lora, 4))
-    layer = jax.tree.map(lambda x: x[0], stacks)  # layer 0: fields [S, ...]
+    layer = stacks.layer(0)  # fields [S, ...]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
     w = {name: jnp.asarray(rng.standard_normal((64, width)) / 8, jnp.float32)

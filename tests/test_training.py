@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers.checkpoints import write_checkpoint
+from helpers.checkpoints import by_field, write_checkpoint
 
 from lora_jax.adapters import load_adapter
 from lora_jax.datasets import Example, make_batch, read_records, tokenize
@@ -124,8 +124,8 @@ def test_projections_an_adapter_does_not_target_stay_exactly_zero(together):
     for slot, spec in enumerate(together.specs):
         for field, group in PACKED.items():
             for i, proj in enumerate(group):
-                a = getattr(params, field)[:, slot, :, i * r:(i + 1) * r]
-                b = getattr(params, EXPAND[proj])[:, slot]
+                a = by_field(params, field)[:, slot, :, i * r:(i + 1) * r]
+                b = by_field(params, EXPAND[proj])[:, slot]
                 live = spec.rank if proj in spec.target_modules else 0
                 assert not a[..., live:].any() and not b[:, live:].any(), (spec.name, proj)
 

@@ -100,3 +100,8 @@ def random_lora(config: LlamaConfig, targets=PROJECTIONS, rank: int = 4, seed: i
         b = scale * rng.standard_normal((layers, rank, d_out)) / np.sqrt(rank)
         modules[name] = LoraModule(a.astype(np.float32), b.astype(np.float32))
     return modules
+
+
+def by_field(stacks, name: str) -> np.ndarray:
+    """One LayerLora field of every layer of LoraStacks, stacked: [layers, ...] on the host."""
+    return np.stack([np.asarray(getattr(layer, name)) for layer in stacks.layers])
