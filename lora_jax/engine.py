@@ -229,8 +229,8 @@ class Engine:
                 seq.num_cached += 1
                 self._append(seq, i, out, done)
         if batch.prefills:
-            rows = [self._row(c.seq, c.seq.prompt_ids[c.start:c.start + c.length], c.start)
-                    for c in batch.prefills]
+            rows = [self._row(c.seq, c.seq.prompt_ids[c.start:c.start + c.length], c.start,
+                              prompt=True, keeps=c.completes_prompt) for c in batch.prefills]
             seqs = [c.seq for c in batch.prefills]
             out = self.runner.run(rows, self._stacks(), self._num_logprobs(seqs))
             for i, chunk in enumerate(batch.prefills):
@@ -247,12 +247,15 @@ class Engine:
         wanted = any(self._owner[s.seq_id][0].params.logprobs is not None for s in seqs)
         return MAX_LOGPROBS if wanted else 0
 
-    def _row(self, seq: Sequence, tokens: list[int], start: int) -> RowInput:
+    def _row(self, seq: Sequence, tokens: list[int], start: int, *, prompt: bool = False,
+             keeps: bool = True) -> RowInput:
         req, i = self._owner[seq.seq_id]
         p = req.params
         slot = self.slots.slot_of(seq.adapter) if seq.adapter is not None else -1
         return RowInput(tokens, start, seq.row, slot, req.rope_scale, p.temperature, p.top_k,
-                        p.top_p, p.min_p, req.seeds[i], len(seq.output_ids))
+                        p.top_p, p.min_p, req.seeds[i], len(seq.output_ids),
+                        p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                        prompt, keeps)
 
     def _append(self, seq: Sequence, i: int, out, done: list[Sequence]) -> None:
         req, index = self._owner[seq.seq_id]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.sampler import Sampled, SamplingArrays, sample
+from lora_jax.sampler import History, Sampled, SamplingArrays, sample
 from models.kv_cache import init_kv_cache
 
 # Smallest buckets: a few padded decode rows or prompt tokens cost little next to another
@@ -46,35 +46,64 @@ class RowInput:
     min_p: float
     seed: int
     counter: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    prompt: bool = False  # the tokens are prompt tokens (a prefill chunk)
+    keeps: bool = True  # the sampled token is kept (not a chunk before the prompt's last)
 
 
 # The per-row arrays of a step: (RowInput field, dtype, value in a padding row). Padding rows
 # take no adapter, no rope scaling, and greedy sampling (so they never force a random draw).
 _COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.float32, 1.0),
             ("temperature", np.float32, 0.0), ("top_k", np.int32, 0), ("top_p", np.float32, 1.0),
-            ("min_p", np.float32, 0.0), ("seed", np.uint32, 0), ("counter", np.int32, 0))
+            ("min_p", np.float32, 0.0), ("seed", np.uint32, 0), ("counter", np.int32, 0),
+            ("presence_penalty", np.float32, 0.0), ("frequency_penalty", np.float32, 0.0),
+            ("repetition_penalty", np.float32, 1.0), ("prompt", np.bool_, False),
+            ("keeps", np.bool_, False))
 
 
-def _step(graphdef, state, stacks, kv, tokens, positions, rows, slots, rope_scale, last,
-          sampling: SamplingArrays, num_logprobs: int, kv_window: int,
-          lora_backend: str | None):
+def _step(graphdef, state, stacks, kv, history: History, tokens, positions, rows, slots,
+          rope_scale, last, prompt, keeps, sampling: SamplingArrays, num_logprobs: int,
+          kv_window: int, lora_backend: str | None):
     model = nnx.merge(graphdef, state)
     hidden, kv = model(tokens, positions, kv, rows, stacks, slots, rope_scale,
                        lora_backend=lora_backend, kv_window=kv_window)
     final = hidden[jnp.arange(hidden.shape[0]), last]  # [B, D]: each row's last real token
-    return sample(model.logits(final), sampling, num_logprobs), kv
+    history = _see_prompt(history, tokens, positions, rows, prompt)
+    out = sample(model.logits(final), sampling, num_logprobs, history, rows)
+    # Rows that drop their sample (padding, a prompt chunk before the last) index past the end.
+    kept = jnp.where(keeps, rows, history.output_counts.shape[0])
+    counts = history.output_counts.at[kept, out.tokens].add(1, mode="drop")
+    return out, kv, History(counts, history.in_prompt)
+
+
+def _see_prompt(history: History, tokens, positions, rows, prompt) -> History:
+    """A row whose prompt starts at position 0 forgets its previous sequence; prompt tokens
+    are marked seen. Padding (position -1) and decode rows change nothing."""
+    num_rows = history.output_counts.shape[0]
+    starts = jnp.where(prompt & (positions[:, 0] == 0), rows, num_rows)
+    counts = history.output_counts.at[starts].set(0, mode="drop")
+    in_prompt = history.in_prompt.at[starts].set(False, mode="drop")
+    marked = jnp.where(prompt[:, None] & (positions >= 0), rows[:, None], num_rows)
+    return History(counts, in_prompt.at[marked, tokens].set(True, mode="drop"))
 
 
 class Runner:
-    """Owns the model state and the KV cache; `run` executes one padded batch."""
+    """Owns the model state, the KV cache and the penalty history (output counts and prompt
+    marks, [rows, vocab] each: 5 bytes per row and vocabulary entry); `run` executes one
+    padded batch."""
 
     def __init__(self, model, *, num_rows: int, max_len: int, dtype,
                  lora_backend: str | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.kv = init_kv_cache(model.config, num_rows, max_len, dtype)
+        vocab = model.config.vocab_size
+        self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
+                               jnp.zeros((num_rows, vocab), jnp.bool_))
         self._step = jax.jit(
             functools.partial(_step, self.graphdef, lora_backend=lora_backend),
-            static_argnames=("num_logprobs", "kv_window"), donate_argnames=("kv",))
+            static_argnames=("num_logprobs", "kv_window"), donate_argnames=("kv", "history"))
         self.shapes_run: set[tuple[int, int, int, int]] = set()
 
     def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
@@ -97,9 +126,10 @@ class Runner:
         max_len = self.kv.max_len
         window = min(max_len, bucket(int(positions.max()) + 1, MIN_KV_WINDOW))
         self.shapes_run.add((b, width, num_logprobs, window))
-        out, self.kv = self._step(self.state, stacks, self.kv, tokens, positions, cols["row"],
-                                  cols["slot"], cols["rope_scale"], last, sampling,
-                                  num_logprobs=num_logprobs, kv_window=window)
+        out, self.kv, self.history = self._step(
+            self.state, stacks, self.kv, self.history, tokens, positions, cols["row"],
+            cols["slot"], cols["rope_scale"], last, cols["prompt"], cols["keeps"], sampling,
+            num_logprobs=num_logprobs, kv_window=window)
         return Sampled(*(np.asarray(x)[:n] for x in jax.device_get(out)))
 
     def compiled_count(self) -> int:

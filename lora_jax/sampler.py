@@ -1,7 +1,11 @@
-"""Token sampling inside the jitted step: greedy, temperature, top-k, top-p, min-p, per-row seeds.
+"""Token sampling inside the jitted step: penalties, greedy, temperature, top-k, top-p, min-p,
+per-row seeds.
 
 Every row carries its own parameters and its own key (seed folded with the row's output count),
-so a seeded request samples the same tokens whatever else shares its batch.
+so a seeded request samples the same tokens whatever else shares its batch. Penalties follow
+vLLM: repetition (prompt and output tokens: positive logits divided by it, negative ones
+multiplied), then frequency (times the output count) and presence (once per output token seen).
+Logprobs stay those of the model's raw distribution, as vLLM reports them by default.
 """
 
 from typing import NamedTuple
@@ -19,6 +23,16 @@ class SamplingArrays(NamedTuple):
     min_p: jax.Array  # float32 in [0, 1]
     seed: jax.Array  # uint32
     counter: jax.Array  # int32, tokens generated so far (folded into the key)
+    presence_penalty: jax.Array  # float32, 0 = off
+    frequency_penalty: jax.Array  # float32, 0 = off
+    repetition_penalty: jax.Array  # float32, 1 = off
+
+
+class History(NamedTuple):
+    """What the sequence in each cache row has seen so far, for the penalties."""
+
+    output_counts: jax.Array  # [rows, V] int32, times each token was generated
+    in_prompt: jax.Array  # [rows, V] bool, the token occurs in the prompt
 
 
 class Sampled(NamedTuple):
@@ -62,9 +76,30 @@ def _draw(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     return jax.lax.cond(jnp.all(p.temperature == 0), lambda _: greedy, stochastic, logits)
 
 
-def sample(logits: jax.Array, params: SamplingArrays, num_logprobs: int = 0) -> Sampled:
-    """logits [B, V] float32 -> Sampled; logprobs are of the model's raw distribution."""
-    tokens = _draw(logits, params)
+def penalize(logits: jax.Array, p: SamplingArrays, history: History,
+             rows: jax.Array) -> jax.Array:
+    """logits [B, V] float32 of the sequences in cache rows [B] -> with each row's repetition,
+    frequency and presence penalties."""
+    counts = history.output_counts[rows]
+    seen = (counts > 0) | history.in_prompt[rows]
+    rep = p.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (logits - p.frequency_penalty[:, None] * counts
+            - p.presence_penalty[:, None] * (counts > 0))
+
+
+def sample(logits: jax.Array, params: SamplingArrays, num_logprobs: int = 0,
+           history: History | None = None, rows: jax.Array | None = None) -> Sampled:
+    """logits [B, V] float32 -> Sampled, drawn after the penalties when the history of the
+    batch's cache rows [B] is given; logprobs are of the model's raw distribution."""
+    scores = logits
+    if history is not None:
+        # Most batches use no penalty: then not even the [B, V] history rows are read.
+        active = jnp.any((params.presence_penalty != 0) | (params.frequency_penalty != 0)
+                         | (params.repetition_penalty != 1))
+        scores = jax.lax.cond(active, lambda x: penalize(x, params, history, rows),
+                              lambda x: x, logits)
+    tokens = _draw(scores, params)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, num_logprobs)

@@ -6,7 +6,9 @@ import msgspec
 class SamplingParams(msgspec.Struct, omit_defaults=True):
     """vLLM's sampling parameters. temperature 0 is greedy; top_k -1 or 0 disables top-k.
 
-    A `seed` makes the request reproducible whatever else shares its batch.
+    A `seed` makes the request reproducible whatever else shares its batch. Penalties as in
+    vLLM: presence and frequency (in [-2, 2], on generated tokens), repetition (> 0, 1 = off,
+    on prompt and generated tokens).
     `logprobs=k` returns, for each generated token, the top-k log-probabilities (plus the
     sampled token's). Values are checked on construction and again when a request is added.
     """
@@ -22,6 +24,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -40,6 +45,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got "
+                             f"{self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 

@@ -1,12 +1,12 @@
 """Decode-step cost of multi-LoRA serving: 8 distinct adapters vs no adapter, one JSON line out.
 
 The bench model (hidden 1024, intermediate 2816, 8 layers, 16 heads, 4 KV heads, vocab 32000,
-random float32 weights) decodes one token for each of 32 sequences at different positions,
+random weights, float32 unless --dtype bfloat16) decodes one token for each of 32 sequences at different positions,
 the way the engine jits it: split once, merge inside jax.jit, cache donated, greedy token
 picked inside. With LoRA every sequence uses one of 8 rank-16 adapters on all seven
 projections. By bytes read the floor of the ratio is about 1.15; the target is <= 1.25.
 
-    python scripts/bench_model.py [--backend dense] [--rounds 7] [--max-len 256]
+    python scripts/bench_model.py [--backend dense] [--rounds 7] [--max-len 256] [--dtype bfloat16]
 """
 
 import argparse
@@ -35,9 +35,9 @@ def make_step(graphdef, backend):
     return jax.jit(step, donate_argnums=3)
 
 
-def random_stacks(config, slots, rank, seed):
+def random_stacks(config, slots, rank, seed, dtype="float32"):
     """Stacks with every slot filled with random weights (zeros would be just as fast; honest)."""
-    stacks = init_lora_stacks(config, slots, rank)
+    stacks = init_lora_stacks(config, slots, rank, dtype)
     keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(stacks))))
     return jax.tree.map(lambda x: 0.01 * jax.random.normal(next(keys), x.shape, x.dtype), stacks)
 
@@ -51,13 +51,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=7,
                         help="timed rounds; base and LoRA alternate")
     parser.add_argument("--steps", type=int, default=5, help="decode steps per round")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--backend", default=None,
                         help="pallas_kernels backend (default: platform)")
     args = parser.parse_args()
 
     config = LlamaConfig(head_dim=BENCH["hidden_size"] // BENCH["num_attention_heads"], **BENCH)
-    graphdef, state = nnx.split(Llama(config, dtype="float32", rngs=nnx.Rngs(0)))
-    lora = random_stacks(config, args.adapters, args.rank, seed=1)
+    graphdef, state = nnx.split(Llama(config, dtype=args.dtype, rngs=nnx.Rngs(0)))
+    lora = random_stacks(config, args.adapters, args.rank, seed=1, dtype=args.dtype)
     rng = np.random.default_rng(0)
     rows = jnp.arange(args.batch, dtype=jnp.int32)
     slots = jnp.asarray(np.arange(args.batch) % args.adapters, jnp.int32)
@@ -67,7 +68,7 @@ def main():
     runs = {"base": (None, None), "lora": (lora, slots)}
     steps, caches, compile_s = {}, {}, {}
     for name, (stacks, slot) in runs.items():
-        cache = init_kv_cache(config, args.batch, args.max_len)
+        cache = init_kv_cache(config, args.batch, args.max_len, args.dtype)
         begin = time.perf_counter()
         steps[name] = make_step(graphdef, args.backend).lower(
             state, tokens, jnp.asarray(start, jnp.int32), cache, rows, stacks, slot).compile()
@@ -94,7 +95,7 @@ def main():
             times[name].append(timed(name, (r % 4) * args.steps))
     base, with_lora = statistics.median(times["base"]), statistics.median(times["lora"])
     print(json.dumps({
-        "model": BENCH, "dtype": "float32", "batch": args.batch, "adapters": args.adapters,
+        "model": BENCH, "dtype": args.dtype, "batch": args.batch, "adapters": args.adapters,
         "rank": args.rank, "max_len": args.max_len,
         "backend": args.backend or "default", "platform": jax.default_backend(),
         "decode_step_ms": {"base": round(base, 2), "lora": round(with_lora, 2)},

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (H200, Python 3.12, JAX 0.11 with CUDA, no msgspec, no network):
 # the kernel tests against the real Pallas backend (Triton), then the kernel benchmark.
-# About 5 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
+# About 6 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # JAX_PLATFORMS and LORA_JAX_TEST_BACKEND can be overridden to rehearse it on a CPU
 # (JAX_PLATFORMS=cpu LORA_JAX_TEST_BACKEND=pallas_interpret).
@@ -39,6 +39,12 @@ timeout 180 "$python" scripts/bench_kernels.py ${bench_args[@]+"${bench_args[@]}
   >"$out_dir/bench_kernels.json" 2>"$out_dir/bench_kernels.err" || status=1
 cat "$out_dir/bench_kernels.json"
 tail -n 5 "$out_dir/bench_kernels.err"
+# One decode step of the bench model with and without 8 adapters, in both dtypes.
+for dtype in float32 bfloat16; do
+  timeout 120 "$python" scripts/bench_model.py --rounds 5 --dtype "$dtype" \
+    >>"$out_dir/bench_model.json" 2>>"$out_dir/bench_model.err" || status=1
+done
+cat "$out_dir/bench_model.json"
 # The serving benchmark needs msgspec (carry its cp312 wheel in .whl/, see the device README):
 # bench model, 32 requests, 1/8/32 adapters through 8 slots, against the same without adapters.
 if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda ]; then

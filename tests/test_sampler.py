@@ -3,18 +3,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.sampler import SamplingArrays, sample
+from lora_jax.sampler import History, SamplingArrays, penalize, sample
 
 V = 64
 _sample = jax.jit(sample, static_argnums=2)
 
 
-def _params(n, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, seed=None, counter=0):
-    full = lambda v, dt: jnp.full((n,), v, dt)  # noqa: E731
+def _params(n, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, seed=None, counter=0,
+            presence=0.0, frequency=0.0, repetition=1.0):
+    full = lambda v, dt: jnp.broadcast_to(jnp.asarray(v, dt), (n,))  # noqa: E731
     seeds = jnp.arange(n, dtype=jnp.uint32) if seed is None else full(seed, jnp.uint32)
     return SamplingArrays(full(temperature, jnp.float32), full(top_k, jnp.int32),
                           full(top_p, jnp.float32), full(min_p, jnp.float32), seeds,
-                          full(counter, jnp.int32))
+                          full(counter, jnp.int32), full(presence, jnp.float32),
+                          full(frequency, jnp.float32), full(repetition, jnp.float32))
 
 
 def _logits(n, seed=0):
@@ -61,3 +63,46 @@ def test_a_seeded_row_samples_the_same_whatever_else_is_in_the_batch():
     other_step = _sample(row, _params(1, seed=42, counter=6), 0).tokens[0]
     draws = {int(_sample(row, _params(1, seed=s), 0).tokens[0]) for s in range(20)}
     assert len(draws) > 1 and other_step in range(V)
+
+
+def _vllm_penalties(logits, counts, in_prompt, presence, frequency, repetition):
+    """vLLM's order and rules, row by row in numpy (float64)."""
+    out = np.array(logits, np.float64)
+    for b in range(out.shape[0]):
+        seen = (counts[b] > 0) | in_prompt[b]
+        row = out[b]
+        row[seen] = np.where(row[seen] > 0, row[seen] / repetition[b], row[seen] * repetition[b])
+        row -= frequency[b] * counts[b] + presence[b] * (counts[b] > 0)
+    return out
+
+
+def test_penalties_follow_vllm_on_the_rows_of_the_batch():
+    rng = np.random.default_rng(0)
+    rows, batch = 6, 4
+    counts = rng.integers(0, 3, (rows, V)) * (rng.random((rows, V)) < 0.3)
+    in_prompt = rng.random((rows, V)) < 0.2
+    logits = np.asarray(_logits(batch, seed=3))
+    which = np.array([4, 0, 2, 5])
+    presence, frequency = [0.5, 0.0, -1.0, 2.0], [0.3, 0.0, 0.7, -0.2]
+    repetition = [1.3, 1.0, 0.8, 2.0]
+    got = penalize(jnp.asarray(logits), _params(batch, presence=presence, frequency=frequency,
+                                                 repetition=repetition),
+                   History(jnp.asarray(counts, jnp.int32), jnp.asarray(in_prompt)),
+                   jnp.asarray(which, jnp.int32))
+    want = _vllm_penalties(logits, counts[which], in_prompt[which], presence, frequency,
+                           repetition)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want - logits).max() > 0.5  # the penalties did something
+
+
+def test_sample_draws_after_penalties_but_reports_raw_logprobs():
+    logits = _logits(2, seed=5)
+    top = np.asarray(jnp.argmax(logits, axis=-1))
+    counts = np.zeros((2, V), np.int32)
+    counts[0, top[0]] = 1  # row 0 generated its favourite before; row 1 did not
+    history = History(jnp.asarray(counts), jnp.zeros((2, V), bool))
+    out = _sample(logits, _params(2, temperature=0.0, presence=2.0, frequency=2.0), 0, history,
+                  jnp.arange(2, dtype=jnp.int32))
+    assert out.tokens[0] != top[0] and out.tokens[1] == top[1]
+    raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(out.logprob, raw[[0, 1], np.asarray(out.tokens)], rtol=1e-6)
