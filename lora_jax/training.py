@@ -1,6 +1,6 @@
 """Train LoRA adapters on a frozen base Llama, several at once: each batch row names its slot.
 
-The step is the serving forward (models.Llama with LoRA stacks [layers, slots, ...] and a slot
+The step is the serving forward (models.Llama with LoRA stacks, per layer [slots, ...], and a slot
 per row, through the same gathered kernels and their gradients), differentiated only w.r.t. the
 stacks. Each adapter's loss is the mean over its own completion tokens and AdamW is elementwise,
 so an adapter trained beside others ends up as it would alone (same data, same seed).
