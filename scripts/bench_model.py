@@ -1,10 +1,10 @@
 """Decode-step cost of multi-LoRA serving: 8 distinct adapters vs no adapter, one JSON line out.
 
 The bench model (hidden 1024, intermediate 2816, 8 layers, 16 heads, 4 KV heads, vocab 32000,
-random weights, float32 unless --dtype bfloat16) decodes one token for each of 32 sequences at different positions,
-the way the engine jits it: split once, merge inside jax.jit, cache donated, greedy token
-picked inside. With LoRA every sequence uses one of 8 rank-16 adapters on all seven
-projections. By bytes read the floor of the ratio is about 1.15; the target is <= 1.25.
+random weights, float32 unless --dtype bfloat16) decodes one token for each of 32 sequences at
+different positions, the way the engine jits it: split once, merge inside jax.jit, cache
+donated, greedy token picked inside. With LoRA every sequence uses one of 8 rank-16 adapters
+on all seven projections. By bytes read the floor of the ratio is about 1.15; the target is <= 1.25.
 
     python scripts/bench_model.py [--backend dense] [--rounds 7] [--max-len 256] [--dtype bfloat16]
 """
