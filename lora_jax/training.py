@@ -106,7 +106,7 @@ def token_losses(model: Llama, stacks: LoraStacks | None, batch: Batch, *,
     (key, rate) for the LoRA inputs or None.
     """
     rows, length = batch.tokens.shape
-    kv = init_kv_cache(model.config, rows, length, model.dtype)
+    kv = init_kv_cache(model.config, rows, length, model.dtype, bits=False)  # differentiated
     hidden, _ = model(batch.tokens, batch.positions, kv, jnp.arange(rows, dtype=jnp.int32),
                       stacks, batch.slot if stacks is not None else None,
                       lora_backend=lora_backend, lora_dropout=dropout)

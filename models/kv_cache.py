@@ -4,10 +4,12 @@ Layout: k, v [layers, rows, max_len, kv_heads, head_dim]. A token at position p 
 in row r lives at [:, r, p]. A row is reused by a new sequence without clearing: attention only
 reads entries at positions <= the query's own, and the new sequence has written all of those.
 
-A 16-bit float cache (bfloat16, float16) is stored as its uint16 bits: XLA:CPU scatters a 16-bit
-float array by converting all of it to float32 and back, which per layer costs more than the
-layer's matmuls, and a bitcast of the donated cache on the way in and out of the step is a copy
-of all of it. Integers of the same width scatter in place; reads bitcast just the window.
+A 16-bit float cache (bfloat16, float16) is stored as its uint16 bits by default: XLA:CPU
+scatters a 16-bit float array by converting all of it to float32 and back, which per layer costs
+more than the layer's matmuls, and a bitcast of the donated cache on the way in and out of the
+step is a copy of all of it. Integers of the same width scatter in place; reads bitcast just the
+window. Bits carry no gradient, so a cache that is differentiated through (training) is made
+with bits=False.
 """
 
 from dataclasses import dataclass, field
@@ -21,8 +23,8 @@ from models.config import LlamaConfig
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """k, v [layers, rows, max_len, kv_heads, head_dim] holding values of `dtype` (its uint16
-    bits for a 16-bit float: read through read_layer, which gives `dtype` back)."""
+    """k, v [layers, rows, max_len, kv_heads, head_dim] holding values of `dtype`, or their
+    uint16 bits for a 16-bit float (see init_kv_cache); read_layer gives `dtype` back."""
 
     k: jax.Array
     v: jax.Array
@@ -37,20 +39,18 @@ class KVCache:
         return self.k.shape[2]
 
 
-def init_kv_cache(config: LlamaConfig, num_rows: int, max_len: int, dtype="float32") -> KVCache:
-    """Zeros of [layers, num_rows, max_len, kv_heads, head_dim] for k and for v."""
+def init_kv_cache(config: LlamaConfig, num_rows: int, max_len: int, dtype="float32", *,
+                  bits: bool = True) -> KVCache:
+    """Zeros of [layers, num_rows, max_len, kv_heads, head_dim] for k and for v; a 16-bit float
+    dtype is stored as uint16 bits unless bits=False (needed to differentiate through it)."""
     for name, value in (("num_rows", num_rows), ("max_len", max_len)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     shape = (config.num_hidden_layers, num_rows, max_len, config.num_key_value_heads,
              config.head_dim)
     dtype = jnp.dtype(dtype)
-    stored = _storage(dtype)
+    stored = jnp.uint16 if bits and dtype.itemsize == 2 else dtype
     return KVCache(k=jnp.zeros(shape, stored), v=jnp.zeros(shape, stored), dtype=dtype.name)
-
-
-def _storage(dtype: jnp.dtype) -> jnp.dtype:
-    return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 else dtype
 
 
 def write_layer(cache: jax.Array, layer: int | jax.Array, rows: jax.Array,

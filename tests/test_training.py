@@ -89,6 +89,10 @@ def test_training_lowers_train_and_held_out_loss_on_a_bfloat16_base(base):
     assert [h["step"] for h in history if "eval_loss" in h] == [15, 30]
     assert history[-1]["loss"]["shift"] < 0.8 * history[0]["loss"]["shift"]
     assert history[-1]["eval_loss"]["shift"] < 0.9 * before
+    # Every target learned, v_proj too, whose only way to the loss is through the KV cache.
+    trained = trainer.adapters()[0].modules
+    assert all(np.abs(trained[proj].b).max() > 0 for proj in QV + MLP), {
+        proj: float(np.abs(w.b).max()) for proj, w in trained.items()}
 
 
 # Two adapters of different rank, targets and scaling, each with its own data.
