@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.sampler import History, Sampled, SamplingArrays, sample
+from lora_jax.sampler import History, Sampled, SamplingArrays, SamplingMode, mode_of, sample
 from models.kv_cache import init_kv_cache
 
 # Smallest buckets: a few padded decode rows or prompt tokens cost little next to another
@@ -65,13 +65,14 @@ _COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.floa
 
 def _step(graphdef, state, stacks, kv, history: History, tokens, positions, rows, slots,
           rope_scale, last, prompt, keeps, sampling: SamplingArrays, num_logprobs: int,
-          kv_window: int, lora_backend: str | None):
+          kv_window: int, mode: SamplingMode, has_prompt: bool, lora_backend: str | None):
     model = nnx.merge(graphdef, state)
     hidden, kv = model(tokens, positions, kv, rows, stacks, slots, rope_scale,
                        lora_backend=lora_backend, kv_window=kv_window)
     final = hidden[jnp.arange(hidden.shape[0]), last]  # [B, D]: each row's last real token
-    history = _see_prompt(history, tokens, positions, rows, prompt)
-    out = sample(model.logits(final), sampling, num_logprobs, history, rows)
+    if has_prompt:  # a decode-only step has no prompt to mark and no row to reset
+        history = _see_prompt(history, tokens, positions, rows, prompt)
+    out = sample(model.logits(final), sampling, num_logprobs, history, rows, mode)
     # Rows that drop their sample (padding, a prompt chunk before the last) index past the end.
     kept = jnp.where(keeps, rows, history.output_counts.shape[0])
     counts = history.output_counts.at[kept, out.tokens].add(1, mode="drop")
@@ -103,8 +104,10 @@ class Runner:
                                jnp.zeros((num_rows, vocab), jnp.bool_))
         self._step = jax.jit(
             functools.partial(_step, self.graphdef, lora_backend=lora_backend),
-            static_argnames=("num_logprobs", "kv_window"), donate_argnames=("kv", "history"))
-        self.shapes_run: set[tuple[int, int, int, int]] = set()
+            static_argnames=("num_logprobs", "kv_window", "mode", "has_prompt"),
+            donate_argnames=("kv", "history"))
+        # Every static key the step compiled for: shape bucket, logprobs, window, sampling mode.
+        self.shapes_run: set[tuple] = set()
 
     def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
         """Sample one token per row (for the last of its tokens); returns host numpy arrays."""
@@ -125,11 +128,12 @@ class Runner:
         sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
         max_len = self.kv.max_len
         window = min(max_len, bucket(int(positions.max()) + 1, MIN_KV_WINDOW))
-        self.shapes_run.add((b, width, num_logprobs, window))
+        mode, has_prompt = mode_of(sampling), bool(cols["prompt"].any())
+        self.shapes_run.add((b, width, num_logprobs, window, mode, has_prompt))
         out, self.kv, self.history = self._step(
             self.state, stacks, self.kv, self.history, tokens, positions, cols["row"],
             cols["slot"], cols["rope_scale"], last, cols["prompt"], cols["keeps"], sampling,
-            num_logprobs=num_logprobs, kv_window=window)
+            num_logprobs=num_logprobs, kv_window=window, mode=mode, has_prompt=has_prompt)
         return Sampled(*(np.asarray(x)[:n] for x in jax.device_get(out)))
 
     def compiled_count(self) -> int:

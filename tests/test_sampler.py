@@ -3,7 +3,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax.sampler import History, SamplingArrays, penalize, sample
+from lora_jax.sampler import (
+    History,
+    SamplingArrays,
+    SamplingMode,
+    first_argmax,
+    mode_of,
+    penalize,
+    sample,
+)
 
 V = 64
 _sample = jax.jit(sample, static_argnums=2)
@@ -63,6 +71,56 @@ def test_a_seeded_row_samples_the_same_whatever_else_is_in_the_batch():
     other_step = _sample(row, _params(1, seed=42, counter=6), 0).tokens[0]
     draws = {int(_sample(row, _params(1, seed=s), 0).tokens[0]) for s in range(20)}
     assert len(draws) > 1 and other_step in range(V)
+
+
+def test_a_seeded_row_draws_the_same_when_another_row_asks_for_a_filter():
+    logits = _logits(2, seed=10)
+    plain = _params(2, seed=42, counter=3)
+    filtered = plain._replace(top_p=jnp.array([1.0, 0.5], jnp.float32))  # row 1 only
+    draw = jax.jit(sample, static_argnums=(2, 5))
+    tokens = [int(draw(logits, p, 0, None, None, mode_of(_host(p))).tokens[0])
+              for p in (plain, filtered)]
+    assert tokens[0] == tokens[1]
+
+
+def test_first_argmax_is_argmax_and_takes_the_first_of_ties():
+    logits = np.array(_logits(64, seed=8))
+    logits[3, [5, 9, 40]] = logits[3].max() + 1.0  # a three-way tie for the top
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(logits)), np.argmax(logits, -1))
+    assert int(first_argmax(jnp.asarray(logits))[3]) == 5
+
+
+def _host(params: SamplingArrays) -> SamplingArrays:
+    return SamplingArrays(*(np.asarray(x) for x in params))
+
+
+def test_the_mode_of_a_batch_names_only_the_work_some_row_needs():
+    assert mode_of(_host(_params(4, temperature=0.0))) == SamplingMode(False, False, False)
+    # A filter on a greedy row changes nothing, so it asks for no sorting.
+    assert mode_of(_host(_params(4, temperature=0.0, top_k=3))) == SamplingMode(False, False,
+                                                                                 False)
+    assert mode_of(_host(_params(4, temperature=0.7))) == SamplingMode(True, False, False)
+    assert mode_of(_host(_params(4, temperature=0.7, top_p=0.9))) == SamplingMode(True, True,
+                                                                                  False)
+    assert mode_of(_host(_params(4, temperature=0.0, repetition=1.2))) == SamplingMode(
+        False, False, True)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=0.8),
+                                    dict(temperature=0.8, top_k=5, top_p=0.7),
+                                    dict(temperature=0.0, presence=1.0, repetition=1.3)])
+def test_a_batch_sampled_in_its_own_mode_equals_the_full_path(kwargs):
+    logits = _logits(16, seed=9)
+    params = _params(16, **kwargs)
+    counts = np.zeros((16, V), np.int32)
+    counts[:, :8] = 2
+    history = History(jnp.asarray(counts), jnp.zeros((16, V), bool))
+    rows = jnp.arange(16, dtype=jnp.int32)
+    full = _sample(logits, params, 2, history, rows)
+    own = jax.jit(sample, static_argnums=(2, 5))(logits, params, 2, history, rows,
+                                                 mode_of(_host(params)))
+    for a, b in zip(full, own, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def _vllm_penalties(logits, counts, in_prompt, presence, frequency, repetition):
