@@ -52,7 +52,9 @@ class Recipe:
     base_learning_rate: float = 3e-3
     adapter_steps: int = 300
     adapter_batch: int = 32
-    adapter_learning_rate: float = 1e-2
+    # 1e-2 learned as well but landed on 87-100% for reverse depending on float rounding
+    # order (a kernel's summation order changed it); 5e-3 gave 100% on base seeds 0 and 1.
+    adapter_learning_rate: float = 5e-3
     rank: int = 8
     train_size: int = 3000
     eval_size: int = 100

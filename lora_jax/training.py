@@ -1,6 +1,6 @@
 """Train LoRA adapters on a frozen base Llama, several at once: each batch row names its slot.
 
-The step is the serving forward (models.Llama with LoRA stacks, per layer [slots, ...], and a slot
+The step is the serving forward (models.Llama with LoRA stacks, one slot per adapter, and a slot
 per row, through the same gathered kernels and their gradients), differentiated only w.r.t. the
 stacks. Each adapter's loss is the mean over its own completion tokens and AdamW is elementwise,
 so an adapter trained beside others ends up as it would alone (same data, same seed).
@@ -33,7 +33,7 @@ from models import (
     init_kv_cache,
     pack_adapter,
 )
-from models.lora import EXPAND, PACKED
+from models.lora import EXPAND, PACKED, map_with_slot_axis, stack_slots
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,19 @@ def _per_slot(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
 
 def _clip_per_slot(grads: LoraStacks, max_norm: float) -> LoraStacks:
     """optax.clip_by_global_norm for each adapter on its own: norms over the slot's entries."""
-    leaves = jax.tree.leaves(grads)
-    norms = jnp.sqrt(sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim)))
-                         for g in leaves))
-    factor = max_norm / jnp.maximum(norms, max_norm)
-    return jax.tree.map(lambda g: g * factor.reshape(-1, *[1] * (g.ndim - 1)), grads)
+    squares = map_with_slot_axis(lambda g, axis: jnp.sum(g * g, axis=_others(g, axis)), grads)
+    norms = jnp.sqrt(sum(jax.tree.leaves(squares)))
+    return _times_per_slot(grads, max_norm / jnp.maximum(norms, max_norm))
+
+
+def _others(g: jax.Array, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(g.ndim) if i != axis)
+
+
+def _times_per_slot(stacks: LoraStacks, values: jax.Array) -> LoraStacks:
+    """Every field times values [num_slots], broadcast along its slot axis."""
+    return map_with_slot_axis(lambda g, axis: g * jnp.expand_dims(values, _others(g, axis)),
+                              stacks)
 
 
 def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -175,7 +183,7 @@ def _train_step(params, opt_state, state, masks, scales, batches: Batch, key, *,
     # Each adapter's gradient is that of the mean over its own tokens, whatever else is in the
     # batch; the masks keep projections an adapter does not target (and padded ranks) at zero.
     inverse = 1.0 / jnp.maximum(counts, 1.0)
-    grads = jax.tree.map(lambda g, m: g * m * inverse[:, None, None], grads, masks)
+    grads = _times_per_slot(jax.tree.map(jnp.multiply, grads, masks), inverse)
     if config.max_grad_norm is not None:
         grads = _clip_per_slot(grads, config.max_grad_norm)
     updates, opt_state = _optimizer(config).update(grads, opt_state, params)
@@ -224,8 +232,7 @@ class LoRATrainer:
                 ones[proj] = LoRAWeights(np.ones_like(a), np.ones((layers, spec.rank, d_out)))
             params.append(pack_adapter(self.model_config, modules, self.max_rank))
             masks.append(pack_adapter(self.model_config, ones, self.max_rank))
-        return tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *packed)
-                     for packed in (params, masks))
+        return stack_slots(params), stack_slots(masks)
 
     def train(self, train_sets: Sequence[Sequence[Example]],
               eval_sets: Sequence[Sequence[Example]] | None = None, *,
@@ -283,7 +290,7 @@ class LoRATrainer:
             for proj in spec.target_modules:
                 a_field = next(f for f, group in PACKED.items() if proj in group)
                 start = PACKED[a_field].index(proj) * self.max_rank
-                a = np.stack([getattr(layer, a_field)[slot, :, start:start + spec.rank]
+                a = np.stack([getattr(layer, a_field)[:, slot, start:start + spec.rank]
                               for layer in host.layers])
                 b = np.stack([getattr(layer, EXPAND[proj])[slot, :spec.rank, :]
                               for layer in host.layers]) * np.float32(spec.scale)

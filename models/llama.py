@@ -76,7 +76,7 @@ class Llama(nnx.Module):
         """Prefill or decode a batch of sequences through the cache.
 
         tokens, positions [B, L] int32 (position -1 = padding: not written, not attended, its
-        output is garbage); cache_rows [B] int32; lora: per layer, fields [slots, ...], or None;
+        output is garbage); cache_rows [B] int32; lora: LoraStacks (every slot, per layer) or None;
         adapter_slot [B] int32 (-1 = base model); rope_scale [B] float32 (RoPE sees
         position / rope_scale) or None -> (hidden [B, L, D] after the final norm, kv_cache).
         Token (b, l) attends to row cache_rows[b] at positions <= positions[b, l].

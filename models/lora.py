@@ -5,9 +5,14 @@ same way: one shrink matrix whose columns are [A_q | A_k | A_v] (each max_rank w
 expand matrix per output slice. A projection an adapter leaves alone has zero A and zero B in
 its columns, which adds exactly zero: a q,v-only adapter gives the same k as the base model.
 Ranks below max_rank are zero-padded, which is exact for the same reason.
+
+Shrink stacks are slot-interleaved, [d_in, slots, n*R]: viewed as [d_in, slots * n*R] (a free
+reshape) they are every slot's A side by side, so XLA:CPU computes all slots' shrink in one
+plain matmul (a [slots, d_in, R] stack needs a transposing copy or a batched matmul first,
+which cost a decode step of the bench model 5 ms out of 36). Expand stacks are [slots, R, d_out].
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,9 +34,9 @@ EXPAND = {"q_proj": "q_b", "k_proj": "k_b", "v_proj": "v_b", "o_proj": "o_b",
 class LayerLora:
     """One layer's adapter weights, scaling folded into the B matrices; R = max_rank.
 
-    In the stacks each field has a leading [slots] axis; a single packed adapter (from
-    pack_adapter) has none. Shrink matrices a: [.., d_in, n*R] for a projection group of n;
-    expand matrices b: [.., R, d_out] per projection.
+    In the stacks the shrink matrices a are [d_in, slots, n*R] (n projections in the group)
+    and the expand matrices b [slots, R, d_out]; a single packed adapter (from pack_adapter)
+    has no slot axis: a [d_in, n*R], b [R, d_out].
     """
 
     qkv_a: jax.Array
@@ -60,7 +65,7 @@ class LoraStacks:
 
     @property
     def num_slots(self) -> int:
-        return self.layers[0].o_a.shape[0]
+        return self.layers[0].o_b.shape[0]
 
     @property
     def max_rank(self) -> int:
@@ -70,8 +75,11 @@ class LoraStacks:
         return self.layers[i]
 
 
+SLOT_AXIS = {**{a: 1 for a in PACKED}, **{b: 0 for b in EXPAND.values()}}
+
+
 def _shapes(config: LlamaConfig, max_rank: int) -> dict[str, tuple[int, int]]:
-    """Per-slot shape of every LayerLora field."""
+    """Per-slot shape of every LayerLora field (the stacks insert the slot axis at SLOT_AXIS)."""
     proj = config.projection_shapes()
     shapes = {a: (proj[group[0]][0], len(group) * max_rank) for a, group in PACKED.items()}
     shapes.update({EXPAND[p]: (max_rank, proj[p][1]) for p in PROJECTIONS})
@@ -85,13 +93,14 @@ def _check_rank(max_rank: Any) -> None:
 
 def init_lora_stacks(config: LlamaConfig, num_slots: int, max_rank: int,
                      dtype="float32") -> LoraStacks:
-    """Zeros: per layer, each field [num_slots, *per-slot shape] (see LayerLora)."""
+    """Zeros: per layer, each field its per-slot shape with num_slots inserted (see LayerLora)."""
     _check_rank(max_rank)
     if not isinstance(num_slots, int) or num_slots <= 0:
         raise ValueError(f"num_slots must be a positive integer, got {num_slots!r}")
-    shapes = _shapes(config, max_rank)
+    shapes = {name: shape[:SLOT_AXIS[name]] + (num_slots,) + shape[SLOT_AXIS[name]:]
+              for name, shape in _shapes(config, max_rank).items()}
     return LoraStacks(tuple(
-        LayerLora(**{name: jnp.zeros((num_slots, *shape), dtype) for name, shape in shapes.items()})
+        LayerLora(**{name: jnp.zeros(shape, dtype) for name, shape in shapes.items()})
         for _ in range(config.num_hidden_layers)))
 
 
@@ -130,7 +139,8 @@ def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
 
 
 def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> LoraStacks:
-    """stacks fields [S, ...], packed fields [...] -> stacks with slot `slot` replaced.
+    """stacks (fields with a slot axis), packed (fields without) -> stacks with slot `slot`
+    replaced.
 
     Pure; jit it with the stacks donated and the copy happens in place.
     """
@@ -138,9 +148,34 @@ def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> L
         raise ValueError(f"packed adapter has {len(packed.layers)} layers, stacks have "
                          f"{len(stacks.layers)}")
     for field in fields(LayerLora):
+        axis = SLOT_AXIS[field.name]
         have = getattr(stacks.layers[0], field.name).shape
         new = getattr(packed.layers[0], field.name).shape
-        if have[1:] != new:
+        if have[:axis] + have[axis + 1:] != new:
             raise ValueError(f"packed adapter field {field.name!r} has shape {list(new)}, "
-                             f"stacks expect {list(have[1:])}")
-    return jax.tree.map(lambda s, p: s.at[slot].set(p.astype(s.dtype)), stacks, packed)
+                             f"stacks expect {list(have[:axis] + have[axis + 1:])}")
+    return LoraStacks(tuple(
+        LayerLora(**{f.name: _set(getattr(s, f.name), SLOT_AXIS[f.name], slot, getattr(p, f.name))
+                     for f in fields(LayerLora)})
+        for s, p in zip(stacks.layers, packed.layers, strict=True)))
+
+
+def stack_slots(packed: Sequence[LoraStacks]) -> LoraStacks:
+    """Packed adapters (fields without a slot axis) -> stacks with slot i holding packed[i]."""
+    return LoraStacks(tuple(
+        LayerLora(**{f.name: jnp.stack([getattr(p, f.name) for p in layer], SLOT_AXIS[f.name])
+                     for f in fields(LayerLora)})
+        for layer in zip(*(p.layers for p in packed), strict=True)))
+
+
+def map_with_slot_axis(fn, stacks: LoraStacks) -> LoraStacks:
+    """fn(field array, its slot axis) applied to every field of every layer."""
+    return LoraStacks(tuple(
+        LayerLora(**{f.name: fn(getattr(layer, f.name), SLOT_AXIS[f.name])
+                     for f in fields(LayerLora)})
+        for layer in stacks.layers))
+
+
+def _set(stack: jax.Array, axis: int, slot, value: jax.Array) -> jax.Array:
+    index = (slice(None),) * axis + (slot,)
+    return stack.at[index].set(value.astype(stack.dtype))

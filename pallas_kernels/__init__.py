@@ -3,7 +3,7 @@
 Public API (see api.py for shapes and backends):
     lora_shrink(x, a, slot)            -> [T, R] float32
     lora_expand(y, h, b, slot)         -> y + h @ b[slot]
-    lora_apply(y, x, a, b, slot)       -> y + (x @ a[slot]) @ b[slot]
+    lora_apply(y, x, a, b, slot)       -> y + (x @ a[:, slot]) @ b[slot]   a [D_in, S, R]
     lora_apply_sliced(y, x, a, bs, slot) fused projections (q|k|v, gate|up)
     group_by_slot / gather_rows / scatter_rows: the token grouping of the prefill kernels
 """

@@ -3,7 +3,8 @@
 Where no Pallas kernel runs (CPU), the per-token gather of the reference reads T copies of the
 adapter weights ([T, D, R] materialized). Computing every slot at once reads each adapter once
 and turns the work into two ordinary matmuls, which XLA's CPU backend runs well:
-  shrink: [T, D_in] x [S, D_in, R] -> [T, S, R], keep slot[t]'s row;
+  shrink: [T, D_in] @ a [D_in, S, R] viewed as [D_in, S*R] (a free reshape: the stacks are
+          slot-interleaved for this) -> [T, S, R], keep slot[t]'s row;
   expand: one-hot-masked h [T, S*R] @ b reshaped [S*R, D_out] (a free reshape).
 It spends S times the minimal FLOPs, which pays off while S*R stays small next to D (decode); see
 scripts/bench_kernels.py and the api docstring for the measurement. With fewer tokens than slots
@@ -18,8 +19,6 @@ import jax.numpy as jnp
 
 from pallas_kernels import reference
 
-_BROADCAST_TOKENS = 64
-
 
 def one_hot(slot: jax.Array, num_slots: int) -> jax.Array:
     """slot [T] -> [T, S] float32; slot -1 matches no column, so its row is all zero."""
@@ -27,19 +26,13 @@ def one_hot(slot: jax.Array, num_slots: int) -> jax.Array:
 
 
 def shrink(x: jax.Array, a: jax.Array, slot: jax.Array) -> jax.Array:
-    """x [T, D_in], a [S, D_in, R], slot [T] int32 -> h [T, R] float32."""
-    if x.shape[0] < a.shape[0]:
+    """x [T, D_in], a [D_in, S, R], slot [T] int32 -> h [T, R] float32."""
+    tokens, (d_in, num_slots, rank) = x.shape[0], a.shape
+    if tokens < num_slots:
         return reference.shrink(x, a, slot)
-    # A matmul batched over slots reads a [S, D_in, R] as it lies; contracting it against x
-    # directly makes XLA transpose all of a first, which costs more than broadcasting x while
-    # tokens are few. With many tokens (prefill) x is the bigger side and the transpose wins.
-    if x.shape[0] <= _BROADCAST_TOKENS:
-        xs = jnp.broadcast_to(x, (a.shape[0], *x.shape))
-        every = jnp.einsum("std,sdr->str", xs, a, preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(every, jnp.maximum(slot, 0)[None, :, None], axis=0)[0]
-    else:
-        every = jnp.einsum("td,sdr->tsr", x, a, preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(every, jnp.maximum(slot, 0)[:, None, None], axis=1)[:, 0]
+    every = jnp.dot(x, a.reshape(d_in, num_slots * rank), preferred_element_type=jnp.float32)
+    picked = jnp.take_along_axis(every.reshape(tokens, num_slots, rank),
+                                 jnp.maximum(slot, 0)[:, None, None], axis=1)[:, 0]
     return jnp.where(slot[:, None] >= 0, picked, 0.0)
 
 
@@ -72,15 +65,22 @@ def _delta(h: jax.Array, b: jax.Array, slot: jax.Array) -> jax.Array:
 
 
 def slot_outer(u: jax.Array, v: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
-    """u [T, P], v [T, Q] -> [S, P, Q] float32: per slot, the sum of outer(u[t], v[t]).
+    """u [T, R], v [T, Q] -> [S, R, Q] float32: per slot, the sum of outer(u[t], v[t]).
 
-    The adapter gradients (da = slot_outer(x, dh), db = slot_outer(h, dy)). The one-hot mask goes
-    on the narrower side (the rank), so the one matmul is [P, T] @ [T, S*Q] and nothing of size
-    T*S*D is ever built; slot -1 tokens contribute exactly zero.
+    The expand gradient db = slot_outer(h, dy). The one-hot mask goes on the narrow side (the
+    rank), so the one matmul is [S*R, T] @ [T, Q] and nothing of size T*S*Q is ever built;
+    slot -1 tokens contribute exactly zero.
     """
-    onehot = one_hot(slot, num_slots)
-    if u.shape[1] <= v.shape[1]:
-        masked = onehot[:, :, None] * u.astype(jnp.float32)[:, None, :]
-        return jnp.einsum("tsp,tq->spq", masked, v, preferred_element_type=jnp.float32)
-    masked = onehot[:, :, None] * v.astype(jnp.float32)[:, None, :]
-    return jnp.einsum("tp,tsq->spq", u, masked, preferred_element_type=jnp.float32)
+    masked = one_hot(slot, num_slots)[:, :, None] * u.astype(jnp.float32)[:, None, :]
+    return jnp.einsum("tsp,tq->spq", masked, v, preferred_element_type=jnp.float32)
+
+
+def slot_outer_interleaved(u: jax.Array, v: jax.Array, slot: jax.Array,
+                           num_slots: int) -> jax.Array:
+    """u [T, P], v [T, R] -> [P, S, R] float32: per slot, the sum of outer(u[t], v[t]).
+
+    The shrink gradient da = slot_outer_interleaved(x, dh), in the stacks' slot-interleaved
+    layout: one [P, T] @ [T, S*R] matmul, the one-hot mask on the rank side.
+    """
+    masked = one_hot(slot, num_slots)[:, :, None] * v.astype(jnp.float32)[:, None, :]
+    return jnp.einsum("tp,tsr->psr", u, masked, preferred_element_type=jnp.float32)

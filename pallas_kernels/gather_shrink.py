@@ -1,4 +1,4 @@
-"""Decode shrink: each token gathers its own adapter's A tile (h[t] = x[t] @ a[slot[t]]).
+"""Decode shrink: each token gathers its own adapter's A tile (h[t] = x[t] @ a[:, slot[t]]).
 
 Decode batches mix adapters token by token, so there is no shared matrix to feed tensor cores:
 every program is one token times one tile of D_in, a multiply-and-reduce over its adapter's rows.
@@ -20,13 +20,13 @@ _TILE_ELEMENTS = 8192
 
 
 def _kernel(slot_ref, x_ref, a_ref, out_ref):
-    """slot_ref [1], x_ref [block_k], a_ref [S, block_k, block_r] -> out_ref [block_r]."""
+    """slot_ref [1], x_ref [block_k], a_ref [block_k, S, block_r] -> out_ref [block_r]."""
     slot = slot_ref[0]
 
     @pl.when(slot >= 0)
     def _():
         x = x_ref[...].astype(jnp.float32)
-        a = a_ref[slot].astype(jnp.float32)  # the whole slot axis is in the block: index it here
+        a = a_ref[:, slot, :].astype(jnp.float32)  # the block spans every slot: index it here
         out_ref[...] = jnp.sum(x[:, None] * a, axis=0)
 
     @pl.when(slot < 0)
@@ -39,9 +39,9 @@ def gather_shrink(
     x: jax.Array, a: jax.Array, slot: jax.Array, *,
     block_k: int | None = None, interpret: bool = False, poison: bool = False,
 ) -> jax.Array:
-    """x [T, D_in], a [S, D_in, R], slot [T] int32 (-1 = none) -> h [T, R] float32."""
+    """x [T, D_in], a [D_in, S, R], slot [T] int32 (-1 = none) -> h [T, R] float32."""
     tokens, d_in = x.shape
-    num_slots, _, rank = a.shape
+    _, num_slots, rank = a.shape
     block_r = blocks.pow2_divisor(rank, 64)
     block_k = blocks.tile(d_in, min(512, _TILE_ELEMENTS // block_r), block_k, "block_k")
     n_k = d_in // block_k
@@ -52,7 +52,7 @@ def gather_shrink(
         in_specs=(
             pl.BlockSpec((1,), lambda t, k, r: (t,)),
             pl.BlockSpec((None, block_k), lambda t, k, r: (t, k)),
-            pl.BlockSpec((num_slots, block_k, block_r), lambda t, k, r: (0, k, r)),
+            pl.BlockSpec((block_k, num_slots, block_r), lambda t, k, r: (k, 0, r)),
         ),
         out_spec=pl.BlockSpec((None, None, block_r), lambda t, k, r: (t, k, r)),
         out_shape=jax.ShapeDtypeStruct((tokens, n_k, rank), jnp.float32),

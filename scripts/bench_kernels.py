@@ -57,7 +57,7 @@ def _backends(on_gpu: bool, requested: list[str] | None) -> dict:
 def _case(rng, tokens, num_slots, rank, d_in, d_out, dtype):
     x = jnp.asarray(rng.standard_normal((tokens, d_in)), dtype)
     y = jnp.asarray(rng.standard_normal((tokens, d_out)), dtype)
-    a = jnp.asarray(rng.standard_normal((num_slots, d_in, rank)) * d_in**-0.5, dtype)
+    a = jnp.asarray(rng.standard_normal((d_in, num_slots, rank)) * d_in**-0.5, dtype)
     b = jnp.asarray(rng.standard_normal((num_slots, rank, d_out)) * rank**-0.5, dtype)
     slot = jnp.asarray(rng.integers(0, num_slots, tokens), jnp.int32)
     return y, x, a, b, slot
@@ -102,7 +102,7 @@ def bench_decode_step(backends, dtype, rounds, inner, clock) -> dict:
                    (inter, (hidden,))]
     weights = [normal(d, sum(ws), scale=d**-0.5) for d, ws in projections]
     stacks = [
-        (normal(num_slots, d, rank * len(ws), scale=d**-0.5),
+        (normal(d, num_slots, rank * len(ws), scale=d**-0.5),
          tuple(normal(num_slots, rank, w, scale=rank**-0.5) for w in ws))
         for d, ws in projections
     ]

@@ -43,7 +43,7 @@ def test_forward_and_backward_kernels_lower_through_triton(pattern, dtype, shape
     spec = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
     args = (
         spec((tokens, sum(widths))), spec((tokens, d_in)),
-        spec((num_slots, d_in, rank * len(widths))),
+        spec((d_in, num_slots, rank * len(widths))),
         tuple(spec((num_slots, rank, w)) for w in widths),
         jax.ShapeDtypeStruct((tokens,), jnp.int32),
     )

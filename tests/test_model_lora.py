@@ -1,13 +1,16 @@
 """LoRA stacks: packing an adapter into a slot, swapping slots in place, packed projections."""
 
+from dataclasses import fields
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.checkpoints import LoraModule, by_field, random_lora, tiny_config
 
-from models import LlamaConfig, init_lora_stacks, pack_adapter, set_slot
+from models import LayerLora, LlamaConfig, init_lora_stacks, pack_adapter, set_slot
 from models.layers import TokenBatch, project
+from models.lora import SLOT_AXIS
 from pallas_kernels import lora_apply
 
 CONFIG = LlamaConfig.from_dict(tiny_config())
@@ -17,8 +20,8 @@ def test_stacks_are_zeros_shaped_layers_by_slots():
     stacks = init_lora_stacks(CONFIG, num_slots=3, max_rank=8, dtype=jnp.bfloat16)
     assert len(stacks.layers) == 2
     layer = stacks.layer(1)
-    assert layer.qkv_a.shape == (3, 64, 3 * 8) and layer.k_b.shape == (3, 8, 32)
-    assert layer.gate_up_a.shape == (3, 64, 16) and layer.down_a.shape == (3, 96, 8)
+    assert layer.qkv_a.shape == (64, 3, 3 * 8) and layer.k_b.shape == (3, 8, 32)
+    assert layer.gate_up_a.shape == (64, 3, 16) and layer.down_a.shape == (96, 3, 8)
     assert (stacks.num_slots, stacks.max_rank) == (3, 8)
     assert all(x.dtype == jnp.bfloat16 and not x.any() for x in jax.tree.leaves(stacks))
 
@@ -67,11 +70,12 @@ def test_set_slot_replaces_one_slot_in_place_under_jit_without_recompiling():
     stacks = swap(stacks, jnp.int32(2), first)
     stacks = swap(stacks, jnp.int32(0), second)
     assert len(traces) == 1
-    for got, one, two in zip(jax.tree.leaves(stacks), jax.tree.leaves(first),
-                             jax.tree.leaves(second), strict=True):
-        np.testing.assert_array_equal(got[2], one)
-        np.testing.assert_array_equal(got[0], two)
-        assert not np.asarray(got[1]).any()
+    for layer, one, two in zip(stacks.layers, first.layers, second.layers, strict=True):
+        for field in fields(LayerLora):
+            got = np.moveaxis(np.asarray(getattr(layer, field.name)), SLOT_AXIS[field.name], 0)
+            np.testing.assert_array_equal(got[2], getattr(one, field.name))
+            np.testing.assert_array_equal(got[0], getattr(two, field.name))
+            assert not got[1].any()
 
 
 def test_set_slot_rejects_an_adapter_packed_for_another_max_rank():
@@ -83,7 +87,7 @@ def test_set_slot_rejects_an_adapter_packed_for_another_max_rank():
 def test_a_q_and_v_only_adapter_in_the_packed_qkv_equals_separate_projections():
     lora = random_lora(CONFIG, targets=("q_proj", "v_proj"), rank=4, seed=3)
     stacks = set_slot(init_lora_stacks(CONFIG, 2, 4), 1, pack_adapter(CONFIG, lora, 4))
-    layer = stacks.layer(0)  # fields [S, ...]
+    layer = stacks.layer(0)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
     w = {name: jnp.asarray(rng.standard_normal((64, width)) / 8, jnp.float32)
@@ -96,7 +100,7 @@ def test_a_q_and_v_only_adapter_in_the_packed_qkv_equals_separate_projections():
 
     def separate(name, a, b):
         y = jnp.dot(x, w[name], preferred_element_type=jnp.float32)
-        single = jnp.stack([jnp.zeros_like(jnp.asarray(a)), jnp.asarray(a)])  # slot 1 only
+        single = jnp.stack([jnp.zeros_like(jnp.asarray(a)), jnp.asarray(a)], 1)  # slot 1 only
         return np.asarray(lora_apply(y, x, single, jnp.stack([jnp.zeros_like(b), b]), slot))
 
     np.testing.assert_array_equal(k, np.asarray(jnp.dot(x, w["k"])))
