@@ -161,7 +161,7 @@ def lora_apply_sliced(
     y, x, a, bs: Sequence[jax.Array], slot, *, backend: str | None = None,
     pattern: str | None = None, block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
-    """Fused projection: y [T, sum(w_i)], x [T, D_in], a [S, D_in, n*R], bs n arrays [S, R, w_i].
+    """Fused projection: y [T, sum(w_i)], x [T, D_in], a [D_in, S, n*R], bs n arrays [S, R, w_i].
 
     Slice i of the output gets (x @ a[:, slot, i*R:(i+1)*R]) @ bs[i][slot].
     """
@@ -176,5 +176,7 @@ def lora_apply_sliced(
     resolved = _resolve(backend, pattern, block_sizes)
     if resolved[1] is not None:
         blocks.check_rank(bs[0].shape[1])
+    if resolved[0] == "dense":
+        return dense.apply_sliced(y, x, a, bs, slot)
     h = _shrink(x, a, slot, *resolved)
     return _expand(y, h, bs, slot, *resolved)

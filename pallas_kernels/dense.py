@@ -50,6 +50,30 @@ def expand_sliced(
     return jnp.where(slot[:, None] >= 0, out, y)
 
 
+def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Array],
+                 slot: jax.Array) -> jax.Array:
+    """shrink then expand_sliced without picking each token's rank-R row in between.
+
+    The expand multiplies a one-hot-masked [T, S*R] anyway, so the shrink's every-slot output
+    is masked in place: two matmuls and elementwise work per slice, no per-token gather.
+    """
+    tokens, (d_in, num_slots, width) = x.shape[0], a.shape
+    if tokens < num_slots:
+        return expand_sliced(y, shrink(x, a, slot), bs, slot)
+    every = jnp.dot(x, a.reshape(d_in, num_slots * width), preferred_element_type=jnp.float32)
+    every = every.reshape(tokens, num_slots, width) * one_hot(slot, num_slots)[:, :, None]
+    rank = bs[0].shape[1]
+    deltas = [  # the fused projections' slices (q|k|v): a static handful
+        jnp.dot(every[:, :, i * rank:(i + 1) * rank].reshape(tokens, num_slots * rank)
+                .astype(b.dtype), b.reshape(num_slots * rank, b.shape[-1]),
+                preferred_element_type=jnp.float32)
+        for i, b in enumerate(bs)
+    ]
+    delta = deltas[0] if len(deltas) == 1 else jnp.concatenate(deltas, axis=-1)
+    out = (y.astype(jnp.float32) + delta).astype(y.dtype)
+    return jnp.where(slot[:, None] >= 0, out, y)
+
+
 def _delta(h: jax.Array, b: jax.Array, slot: jax.Array) -> jax.Array:
     """h [T, R] float32, b [S, R, W] -> h @ b[slot] [T, W] float32 (rows of slot -1: unused)."""
     tokens = h.shape[0]
