@@ -14,7 +14,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     max_num_seqs: int = 32
     max_model_len: int | None = None
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 256
     seed: int = 0
     lora_backend: str | None = None

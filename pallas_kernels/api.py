@@ -7,15 +7,15 @@ backend:
   "dense"             plain JAX, one matmul over all slots then a per-token select (dense.py).
   "reference"         plain JAX per-token gather: the definition every backend must equal.
 None picks "pallas" on GPU and "dense" elsewhere. Measured with scripts/bench_kernels.py
---reduced on this project's 2-core CPU machine, shared with other jobs (float32, lora_apply,
-D_in = D_out = 1024, R = 16, best of 15 rounds), dense against reference: decode T=32, S=8:
-about 200 vs 440-500 us (2.2-2.5x); T=256, S=32: 3.8-5x; prefill T=1024, S=4: 23-38x; T=1 < S:
-equal (dense then uses the per-token gather itself). The reference materializes T gathered
-copies of the adapters ([T, D, R] and [T, R, D_out]); dense reads each adapter once and runs two
-plain matmuls, at S times the minimal FLOPs (jax.lax.ragged_dot and a sort-into-blocks batched
-matmul were measured slower on XLA:CPU). One layer's seven projections in a decode step
-(hidden 1024, intermediate 2816, T=32, S=8, R=16) cost 1.15-1.3x the same step without
-adapters with dense, 2.4-2.9x with reference.
+--reduced on this project's 2-core CPU machine (float32, lora_apply, D_in = D_out = 1024,
+R = 16, best of the rounds), dense against reference: decode T=32, S=8: 84 vs 155 us (1.8x);
+T=256, S=32: 6.2x; prefill T=1024, S=4: 27x; T=1 < S: 1.3x (dense then uses the per-token
+gather itself). The reference materializes T gathered copies of the adapters ([D, T, R] and
+[T, R, D_out]); dense reads each adapter once and runs two plain matmuls (the slot-interleaved
+a [D_in, S, R] is already the [D_in, S*R] matrix of the first), at S times the minimal FLOPs
+(jax.lax.ragged_dot and a sort-into-blocks batched matmul were measured slower on XLA:CPU).
+In the whole bench model (scripts/bench_model.py: 8 layers, 32 rows, 8 adapters of rank 16 on
+all seven projections) a decode step with adapters costs 1.07x the step without.
 
 pattern ("gather" | "grouped" | None) and block_sizes (BlockSizes) tune the Pallas backends
 and are ignored by the others. A slot of -1 means no adapter: that token gets exactly y back;
