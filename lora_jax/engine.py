@@ -2,22 +2,22 @@
 
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lora_jax.adapters import LoRAAdapter, load_adapter
+from lora_jax.adapters import LoRAAdapter
 from lora_jax.config import EngineConfig
 from lora_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lora_jax.registry import AdapterRegistry
 from lora_jax.request import LoRARequest
 from lora_jax.runner import RowInput, Runner
 from lora_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 from lora_jax.scheduler import Scheduler, Sequence
 from lora_jax.slots import AdapterSlots
 from lora_jax.tokenizer import TextStream, TextTokenizer
-from models import load_llama, pack_adapter
+from models import load_llama
 
 
 def resolve_model_path(model: str) -> Path:
@@ -84,8 +84,10 @@ class Engine:
                       if config.enable_lora else None)
         self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
                              dtype=dtype, lora_backend=config.lora_backend)
-        self._cpu_loras: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
-        self._in_memory: set[int] = set()  # no path to reload them from: never evicted
+        self.adapters = AdapterRegistry(
+            mc, max_lora_rank=config.max_lora_rank, served=config.model,
+            served_path=self.model_path,
+            capacity=config.max_cpu_loras or max(config.max_loras, 8))
         self._owner: dict[int, tuple[_Request, int]] = {}
         self._next_seq = 0
         self._rng = np.random.default_rng(config.seed)
@@ -93,73 +95,36 @@ class Engine:
     # Adapters -----------------------------------------------------------------------------
 
     def add_lora(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
-        """Load (or take the given in-memory) adapter into the CPU cache; reuse it when known."""
+        """Load (or take the given in-memory) adapter into the CPU registry; reuse it when
+        known. New weights under an id already in a slot replace it there, compiling nothing."""
         if self.slots is None:
             raise ValueError(f"adapter {req.lora_name!r} was requested but LoRA is off; "
                              "create the LLM with enable_lora=True")
-        known = self._cpu_loras.get(req.lora_int_id)
-        if known is not None and adapter is None:
-            if known[0].lora_path != req.lora_path:
-                raise ValueError(f"lora_int_id {req.lora_int_id} is already registered for "
-                                 f"{known[0].lora_path!r}; adapter {req.lora_name!r} at "
-                                 f"{req.lora_path!r} needs its own id")
-            self._cpu_loras.move_to_end(req.lora_int_id)
-            return known[1]
-        self._check_base_model(req)
-        if adapter is None:
-            adapter = load_adapter(req.lora_path, name=req.lora_name, base=self.model.config,
-                                   max_lora_rank=self.config.max_lora_rank)
-        else:
-            self._check_in_memory(req, adapter)
-            self._in_memory.add(req.lora_int_id)
-        self._cpu_loras[req.lora_int_id] = (req, adapter)
-        if known is not None:
+        adapter, replaced = self.adapters.register(req, adapter)
+        if replaced:
             self.slots.reload(req.lora_int_id, adapter)
-        limit = self.config.max_cpu_loras or max(self.config.max_loras, 8)
-        in_slots = set(self.slots.loaded()) | self.scheduler.pinned | self._in_memory
-        while len(self._cpu_loras) > limit:
-            victim = next((i for i in self._cpu_loras if i not in in_slots), None)
-            if victim is None:
-                break
-            del self._cpu_loras[victim]
+        self.adapters.trim(protected=set(self.slots.loaded()) | self.scheduler.pinned)
         return adapter
-
-    def _check_in_memory(self, req: LoRARequest, adapter: LoRAAdapter) -> None:
-        """What load_adapter checks of a folder (shapes, rank), for weights handed over in
-        memory: fail here, not later inside a step that serves other requests too."""
-        try:
-            pack_adapter(self.model.config, adapter.modules, self.config.max_lora_rank)
-        except ValueError as err:
-            raise ValueError(f"adapter {req.lora_name!r}: {err}") from err
-
-    def _check_base_model(self, req: LoRARequest) -> None:
-        if req.base_model_name is None:
-            return
-        names = {self.config.model, str(self.model_path), self.model_path.name}
-        if req.base_model_name not in names and Path(req.base_model_name).name not in names:
-            raise ValueError(f"adapter {req.lora_name!r} is for base model "
-                             f"{req.base_model_name!r}, but this LLM serves {self.config.model!r}")
 
     def remove_lora(self, lora_id: int) -> bool:
         if lora_id in self.scheduler.adapters_in_use():
             raise ValueError(f"adapter {lora_id} is used by running requests; remove it later")
         self.scheduler.pinned.discard(lora_id)
-        self._in_memory.discard(lora_id)
         if self.slots is not None:
             self.slots.evict(lora_id)
-        return self._cpu_loras.pop(lora_id, None) is not None
+        return self.adapters.remove(lora_id)
 
     def list_loras(self) -> set[int]:
-        return set(self._cpu_loras)
+        return self.adapters.ids()
 
     def pin_lora(self, lora_id: int) -> bool:
-        if lora_id not in self._cpu_loras or self.slots is None:
+        if lora_id not in self.adapters or self.slots is None:
             raise ValueError(f"adapter {lora_id} is not loaded; add_lora it first")
         held = self.scheduler.adapters_in_use() | self.scheduler.pinned
         if lora_id not in held and len(held) >= self.config.max_loras:
             raise ValueError(f"cannot pin adapter {lora_id}: all {self.config.max_loras} "
                              "slots are held by pinned or running adapters")
-        self.slots.activate({lora_id: self._cpu_loras[lora_id][1]}, keep=held)
+        self.slots.activate({lora_id: self.adapters.adapter(lora_id)}, keep=held)
         self.scheduler.pinned.add(lora_id)
         return True
 

@@ -1,5 +1,7 @@
 """The benchmark's peer: the same workload through transformers + PEFT mixed-adapter batches.
 
+It gets what lora-jax gets: a warm-up run first; then the better of two timed runs.
+
 Needs the `reference` extra (torch, transformers, peft). The adapters are the benchmark's own
 random adapters, saved in the PEFT format, so both sides compute the same function.
 """
@@ -36,18 +38,28 @@ def run_peft(model_dir: str, args, num_adapters: int) -> dict:
             else:
                 model.load_adapter(folder, adapter_name=f"a{i + 1}")
         ids = torch.tensor(np.array([p["prompt_token_ids"] for p in prompts]))
-        kwargs = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len,
-                      do_sample=False, pad_token_id=0)
-        start = time.perf_counter()
-        generated = 0
-        with torch.inference_mode():
-            for lo in range(0, len(prompts), args.max_num_seqs):
-                batch = ids[lo:lo + args.max_num_seqs]
-                extra = {"adapter_names": names[lo:lo + args.max_num_seqs]} if num_adapters \
-                    else {}
-                out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch),
-                                     **kwargs, **extra)
-                generated += (out.shape[1] - batch.shape[1]) * batch.shape[0]
-        elapsed = time.perf_counter() - start
+        kwargs = dict(do_sample=False, pad_token_id=0)
+
+        def generate(new_tokens: int) -> int:
+            generated = 0
+            with torch.inference_mode():
+                for lo in range(0, len(prompts), args.max_num_seqs):
+                    batch = ids[lo:lo + args.max_num_seqs]
+                    extra = ({"adapter_names": names[lo:lo + args.max_num_seqs]}
+                             if num_adapters else {})
+                    out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch),
+                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                         **kwargs, **extra)
+                    generated += (out.shape[1] - batch.shape[1]) * batch.shape[0]
+            return generated
+
+        generate(4)  # warm-up, as lora-jax gets one: first-call allocation and kernel setup
+        # The better of two timed runs: torch's speed on this shared machine varies run to run,
+        # and the comparison should not profit from the peer's bad luck.
+        elapsed = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            generated = generate(args.output_len)
+            elapsed = min(elapsed, time.perf_counter() - start)
     return {"generated_tokens": generated, "seconds": round(elapsed, 3),
             "tokens_per_s": round(generated / elapsed, 2)}
