@@ -76,10 +76,12 @@ def workload(args, num_adapters: int, vocab: int):
     return prompts, [groups[i % len(groups)] for i in range(args.num_requests)]
 
 
-def run(llm: LLM, prompts, loras, output_len: int) -> dict:
+def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
+        top_p: float = 1.0) -> dict:
     """Drive the engine step by step; return throughput and latency figures."""
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=output_len,
+                            ignore_eos=True, seed=0 if temperature else None)
     start = time.perf_counter()
     for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
         engine.add_request(f"bench-{i}", None, prompt["prompt_token_ids"], params, lora)
@@ -110,9 +112,10 @@ def bench_one(args, model: str, num_adapters: int) -> dict:
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
                      random_adapter(config, args.rank, seed=i))
     prompts, loras = workload(args, num_adapters, config.vocab_size)
-    run(llm, prompts, loras, args.output_len)  # warm-up: compiles every bucket it needs
+    sampling = dict(temperature=args.temperature, top_p=args.top_p)
+    run(llm, prompts, loras, args.output_len, **sampling)  # warm-up: compiles every bucket
     compiles, compile_s = counter.count, counter.seconds
-    result = run(llm, prompts, loras, args.output_len)
+    result = run(llm, prompts, loras, args.output_len, **sampling)
     counter.close()
     stats = jax.devices()[0].memory_stats() or {}
     return {"num_adapters": num_adapters, **result, "compilations": compiles,
@@ -137,6 +140,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of both engines (auto: the checkpoint's, float32 for "
                         "the bench model)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (the default); the PEFT peer samples the same way")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--include-base", action="store_true",
                    help="the base model takes a share of the requests too")
     p.add_argument("--compare-base", action="store_true", help="also run without adapters")
@@ -157,7 +163,8 @@ def run_command(args: argparse.Namespace) -> int:
     runs = [bench_one(args, model, m) for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":
               args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
-              "rank": args.rank, "max_loras": args.max_loras, "dtype": args.dtype, "runs": runs}
+              "rank": args.rank, "max_loras": args.max_loras, "dtype": args.dtype,
+              "temperature": args.temperature, "top_p": args.top_p, "runs": runs}
     if args.compare_base:
         base = bench_one(args, model, 0)
         report["base"] = base

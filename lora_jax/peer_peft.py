@@ -16,7 +16,8 @@ from lora_jax.adapters import save_adapter
 
 
 def run_peft(model_dir: str, args, num_adapters: int) -> dict:
-    """Greedy generation of the benchmark workload with PeftModel.generate(adapter_names=...)."""
+    """The benchmark workload through PeftModel.generate(adapter_names=...): greedy, or
+    sampled with the benchmark's temperature and top-p."""
     import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
@@ -39,6 +40,9 @@ def run_peft(model_dir: str, args, num_adapters: int) -> dict:
                 model.load_adapter(folder, adapter_name=f"a{i + 1}")
         ids = torch.tensor(np.array([p["prompt_token_ids"] for p in prompts]))
         kwargs = dict(do_sample=False, pad_token_id=0)
+        if args.temperature > 0:  # the same sampling as lora-jax's side of the benchmark
+            kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                          top_k=0)
 
         def generate(new_tokens: int) -> int:
             generated = 0

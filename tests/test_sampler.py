@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 
 from lora_jax.sampler import (
+    EVERYTHING,
     History,
     SamplingArrays,
     SamplingMode,
+    _filter,
+    _largest_threshold,
+    _sortable,
     first_argmax,
     mode_of,
     penalize,
@@ -95,15 +99,74 @@ def _host(params: SamplingArrays) -> SamplingArrays:
 
 
 def test_the_mode_of_a_batch_names_only_the_work_some_row_needs():
-    assert mode_of(_host(_params(4, temperature=0.0))) == SamplingMode(False, False, False)
-    # A filter on a greedy row changes nothing, so it asks for no sorting.
-    assert mode_of(_host(_params(4, temperature=0.0, top_k=3))) == SamplingMode(False, False,
-                                                                                 False)
-    assert mode_of(_host(_params(4, temperature=0.7))) == SamplingMode(True, False, False)
-    assert mode_of(_host(_params(4, temperature=0.7, top_p=0.9))) == SamplingMode(True, True,
-                                                                                  False)
-    assert mode_of(_host(_params(4, temperature=0.0, repetition=1.2))) == SamplingMode(
-        False, False, True)
+    none = SamplingMode(False, False, False, False, False)
+    assert mode_of(_host(_params(4, temperature=0.0))) == none
+    # A filter on a greedy row changes nothing, so it asks for no filtering.
+    assert mode_of(_host(_params(4, temperature=0.0, top_k=3))) == none
+    assert mode_of(_host(_params(4, temperature=0.7))) == none._replace(random=True)
+    assert mode_of(_host(_params(4, temperature=0.7, top_p=0.9, min_p=0.1))) == none._replace(
+        random=True, top_p=True, min_p=True)
+    assert mode_of(_host(_params(4, temperature=0.7, top_k=5))) == none._replace(
+        random=True, top_k=True)
+    assert mode_of(_host(_params(4, temperature=0.0, repetition=1.2))) == none._replace(
+        penalties=True)
+
+
+def _vllm_kept(scaled, top_k, top_p, min_p):
+    """vLLM's filters row by row in numpy (sort-based): min-p on the full distribution, top-k,
+    then top-p on the renormalized rest -> bool mask of kept tokens."""
+    keep = np.ones(scaled.shape, bool)
+    for r, x in enumerate(np.asarray(scaled, np.float64)):
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        alive = probs >= min_p[r] * probs.max()
+        order = np.argsort(-x)
+        if top_k[r] > 0:
+            alive[order[top_k[r]:]] = False
+        q = np.where(alive, probs, 0.0)
+        q /= q.sum()
+        ascending = order[::-1]
+        dropped = np.cumsum(q[ascending]) <= 1 - top_p[r]
+        dropped[-1] = False  # the top token always stays
+        alive[ascending[dropped]] = False
+        keep[r] = alive
+    return keep
+
+
+def test_filters_keep_exactly_the_tokens_vllm_keeps():
+    rng = np.random.default_rng(3)
+    rows, vocab = 24, 300
+    scaled = rng.standard_normal((rows, vocab)).astype(np.float32) * 3.0
+    top_k = rng.choice([-1, 1, 7, 40, 299], rows).astype(np.int32)
+    top_p = rng.choice([1.0, 0.9, 0.5, 0.05], rows).astype(np.float32)
+    min_p = rng.choice([0.0, 0.01, 0.2], rows).astype(np.float32)
+    params = SamplingArrays(jnp.ones(rows), jnp.asarray(top_k), jnp.asarray(top_p),
+                            jnp.asarray(min_p), *[jnp.zeros(rows)] * 5)
+    masked = jax.jit(_filter, static_argnums=2)(jnp.asarray(scaled), params, EVERYTHING)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(masked)),
+                                  _vllm_kept(scaled, top_k, top_p, min_p))
+
+
+def test_thresholds_are_exact_over_negative_and_infinite_logits():
+    x = jnp.asarray([[-jnp.inf, -3.5, -1e-30, 0.0, 2.25, 2.25, 7.0, -jnp.inf]], jnp.float32)
+    keys = _sortable(x)
+    for k, want in ((1, 7.0), (2, 2.25), (4, 0.0), (5, -1e-30), (6, -3.5)):
+        t = _largest_threshold(keys, lambda t, k=k: jnp.sum(keys >= t[:, None], -1) >= k)
+        value = jax.lax.bitcast_convert_type(jnp.where(t < 0, t ^ 0x7FFFFFFF, t), jnp.float32)
+        assert np.asarray(value)[0] == np.float32(want)
+
+
+def test_the_draw_follows_the_distribution_across_blocks_and_never_picks_a_masked_token():
+    vocab = 300  # three blocks of the two-level inverse CDF, the last one partial
+    logits = np.full(vocab, -jnp.inf, np.float32)
+    logits[[5, 130, 131, 299]] = np.log([0.1, 0.2, 0.3, 0.4])
+    rows = 6000
+    params = _params(rows)._replace(seed=jnp.arange(rows, dtype=jnp.uint32))
+    out = _sample(jnp.tile(jnp.asarray(logits), (rows, 1)), params, 0)
+    tokens = np.asarray(out.tokens)
+    assert set(tokens.tolist()) <= {5, 130, 131, 299}
+    freq = np.array([(tokens == t).mean() for t in (5, 130, 131, 299)])
+    np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4], atol=0.02)
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=0.8),
