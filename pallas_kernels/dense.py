@@ -27,12 +27,11 @@ def one_hot(slot: jax.Array, num_slots: int) -> jax.Array:
 
 def shrink(x: jax.Array, a: jax.Array, slot: jax.Array) -> jax.Array:
     """x [T, D_in], a [D_in, S, R], slot [T] int32 -> h [T, R] float32."""
-    tokens, (d_in, num_slots, rank) = x.shape[0], a.shape
+    tokens, num_slots = x.shape[0], a.shape[1]
     if tokens < num_slots:
         return reference.shrink(x, a, slot)
-    every = jnp.dot(x, a.reshape(d_in, num_slots * rank), preferred_element_type=jnp.float32)
-    picked = jnp.take_along_axis(every.reshape(tokens, num_slots, rank),
-                                 jnp.maximum(slot, 0)[:, None, None], axis=1)[:, 0]
+    picked = jnp.take_along_axis(_every_slot(x, a), jnp.maximum(slot, 0)[:, None, None],
+                                 axis=1)[:, 0]
     return jnp.where(slot[:, None] >= 0, picked, 0.0)
 
 
@@ -41,51 +40,53 @@ def expand_sliced(
 ) -> jax.Array:
     """y [T, sum W_i], h [T, n*R], bs n arrays [S, R, W_i] -> y + per-slice h_i @ b_i[slot]."""
     rank = bs[0].shape[1]
-    deltas = [  # the fused projections' slices (q|k|v): a static handful
-        _delta(h[:, i * rank : (i + 1) * rank].astype(jnp.float32), b, slot)
-        for i, b in enumerate(bs)
-    ]
-    delta = deltas[0] if len(deltas) == 1 else jnp.concatenate(deltas, axis=-1)
-    out = (y.astype(jnp.float32) + delta).astype(y.dtype)
-    return jnp.where(slot[:, None] >= 0, out, y)
+    if h.shape[0] < bs[0].shape[0]:  # fewer tokens than slots: gather each token's B
+        deltas = [jnp.einsum("tr,trw->tw", h[:, i * rank:(i + 1) * rank].astype(jnp.float32),
+                             jnp.take(b, jnp.maximum(slot, 0), axis=0),
+                             preferred_element_type=jnp.float32) for i, b in enumerate(bs)]
+        return _add(y, deltas, slot)
+    masked = one_hot(slot, bs[0].shape[0])[:, :, None] * h.astype(jnp.float32)[:, None, :]
+    return _add(y, _expand_masked(masked, bs), slot)
 
 
 def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Array],
                  slot: jax.Array) -> jax.Array:
     """shrink then expand_sliced without picking each token's rank-R row in between.
 
-    The expand multiplies a one-hot-masked [T, S*R] anyway, so the shrink's every-slot output
-    is masked in place: two matmuls and elementwise work per slice, no per-token gather.
+    The expand multiplies a one-hot-masked [T, S, n*R] anyway, so the shrink's every-slot
+    output is masked in place: two matmuls and elementwise work per slice, no per-token gather.
     """
-    tokens, (d_in, num_slots, width) = x.shape[0], a.shape
-    if tokens < num_slots:
+    num_slots = a.shape[1]
+    if x.shape[0] < num_slots:
         return expand_sliced(y, shrink(x, a, slot), bs, slot)
-    every = jnp.dot(x, a.reshape(d_in, num_slots * width), preferred_element_type=jnp.float32)
-    every = every.reshape(tokens, num_slots, width) * one_hot(slot, num_slots)[:, :, None]
+    masked = _every_slot(x, a) * one_hot(slot, num_slots)[:, :, None]
+    return _add(y, _expand_masked(masked, bs), slot)
+
+
+def _every_slot(x: jax.Array, a: jax.Array) -> jax.Array:
+    """x [T, D_in], a [D_in, S, R] -> [T, S, R] float32: every slot's shrink, one matmul."""
+    d_in, num_slots, rank = a.shape
+    every = jnp.dot(x, a.reshape(d_in, num_slots * rank), preferred_element_type=jnp.float32)
+    return every.reshape(x.shape[0], num_slots, rank)
+
+
+def _expand_masked(masked: jax.Array, bs: Sequence[jax.Array]) -> list[jax.Array]:
+    """masked [T, S, n*R] (zero outside each token's slot), bs n arrays [S, R, W_i] -> the n
+    deltas [T, W_i] float32: masked slice i [T, S*R] @ b_i viewed as [S*R, W_i] (free)."""
+    tokens, num_slots, _ = masked.shape
     rank = bs[0].shape[1]
-    deltas = [  # the fused projections' slices (q|k|v): a static handful
-        jnp.dot(every[:, :, i * rank:(i + 1) * rank].reshape(tokens, num_slots * rank)
-                .astype(b.dtype), b.reshape(num_slots * rank, b.shape[-1]),
-                preferred_element_type=jnp.float32)
-        for i, b in enumerate(bs)
-    ]
+    # In b's dtype: a mixed-dtype dot would convert all of b to float32 on every call.
+    return [jnp.dot(masked[:, :, i * rank:(i + 1) * rank].reshape(tokens, num_slots * rank)
+                    .astype(b.dtype), b.reshape(num_slots * rank, b.shape[-1]),
+                    preferred_element_type=jnp.float32)
+            for i, b in enumerate(bs)]  # the fused projections' slices (q|k|v): a handful
+
+
+def _add(y: jax.Array, deltas: list[jax.Array], slot: jax.Array) -> jax.Array:
+    """y [T, W] + the slices' deltas side by side, in y's dtype; slot -1 rows are y exactly."""
     delta = deltas[0] if len(deltas) == 1 else jnp.concatenate(deltas, axis=-1)
     out = (y.astype(jnp.float32) + delta).astype(y.dtype)
     return jnp.where(slot[:, None] >= 0, out, y)
-
-
-def _delta(h: jax.Array, b: jax.Array, slot: jax.Array) -> jax.Array:
-    """h [T, R] float32, b [S, R, W] -> h @ b[slot] [T, W] float32 (rows of slot -1: unused)."""
-    tokens = h.shape[0]
-    num_slots, rank, width = b.shape
-    if tokens < num_slots:
-        gathered = jnp.take(b, jnp.maximum(slot, 0), axis=0)  # [T, R, W]
-        return jnp.einsum("tr,trw->tw", h, gathered, preferred_element_type=jnp.float32)
-    masked = one_hot(slot, num_slots)[:, :, None] * h[:, None, :]
-    flat_b = b.reshape(num_slots * rank, width)  # free: slots and rank are the leading axes
-    # In b's dtype: a mixed-dtype dot would convert all of b to float32 on every call.
-    return jnp.dot(masked.reshape(tokens, num_slots * rank).astype(b.dtype), flat_b,
-                   preferred_element_type=jnp.float32)
 
 
 def slot_outer(u: jax.Array, v: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
