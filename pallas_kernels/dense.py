@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import reference
 
@@ -83,10 +84,17 @@ def _expand_masked(masked: jax.Array, bs: Sequence[jax.Array]) -> list[jax.Array
 
 
 def _add(y: jax.Array, deltas: list[jax.Array], slot: jax.Array) -> jax.Array:
-    """y [T, W] + the slices' deltas side by side, in y's dtype; slot -1 rows are y exactly."""
-    delta = deltas[0] if len(deltas) == 1 else jnp.concatenate(deltas, axis=-1)
-    out = (y.astype(jnp.float32) + delta).astype(y.dtype)
-    return jnp.where(slot[:, None] >= 0, out, y)
+    """y [T, sum W_i] + the slices' deltas [T, W_i], in y's dtype; slot -1 rows are y exactly.
+
+    Slice by slice, then side by side: XLA fuses each add into what the model does with its
+    slice next (the split of q|k|v or gate|up undoes the concatenation), where adding one
+    concatenated delta to y materializes both (about 6 ms of a 1024-token gate|up, bf16).
+    """
+    starts = np.cumsum([0] + [d.shape[-1] for d in deltas])
+    valid = slot[:, None] >= 0
+    outs = [jnp.where(valid, (y[:, lo:hi].astype(jnp.float32) + d).astype(y.dtype), y[:, lo:hi])
+            for lo, hi, d in zip(starts[:-1], starts[1:], deltas, strict=True)]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 
 
 def slot_outer(u: jax.Array, v: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
