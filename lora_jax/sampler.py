@@ -80,7 +80,9 @@ def first_argmax(x: jax.Array) -> jax.Array:
     """
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+    # A NaN matches itself here, so a row holding one gives its first NaN (as argmax does),
+    # never the out-of-vocabulary index V.
+    return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
 
 
 class Sampled(NamedTuple):

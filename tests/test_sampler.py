@@ -92,6 +92,8 @@ def test_first_argmax_is_argmax_and_takes_the_first_of_ties():
     logits[3, [5, 9, 40]] = logits[3].max() + 1.0  # a three-way tie for the top
     np.testing.assert_array_equal(first_argmax(jnp.asarray(logits)), np.argmax(logits, -1))
     assert int(first_argmax(jnp.asarray(logits))[3]) == 5
+    logits[7, 11] = np.nan  # a broken row still names a token inside the vocabulary
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(logits)), np.argmax(logits, -1))
 
 
 def _host(params: SamplingArrays) -> SamplingArrays:
