@@ -9,13 +9,13 @@ import importlib
 from lora_jax.request import LoRARequest
 
 _LAZY = {
-    "LLM": "lora_jax.llm",
+    "LLM": "lora_jax.entrypoints.llm",
     "SamplingParams": "lora_jax.sampling_params",
     "RequestOutput": "lora_jax.outputs",
     "CompletionOutput": "lora_jax.outputs",
-    "LoRAAdapter": "lora_jax.adapters",
-    "load_adapter": "lora_jax.adapters",
-    "save_adapter": "lora_jax.adapters",
+    "LoRAAdapter": "lora_jax.lora.adapters",
+    "load_adapter": "lora_jax.lora.adapters",
+    "save_adapter": "lora_jax.lora.adapters",
 }
 
 __all__ = ["LoRARequest", *_LAZY]

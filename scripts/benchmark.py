@@ -6,7 +6,7 @@
 
 import sys
 
-from lora_jax.bench import main
+from lora_jax.tools.serving_bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,12 +2,12 @@
 
     python scripts/train_lora.py --model BASE --data NAME=FILE [--data NAME=FILE ...] --out DIR
 
-Same as `lora-jax train`; see lora_jax/train_cli.py for the options (or --help).
+Same as `lora-jax train`; see lora_jax/cli/train.py for the options (or --help).
 """
 
 import sys
 
-from lora_jax.train_cli import main
+from lora_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

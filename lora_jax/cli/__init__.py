@@ -1,0 +1,1 @@
+"""The lora-jax command line: argument parsing and error lines."""

@@ -1,0 +1,1 @@
+"""Host-side serving core: scheduler, block pool. No JAX."""

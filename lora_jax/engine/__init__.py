@@ -1,0 +1,1 @@
+"""The engine: requests in, outputs out, over the scheduler and the runner."""

@@ -1,0 +1,293 @@
+"""The engine: requests in, continuous batching over adapters, finished outputs out."""
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lora_jax.config import EngineConfig
+from lora_jax.core.scheduler import Scheduler, Sequence
+from lora_jax.lora.adapters import LoRAAdapter
+from lora_jax.lora.registry import AdapterRegistry
+from lora_jax.lora.slots import AdapterSlots
+from lora_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lora_jax.request import LoRARequest
+from lora_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from lora_jax.tokenizer import TextStream, TextTokenizer
+from lora_jax.worker.runner import RowInput, Runner
+from models import load_llama
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local Hugging Face model folder, else a Hub id fetched with huggingface_hub."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model, allow_patterns=[
+            "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+            "tokenizer.json", "tokenizer_config.json"]))
+    except Exception as err:  # offline, not found, invalid id, gated
+        raise FileNotFoundError(f"model {model!r} is not a local folder, and fetching it as a "
+                                f"Hub repo id failed: {type(err).__name__}: {err}") from err
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora_request: LoRARequest | None
+    adapter: LoRAAdapter | None
+    rope_scale: float
+    max_len: int  # prompt + output never pass this
+    seeds: list[int]
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
+    seqs: list[Sequence] = field(default_factory=list)
+    completions: list[CompletionOutput] = field(default_factory=list)
+    streams: dict[int, TextStream] = field(default_factory=dict)  # stop strings: per completion
+
+    def output(self, tokenizer: TextTokenizer | None) -> RequestOutput:
+        for comp in self.completions:
+            if tokenizer is not None and not isinstance(comp.stop_reason, str):
+                comp.text = tokenizer.decode(comp.token_ids)  # a stop string already cut it
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.completions,
+                             finished=all(c.finished() for c in self.completions),
+                             lora_request=self.lora_request, metrics=self.metrics)
+
+
+class Engine:
+    """Holds the model, the KV cache, the adapter slots and the scheduler; `step` runs one batch."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.model = load_llama(self.model_path, dtype=config.dtype)
+        mc = self.model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        tok_path = Path(config.tokenizer) if config.tokenizer else self.model_path
+        self.tokenizer = (TextTokenizer(tok_path, mc.bos_token_id)
+                          if config.tokenizer or (tok_path / "tokenizer.json").is_file() else None)
+        self.eos_ids = {mc.eos_token_id} if isinstance(mc.eos_token_id, int) else set(
+            mc.eos_token_id or ())
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_prefill_chunk=config.max_prefill_chunk)
+        dtype = self.model.dtype
+        self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype)
+                      if config.enable_lora else None)
+        self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
+                             dtype=dtype, lora_backend=config.lora_backend)
+        self.adapters = AdapterRegistry(
+            mc, max_lora_rank=config.max_lora_rank, served=config.model,
+            served_path=self.model_path,
+            capacity=config.max_cpu_loras or max(config.max_loras, 8))
+        self._owner: dict[int, tuple[_Request, int]] = {}
+        self._next_seq = 0
+        self._rng = np.random.default_rng(config.seed)
+
+    # Adapters -----------------------------------------------------------------------------
+
+    def add_lora(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
+        """Load (or take the given in-memory) adapter into the CPU registry; reuse it when
+        known. New weights under an id already in a slot replace it there, compiling nothing."""
+        if self.slots is None:
+            raise ValueError(f"adapter {req.lora_name!r} was requested but LoRA is off; "
+                             "create the LLM with enable_lora=True")
+        adapter, replaced = self.adapters.register(req, adapter)
+        if replaced:
+            self.slots.reload(req.lora_int_id, adapter)
+        self.adapters.trim(protected=set(self.slots.loaded()) | self.scheduler.pinned)
+        return adapter
+
+    def remove_lora(self, lora_id: int) -> bool:
+        if lora_id in self.scheduler.adapters_in_use():
+            raise ValueError(f"adapter {lora_id} is used by running requests; remove it later")
+        self.scheduler.pinned.discard(lora_id)
+        if self.slots is not None:
+            self.slots.evict(lora_id)
+        return self.adapters.remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.adapters.ids()
+
+    def pin_lora(self, lora_id: int) -> bool:
+        if lora_id not in self.adapters or self.slots is None:
+            raise ValueError(f"adapter {lora_id} is not loaded; add_lora it first")
+        held = self.scheduler.adapters_in_use() | self.scheduler.pinned
+        if lora_id not in held and len(held) >= self.config.max_loras:
+            raise ValueError(f"cannot pin adapter {lora_id}: all {self.config.max_loras} "
+                             "slots are held by pinned or running adapters")
+        self.slots.activate({lora_id: self.adapters.adapter(lora_id)}, keep=held)
+        self.scheduler.pinned.add(lora_id)
+        return True
+
+    # Requests -----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int] | None,
+                    params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
+        """Validate and queue one request; ValueError / FileNotFoundError say what is wrong."""
+        params.validate()
+        if prompt_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer.json in the model folder (or "
+                                 "tokenizer=...); or pass {'prompt_token_ids': [...]}")
+            prompt_ids = self.tokenizer.encode(prompt)
+        prompt_ids = [int(t) for t in prompt_ids]
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise ValueError(f"request {request_id}: the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id}: token ids {bad[:5]} are outside the "
+                             f"vocabulary [0, {vocab})")
+        rope_scale, max_len = 1.0, self.max_model_len
+        adapter = self.add_lora(lora_request) if lora_request is not None else None
+        if lora_request is not None and lora_request.long_lora_max_len:
+            long_len = lora_request.long_lora_max_len
+            if long_len > self.max_model_len:
+                raise ValueError(f"adapter {lora_request.lora_name!r} has long_lora_max_len "
+                                 f"{long_len} above max_model_len {self.max_model_len}; "
+                                 "create the LLM with a larger max_model_len")
+            base_len = self.model.config.max_position_embeddings
+            rope_scale, max_len = float(max(1, math.ceil(long_len / base_len))), long_len
+        if len(prompt_ids) >= max_len:
+            raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves "
+                             f"no room to generate within max_model_len {max_len}")
+        seeds = [(params.seed + i) % 2**32 if params.seed is not None
+                 else int(self._rng.integers(2**32)) for i in range(params.n)]
+        req = _Request(request_id, prompt, prompt_ids, params, lora_request, adapter, rope_scale,
+                       max_len, seeds)
+        for i in range(params.n):
+            seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id)
+            self._next_seq += 1
+            self._owner[seq.seq_id] = (req, i)
+            req.seqs.append(seq)
+            req.completions.append(CompletionOutput(
+                i, "", seq.output_ids, 0.0, [] if params.logprobs is not None else None))
+            self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return self._fail_unschedulable()
+        if self.slots is not None:
+            needed = {s.adapter: self._owner[s.seq_id][0].adapter for s in batch.seqs()
+                      if s.adapter is not None}
+            held = self.scheduler.adapters_in_use() | self.scheduler.pinned
+            self.slots.activate(needed, keep=held)
+        done: list[Sequence] = []
+        if batch.decodes:
+            rows = [self._row(s, [s.output_ids[-1]], s.num_cached) for s in batch.decodes]
+            out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.decodes))
+            for i, seq in enumerate(batch.decodes):
+                seq.num_cached += 1
+                self._append(seq, i, out, done)
+        if batch.prefills:
+            rows = [self._row(c.seq, c.seq.prompt_ids[c.start:c.start + c.length], c.start,
+                              prompt=True, keeps=c.completes_prompt) for c in batch.prefills]
+            seqs = [c.seq for c in batch.prefills]
+            out = self.runner.run(rows, self._stacks(), self._num_logprobs(seqs))
+            for i, chunk in enumerate(batch.prefills):
+                chunk.seq.num_cached += chunk.length
+                if chunk.completes_prompt:
+                    self._append(chunk.seq, i, out, done)
+        return self._finish(done)
+
+    def _stacks(self):
+        return self.slots.stacks if self.slots is not None else None
+
+    def _num_logprobs(self, seqs: list[Sequence]) -> int:
+        # One static size (0 or MAX_LOGPROBS) keeps the count of compiled programs small.
+        wanted = any(self._owner[s.seq_id][0].params.logprobs is not None for s in seqs)
+        return MAX_LOGPROBS if wanted else 0
+
+    def _row(self, seq: Sequence, tokens: list[int], start: int, *, prompt: bool = False,
+             keeps: bool = True) -> RowInput:
+        req, i = self._owner[seq.seq_id]
+        p = req.params
+        slot = self.slots.slot_of(seq.adapter) if seq.adapter is not None else -1
+        return RowInput(tokens, start, seq.row, slot, req.rope_scale, p.temperature, p.top_k,
+                        p.top_p, p.min_p, req.seeds[i], len(seq.output_ids),
+                        p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                        prompt, keeps)
+
+    def _append(self, seq: Sequence, i: int, out, done: list[Sequence]) -> None:
+        req, index = self._owner[seq.seq_id]
+        comp, p = req.completions[index], req.params
+        token = int(out.tokens[i])
+        seq.output_ids.append(token)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.perf_counter()
+        comp.cumulative_logprob += float(out.logprob[i])
+        if comp.logprobs is not None:
+            k = p.logprobs
+            entry = {int(t): float(lp) for t, lp in zip(out.top_ids[i][:k],
+                                                        out.top_logprobs[i][:k], strict=True)}
+            entry[token] = float(out.logprob[i])
+            comp.logprobs.append(entry)
+        if token in self.eos_ids and not p.ignore_eos:
+            comp.finish_reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            comp.finish_reason, comp.stop_reason = "stop", token
+        elif p.stop_strings and self.tokenizer is not None and self._hit_stop_string(
+                comp, p, req.streams.setdefault(index, self.tokenizer.stream()), token):
+            comp.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or (
+                len(seq.prompt_ids) + len(seq.output_ids) >= req.max_len):
+            comp.finish_reason = "length"
+        if comp.finish_reason is not None:
+            done.append(seq)
+
+    @staticmethod
+    def _hit_stop_string(comp: CompletionOutput, p: SamplingParams, stream: TextStream,
+                         token: int) -> bool:
+        """Decode one more token; a stop string can only end in the new text, so only the
+        tail that could hold it is searched (the output is never decoded whole per token)."""
+        piece = stream.add(token)
+        if not piece:
+            return False
+        text = stream.text
+        tail = max(0, len(text) - len(piece) - max(map(len, p.stop_strings)) + 1)
+        hits = [(at, s) for s in p.stop_strings if (at := text.find(s, tail)) >= 0]
+        if not hits:
+            return False
+        at, stop = min(hits)
+        comp.text, comp.stop_reason = text[:at], stop
+        return True
+
+    def _finish(self, done: list[Sequence]) -> list[RequestOutput]:
+        self.scheduler.finish(done)
+        finished = []
+        for seq in done:
+            req, _ = self._owner.pop(seq.seq_id)
+            if all(c.finished() for c in req.completions) and req not in finished:
+                req.metrics.finished_time = time.perf_counter()
+                finished.append(req)
+        return [req.output(self.tokenizer) for req in finished]
+
+    def _fail_unschedulable(self) -> list[RequestOutput]:
+        """Nothing runs and nothing can start: the waiting adapters can never get a slot."""
+        failed = []
+        for seq in list(self.scheduler.waiting):
+            req, _ = self._owner.pop(seq.seq_id)
+            if req not in failed:
+                failed.append(req)
+        self.scheduler.finish([s for r in failed for s in r.seqs])
+        outputs = []
+        for req in failed:
+            out = RequestOutput(req.request_id, req.prompt, req.prompt_ids, [], True,
+                                req.lora_request, error=f"adapter {req.lora_request.lora_name!r}"
+                                " can never get a slot: all max_loras slots are pinned")
+            outputs.append(out)
+        return outputs

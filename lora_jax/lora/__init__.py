@@ -1,0 +1,1 @@
+"""Adapters: PEFT loading and validation, the CPU registry, device slots."""

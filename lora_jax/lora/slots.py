@@ -1,0 +1,62 @@
+"""Device slots for adapters: the stacked LoRA tensors the jitted step reads.
+
+Filling a slot is one jitted, donated update with the slot index as a traced argument, so
+loading, swapping and evicting adapters never compiles anything new after the first fill.
+"""
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.lora.adapters import LoRAAdapter
+from models.config import LlamaConfig
+from models.lora import LoraStacks, init_lora_stacks, pack_adapter, set_slot
+
+
+class AdapterSlots:
+    """num_slots device slots, least-recently-used eviction, never evicting an adapter in use."""
+
+    def __init__(self, config: LlamaConfig, num_slots: int, max_rank: int, dtype="float32"):
+        self.config, self.max_rank, self.dtype = config, max_rank, dtype
+        self.stacks: LoraStacks = init_lora_stacks(config, num_slots, max_rank, dtype)
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, LRU first
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._set = jax.jit(set_slot, donate_argnums=0)
+
+    def slot_of(self, lora_id: int) -> int | None:
+        return self._slot_of.get(lora_id)
+
+    def loaded(self) -> list[int]:
+        return list(self._slot_of)
+
+    def activate(self, adapters: Mapping[int, LoRAAdapter], keep: set[int]) -> None:
+        """Give each adapter a slot; evict only adapters outside `keep` and outside `adapters`."""
+        protected = keep | set(adapters)
+        for lora_id, adapter in adapters.items():
+            if lora_id in self._slot_of:
+                self._slot_of.move_to_end(lora_id)
+                continue
+            if not self._free:
+                victim = next((i for i in self._slot_of if i not in protected), None)
+                if victim is None:
+                    raise RuntimeError(f"no free adapter slot for adapter {lora_id}: all "
+                                       f"{len(self._slot_of)} slots hold adapters in use")
+                self._free.append(self._slot_of.pop(victim))
+            self._slot_of[lora_id] = self._free.pop()
+            self._write(self._slot_of[lora_id], adapter)
+
+    def reload(self, lora_id: int, adapter: LoRAAdapter) -> None:
+        """New weights for an adapter already in a slot (same shapes: nothing recompiles)."""
+        if lora_id in self._slot_of:
+            self._write(self._slot_of[lora_id], adapter)
+
+    def evict(self, lora_id: int) -> None:
+        slot = self._slot_of.pop(lora_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        packed = pack_adapter(self.config, adapter.modules, self.max_rank, self.dtype)
+        self.stacks = self._set(self.stacks, jnp.int32(slot), packed)

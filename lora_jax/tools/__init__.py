@@ -1,0 +1,1 @@
+"""Tools: benchmarks, peers, the tiny demo model."""

@@ -1,0 +1,207 @@
+"""Serving benchmarks: generated tokens/s, time to first token, step latency, compilations.
+
+`lora-jax bench` and scripts/benchmark.py call `main`. Everything it prints is JSON-ready;
+the model is any Hugging Face folder, or a generated bench model with random weights.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lora_jax.entrypoints.llm import LLM
+from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights
+from lora_jax.request import LoRARequest
+from lora_jax.sampling_params import SamplingParams
+from models import Llama, LlamaConfig
+
+BENCH_CONFIG = LlamaConfig(
+    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+    num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=2048,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def ensure_bench_model(folder: Path) -> Path:
+    """The bench model (random weights) as a Hugging Face folder, written once."""
+    if not (folder / "config.json").is_file():
+        from flax import nnx
+
+        from lora_jax.tools.tiny import save_llama
+
+        save_llama(Llama(BENCH_CONFIG, rngs=nnx.Rngs(0)), folder)
+    return folder
+
+
+def random_adapter(config: LlamaConfig, rank: int, seed: int) -> LoRAAdapter:
+    """An in-memory adapter on all seven projections with random, non-zero A and B."""
+    rng = np.random.default_rng(seed)
+    layers, modules = config.num_hidden_layers, {}
+    for proj in PROJECTIONS:
+        d_in, d_out = config.projection_shapes()[proj]
+        modules[proj] = LoRAWeights(
+            (rng.standard_normal((layers, d_in, rank)) / np.sqrt(d_in)).astype(np.float32),
+            (rng.standard_normal((layers, rank, d_out)) * 0.01).astype(np.float32))
+    return LoRAAdapter(name=f"bench-{seed}", modules=modules, path=f"memory://bench-{seed}")
+
+
+class CompileCounter:
+    """Counts XLA backend compilations and their seconds while registered."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, seconds, **_):
+        if name == self.EVENT:
+            self.count += 1
+            self.seconds += seconds
+
+    def close(self):
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+def workload(args, num_adapters: int, vocab: int):
+    """(prompts, lora requests): requests cycle over the adapters (and the base model first,
+    with --include-base); no adapters means all base."""
+    rng = np.random.default_rng(args.seed)
+    prompts = [{"prompt_token_ids": rng.integers(3, vocab, args.prompt_len).tolist()}
+               for _ in range(args.num_requests)]
+    groups = [None] * (args.include_base or not num_adapters) + [
+        LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}") for i in range(num_adapters)]
+    return prompts, [groups[i % len(groups)] for i in range(args.num_requests)]
+
+
+def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
+        top_p: float = 1.0) -> dict:
+    """Drive the engine step by step; return throughput and latency figures."""
+    engine = llm.engine
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=output_len,
+                            ignore_eos=True, seed=0 if temperature else None)
+    start = time.perf_counter()
+    for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
+        engine.add_request(f"bench-{i}", None, prompt["prompt_token_ids"], params, lora)
+    steps, outputs = [], []
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        outputs += engine.step()
+        steps.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    ttft = [o.metrics.time_to_first_token for o in outputs]
+    return {"generated_tokens": generated, "seconds": round(elapsed, 4),
+            "tokens_per_s": round(generated / elapsed, 2),
+            "ttft_mean_ms": round(1e3 * float(np.mean(ttft)), 2),
+            "step_ms_p50": round(1e3 * float(np.percentile(steps, 50)), 2),
+            "step_ms_p90": round(1e3 * float(np.percentile(steps, 90)), 2),
+            "step_ms_p99": round(1e3 * float(np.percentile(steps, 99)), 2), "steps": len(steps)}
+
+
+def bench_one(args, model: str, num_adapters: int) -> dict:
+    counter = CompileCounter()
+    llm = LLM(model, enable_lora=num_adapters > 0, max_loras=args.max_loras,
+              max_lora_rank=args.rank, max_cpu_loras=max(num_adapters, args.max_loras),
+              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+              lora_backend=args.lora_backend, dtype=args.dtype)
+    config = llm.engine.model.config
+    for i in range(num_adapters):
+        llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
+                     random_adapter(config, args.rank, seed=i))
+    prompts, loras = workload(args, num_adapters, config.vocab_size)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p)
+    run(llm, prompts, loras, args.output_len, **sampling)  # warm-up: compiles every bucket
+    compiles, compile_s = counter.count, counter.seconds
+    result = run(llm, prompts, loras, args.output_len, **sampling)
+    counter.close()
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"num_adapters": num_adapters, **result, "compilations": compiles,
+            "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
+            counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use")}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options, for scripts/benchmark.py and `lora-jax bench` alike."""
+    p.add_argument("--model", default=None, help="model folder (default: generated bench model)")
+    p.add_argument("--bench-dir", default=str(Path.home() / ".cache" / "lora-jax" / "bench"))
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--num-adapters", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=256)
+    p.add_argument("--lora-backend", default=None)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype of both engines (auto: the checkpoint's, float32 for "
+                        "the bench model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (the default); the PEFT peer samples the same way")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--include-base", action="store_true",
+                   help="the base model takes a share of the requests too")
+    p.add_argument("--compare-base", action="store_true", help="also run without adapters")
+    p.add_argument("--peer-peft", action="store_true",
+                   help="run the same workload through transformers + PEFT (reference extra)")
+    p.add_argument("--json-out", default=None, help="also write the results to this file")
+    p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    model = args.model or str(ensure_bench_model(Path(args.bench_dir) / "model"))
+    runs = [bench_one(args, model, m) for m in args.num_adapters]
+    report = {"model": model, "backend": jax.default_backend(), "num_requests":
+              args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "rank": args.rank, "max_loras": args.max_loras, "dtype": args.dtype,
+              "temperature": args.temperature, "top_p": args.top_p, "runs": runs}
+    if args.compare_base:
+        base = bench_one(args, model, 0)
+        report["base"] = base
+        for r in runs:
+            r["overhead_vs_base"] = round(base["tokens_per_s"] / r["tokens_per_s"], 3)
+    if args.peer_peft:
+        from lora_jax.tools.peer_peft import run_peft
+
+        for r in runs:
+            peft = run_peft(model, args, r["num_adapters"])
+            r["peft_tokens_per_s"] = peft["tokens_per_s"]
+            r["speedup_vs_peft"] = round(r["tokens_per_s"] / peft["tokens_per_s"], 2)
+    _print_table(runs)
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        _plot(runs, args.plot)
+    return 0
+
+
+def _print_table(runs: list[dict]) -> None:
+    cols = ("num_adapters", "tokens_per_s", "ttft_mean_ms", "step_ms_p50", "step_ms_p99",
+            "compilations", "compilations_after_warmup", "overhead_vs_base", "speedup_vs_peft")
+    print(" ".join(f"{c:>14.14}" for c in cols))
+    for r in runs:
+        print(" ".join(f"{str(r.get(c, '-')):>14.14}" for c in cols))
+
+
+def _plot(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["num_adapters"] for r in runs], [r["tokens_per_s"] for r in runs], "o-")
+    ax.set(xlabel="distinct adapters", ylabel="generated tokens/s", xscale="log")
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,1 @@
+"""Training LoRA adapters in JAX and saving them as PEFT."""

@@ -1,0 +1,1 @@
+"""Device side: the runner, the jitted step, the sampler."""

@@ -1,0 +1,84 @@
+import subprocess
+import sys
+
+import pytest
+
+from lora_jax.core.scheduler import Scheduler, Sequence
+
+
+def _seq(i, prompt_len=4, adapter=None):
+    return Sequence(i, list(range(prompt_len)), adapter)
+
+
+def _sched(**kw):
+    opts = dict(max_num_seqs=4, max_loras=2, max_num_batched_tokens=16, max_prefill_chunk=8)
+    return Scheduler(**(opts | kw))
+
+
+def _decode_all(sched, batch):
+    """Pretend the batch ran: prefills cache their chunk, finished prompts get a first token."""
+    for seq in batch.decodes:
+        seq.num_cached += 1
+        seq.output_ids.append(0)
+    for chunk in batch.prefills:
+        chunk.seq.num_cached += chunk.length
+        if chunk.completes_prompt:
+            chunk.seq.output_ids.append(0)
+
+
+def test_a_step_never_holds_more_distinct_adapters_than_max_loras():
+    sched = _sched(max_num_seqs=8, max_num_batched_tokens=64)
+    for i, adapter in enumerate([1, 2, 3, 1, None, 3]):
+        sched.add(_seq(i, adapter=adapter))
+    batch = sched.schedule()
+    assert batch.adapters() == {1, 2}
+    assert sorted(c.seq.seq_id for c in batch.prefills) == [0, 1, 3, 4]  # 3 waits for a slot
+    _decode_all(sched, batch)
+    sched.finish([s for s in sched.running if s.adapter == 2])
+    batch = sched.schedule()
+    assert batch.adapters() == {1, 3} and {c.seq.seq_id for c in batch.prefills} == {2, 5}
+
+
+def test_pinned_adapters_count_against_max_loras():
+    sched = _sched()
+    sched.pinned.add(9)
+    sched.add(_seq(0, adapter=1))
+    sched.add(_seq(1, adapter=2))
+    assert [c.seq.seq_id for c in sched.schedule().prefills] == [0]
+
+
+def test_decodes_come_first_and_prefills_fill_the_token_budget_in_chunks():
+    sched = _sched(max_num_batched_tokens=10, max_prefill_chunk=8)
+    sched.add(_seq(0, prompt_len=3))
+    _decode_all(sched, sched.schedule())
+    sched.add(_seq(1, prompt_len=20))
+    batch = sched.schedule()
+    assert [s.seq_id for s in batch.decodes] == [0]
+    assert [(c.start, c.length) for c in batch.prefills] == [(0, 8)]
+    _decode_all(sched, batch)
+    chunk = sched.schedule().prefills[0]
+    assert (chunk.start, chunk.length, chunk.completes_prompt) == (8, 8, False)
+
+
+def test_sequences_wait_for_a_free_cache_row_and_get_it_back_when_finished():
+    sched = _sched(max_num_seqs=2, max_num_batched_tokens=32)
+    seqs = [_seq(i) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert len(batch.prefills) == 2 and seqs[2] in sched.waiting
+    _decode_all(sched, batch)
+    sched.finish([seqs[0]])
+    assert [c.seq for c in sched.schedule().prefills] == [seqs[2]]
+    assert seqs[2].row == seqs[0].row
+
+
+def test_budget_must_leave_room_for_prefill():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        _sched(max_num_seqs=16, max_num_batched_tokens=16)
+
+
+def test_scheduler_imports_no_jax():
+    code = "import sys, lora_jax.core.scheduler; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
