@@ -1,6 +1,17 @@
 """SamplingParams: how one request samples and when it stops. Imports no JAX."""
 
+import enum
+
 import msgspec
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What step() reports for a running request, as in vLLM: everything so far, only what
+    is new since the last report (streaming), or nothing until it finishes."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True):
@@ -27,6 +38,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY
 
     def __post_init__(self) -> None:
         self.validate()

@@ -14,7 +14,7 @@ from lora_jax.lora.registry import AdapterRegistry
 from lora_jax.lora.slots import AdapterSlots
 from lora_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lora_jax.request import LoRARequest
-from lora_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from lora_jax.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from lora_jax.tokenizer import TextStream, TextTokenizer
 from lora_jax.worker.runner import RowInput, Runner
 from models import load_llama
@@ -50,15 +50,52 @@ class _Request:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
     seqs: list[Sequence] = field(default_factory=list)
     completions: list[CompletionOutput] = field(default_factory=list)
-    streams: dict[int, TextStream] = field(default_factory=dict)  # stop strings: per completion
+    streams: dict[int, TextStream] = field(default_factory=dict)  # incremental text per output
+    sent: dict[int, tuple[int, int, bool]] = field(default_factory=dict)  # DELTA: reported
 
-    def output(self, tokenizer: TextTokenizer | None) -> RequestOutput:
+    def finished(self) -> bool:
+        return all(c.finished() for c in self.completions)
+
+    def _text(self, comp: CompletionOutput, tokenizer: TextTokenizer | None) -> str:
+        """The output's text so far. While it runs with stop strings, the last characters
+        that could still begin one are held back, so no text reported is ever taken back."""
+        if tokenizer is None or isinstance(comp.stop_reason, str):
+            return comp.text  # none, or already cut at the stop string
+        stream = self.streams.get(comp.index)
+        text = stream.text if stream is not None else tokenizer.decode(comp.token_ids)
+        if comp.finished():
+            comp.text = text
+        elif self.params.stop_strings:
+            text = text[:max(0, len(text) - max(map(len, self.params.stop_strings)) + 1)]
+        return text
+
+    def output(self, tokenizer: TextTokenizer | None) -> RequestOutput | None:
+        """This step's report in the request's output kind (None: nothing to report)."""
+        kind, finished = self.params.output_kind, self.finished()
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        outputs = []
         for comp in self.completions:
-            if tokenizer is not None and not isinstance(comp.stop_reason, str):
-                comp.text = tokenizer.decode(comp.token_ids)  # a stop string already cut it
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.completions,
-                             finished=all(c.finished() for c in self.completions),
-                             lora_request=self.lora_request, metrics=self.metrics)
+            text = self._text(comp, tokenizer)
+            if kind == RequestOutputKind.DELTA:
+                tokens, chars, reported_end = self.sent.get(comp.index, (0, 0, False))
+                if reported_end or (len(comp.token_ids) == tokens and not comp.finished()):
+                    continue
+                self.sent[comp.index] = (len(comp.token_ids), len(text), comp.finished())
+                logprobs = None if comp.logprobs is None else comp.logprobs[tokens:]
+                outputs.append(CompletionOutput(
+                    comp.index, text[chars:], comp.token_ids[tokens:], comp.cumulative_logprob,
+                    logprobs, comp.finish_reason, comp.stop_reason))
+            elif not finished:  # CUMULATIVE: a snapshot that later steps do not change
+                outputs.append(CompletionOutput(
+                    comp.index, text, list(comp.token_ids), comp.cumulative_logprob,
+                    None if comp.logprobs is None else list(comp.logprobs), comp.finish_reason,
+                    comp.stop_reason))
+            else:
+                outputs.append(comp)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs,
+                             finished=finished, lora_request=self.lora_request,
+                             metrics=self.metrics)
 
 
 class Engine:
@@ -89,6 +126,7 @@ class Engine:
             served_path=self.model_path,
             capacity=config.max_cpu_loras or max(config.max_loras, 8))
         self._owner: dict[int, tuple[_Request, int]] = {}
+        self._requests: dict[str, _Request] = {}
         self._next_seq = 0
         self._rng = np.random.default_rng(config.seed)
 
@@ -133,6 +171,8 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int] | None,
                     params: SamplingParams, lora_request: LoRARequest | None = None) -> None:
         """Validate and queue one request; ValueError / FileNotFoundError say what is wrong."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running; ids must be unique")
         params.validate()
         if prompt_ids is None:
             if self.tokenizer is None:
@@ -164,6 +204,7 @@ class Engine:
                  else int(self._rng.integers(2**32)) for i in range(params.n)]
         req = _Request(request_id, prompt, prompt_ids, params, lora_request, adapter, rope_scale,
                        max_len, seeds)
+        self._requests[request_id] = req
         for i in range(params.n):
             seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id)
             self._next_seq += 1
@@ -176,11 +217,25 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def abort_request(self, request_ids) -> None:
+        """Stop requests now (unknown or finished ids are ignored): their cache rows and the
+        adapter slots they held are free for the next step, and they report nothing more."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            req = self._requests.pop(request_id, None)
+            if req is None:
+                continue
+            self.scheduler.finish(req.seqs)
+            for seq in req.seqs:
+                self._owner.pop(seq.seq_id, None)
+
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the requests that finished in it."""
+        """Run one batch; return what it reports: each request in its output kind (finished
+        requests always, running ones for CUMULATIVE and DELTA)."""
         batch = self.scheduler.schedule()
         if not batch:
             return self._fail_unschedulable()
+        self._touched: dict[str, _Request] = {}
         if self.slots is not None:
             needed = {s.adapter: self._owner[s.seq_id][0].adapter for s in batch.seqs()
                       if s.adapter is not None}
@@ -227,6 +282,12 @@ class Engine:
         comp, p = req.completions[index], req.params
         token = int(out.tokens[i])
         seq.output_ids.append(token)
+        self._touched[req.request_id] = req
+        stream, piece = None, ""
+        if self.tokenizer is not None and (
+                p.stop_strings or p.output_kind != RequestOutputKind.FINAL_ONLY):
+            stream = req.streams.setdefault(index, self.tokenizer.stream())
+            piece = stream.add(token)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = time.perf_counter()
         comp.cumulative_logprob += float(out.logprob[i])
@@ -240,8 +301,8 @@ class Engine:
             comp.finish_reason = "stop"
         elif p.stop_token_ids and token in p.stop_token_ids:
             comp.finish_reason, comp.stop_reason = "stop", token
-        elif p.stop_strings and self.tokenizer is not None and self._hit_stop_string(
-                comp, p, req.streams.setdefault(index, self.tokenizer.stream()), token):
+        elif p.stop_strings and stream is not None and self._hit_stop_string(
+                comp, p, stream, piece):
             comp.finish_reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or (
                 len(seq.prompt_ids) + len(seq.output_ids) >= req.max_len):
@@ -251,10 +312,9 @@ class Engine:
 
     @staticmethod
     def _hit_stop_string(comp: CompletionOutput, p: SamplingParams, stream: TextStream,
-                         token: int) -> bool:
-        """Decode one more token; a stop string can only end in the new text, so only the
-        tail that could hold it is searched (the output is never decoded whole per token)."""
-        piece = stream.add(token)
+                         piece: str) -> bool:
+        """After one more token's text: a stop string can only end in the new text, so only
+        the tail that could hold it is searched (never the whole output per token)."""
         if not piece:
             return False
         text = stream.text
@@ -268,19 +328,20 @@ class Engine:
 
     def _finish(self, done: list[Sequence]) -> list[RequestOutput]:
         self.scheduler.finish(done)
-        finished = []
         for seq in done:
             req, _ = self._owner.pop(seq.seq_id)
-            if all(c.finished() for c in req.completions) and req not in finished:
+            if req.finished() and req.metrics.finished_time is None:
                 req.metrics.finished_time = time.perf_counter()
-                finished.append(req)
-        return [req.output(self.tokenizer) for req in finished]
+                self._requests.pop(req.request_id, None)
+        outputs = [req.output(self.tokenizer) for req in self._touched.values()]
+        return [out for out in outputs if out is not None]
 
     def _fail_unschedulable(self) -> list[RequestOutput]:
         """Nothing runs and nothing can start: the waiting adapters can never get a slot."""
         failed = []
         for seq in list(self.scheduler.waiting):
             req, _ = self._owner.pop(seq.seq_id)
+            self._requests.pop(req.request_id, None)
             if req not in failed:
                 failed.append(req)
         self.scheduler.finish([s for r in failed for s in r.seqs])

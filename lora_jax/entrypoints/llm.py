@@ -3,14 +3,15 @@
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import msgspec
 from tqdm.auto import tqdm
 
 from lora_jax.config import EngineConfig
-from lora_jax.engine.core import Engine
+from lora_jax.engine.llm_engine import LLMEngine, parse_prompt
 from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.outputs import RequestOutput
 from lora_jax.request import LoRARequest
-from lora_jax.sampling_params import SamplingParams
+from lora_jax.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | dict[str, Any]
 
@@ -27,11 +28,12 @@ class LLM:
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None, max_num_seqs: int = 32,
                  max_model_len: int | None = None, seed: int = 0, **engine_options: Any):
-        self.engine = Engine(EngineConfig(
+        self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, enable_lora=enable_lora,
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
             **engine_options))
+        self.engine = self.llm_engine.core  # the engine core (runner, slots, scheduler)
         self._counter = 0
 
     def generate(self, prompts: Prompt | Seq[Prompt],
@@ -52,8 +54,11 @@ class LLM:
             order.append(request_id)
             text, ids = prompt if isinstance(prompt, str) else None, None
             try:
-                text, ids = _split_prompt(prompt)
-                self.engine.add_request(request_id, text, ids, p, lora)
+                text, ids = parse_prompt(prompt)
+                if p.output_kind != RequestOutputKind.FINAL_ONLY:  # generate returns finals
+                    p = SamplingParams(**{**msgspec.structs.asdict(p),
+                                          "output_kind": RequestOutputKind.FINAL_ONLY})
+                self.llm_engine.add_request(request_id, prompt, p, lora)
             except (ValueError, FileNotFoundError) as err:
                 if single:
                     raise
@@ -61,10 +66,11 @@ class LLM:
                                                     lora, error=f"{type(err).__name__}: {err}")
         bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm or len(prompts) < 2)
         bar.update(len(outputs))
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                outputs[out.request_id] = out
-                bar.update(1)
+        while self.llm_engine.has_unfinished_requests():
+            for out in self.llm_engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+                    bar.update(1)
         bar.close()
         if single and outputs[order[0]].error:
             raise ValueError(outputs[order[0]].error)
@@ -100,13 +106,3 @@ def _per_prompt(value, n: int, name: str, kind) -> list:
     if wrong is not None:
         raise ValueError(f"{name} entries must be {kind}, got {type(wrong).__name__}")
     return values
-
-
-def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
-    if isinstance(prompt, str):
-        return prompt, None
-    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-        return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-    if isinstance(prompt, dict) and "prompt" in prompt:
-        return prompt["prompt"], None
-    raise ValueError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {prompt!r:.80}")
