@@ -18,20 +18,30 @@ class EngineConfig:
     max_prefill_chunk: int = 256
     seed: int = 0
     lora_backend: str | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # the pool's size in blocks (tests); else from the bytes
+    kv_cache_memory_bytes: int | None = None  # default: min(4 GiB, max_num_seqs full rows)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens",
-                     "max_prefill_chunk"):
+                     "max_prefill_chunk", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("max_cpu_loras", "max_model_len"):
+        for name in ("max_cpu_loras", "max_model_len", "num_kv_blocks",
+                     "kv_cache_memory_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
                              f"({self.max_loras})")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got "
+                             f"{self.enable_prefix_caching!r}")
         if self.max_prefill_chunk & (self.max_prefill_chunk - 1):
             raise ValueError(f"max_prefill_chunk must be a power of two (it is a shape bucket), "
                              f"got {self.max_prefill_chunk}")

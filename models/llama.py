@@ -76,7 +76,9 @@ class Llama(nnx.Module):
         """Prefill or decode a batch of sequences through the cache.
 
         tokens, positions [B, L] int32 (position -1 = padding: not written, not attended, its
-        output is garbage); cache_rows [B] int32; lora: LoraStacks (every slot, per layer) or None;
+        output is garbage); cache_rows [B] int32 (one block per sequence: the row cache) or
+        block tables [B, MB] int32 into the paged pool (see models.kv_cache); lora: LoraStacks
+        (every slot, per layer) or None;
         adapter_slot [B] int32 (-1 = base model); rope_scale [B] float32 (RoPE sees
         position / rope_scale) or None -> (hidden [B, L, D] after the final norm, kv_cache).
         Token (b, l) attends to row cache_rows[b] at positions <= positions[b, l].
@@ -90,7 +92,8 @@ class Llama(nnx.Module):
                              "be [batch, length]")
         for name, value in (("cache_rows", cache_rows), ("adapter_slot", adapter_slot),
                             ("rope_scale", rope_scale)):
-            if value is not None and value.shape != tokens.shape[:1]:
+            tables = name == "cache_rows" and value is not None and value.ndim == 2
+            if value is not None and value.shape[:1 if tables else None] != tokens.shape[:1]:
                 raise ValueError(f"{name} has shape {value.shape}, expected [batch] = "
                                  f"{tokens.shape[:1]}")
         if lora is not None and adapter_slot is None:

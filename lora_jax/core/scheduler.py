@@ -1,34 +1,59 @@
-"""Which sequences run in the next step. Plain Python, no JAX, testable alone.
+"""Which sequences run in the next step, and which KV blocks they write. Plain Python, no JAX.
 
-Decodes go first (one token each), then prefill chunks fill the token budget. A step never
-holds more distinct adapters than max_loras (pinned adapters count, since they keep a slot),
-and a sequence only starts when a KV-cache row is free for it.
+Every sequence has tokens (prompt, then outputs) and `num_cached`, how many of them have their
+KV in the sequence's blocks. A step gives a sequence its next tokens: one for a decode, a chunk
+for a prefill (or for a recompute after preemption); a step that reaches the end of the tokens
+samples one more. Decodes go first, then running prefills, then waiting sequences are admitted
+while the token budget, free rows, free blocks and max_loras allow (pinned adapters count,
+since they keep a slot). When a running sequence needs a block and none is free, the most
+recently admitted sequence not yet scheduled this step is preempted: its blocks are freed, it
+keeps its row (its sampling history) and goes to the front of the queue, and it is recomputed
+from its tokens later; nothing is admitted in a step that preempted.
 """
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+
+from lora_jax.core.block_pool import KVCacheManager
 
 
 @dataclass(eq=False)
 class Sequence:
-    """One generated sequence: its prompt, its outputs so far, and where its cache lives."""
+    """One generated sequence: its prompt, its outputs so far, and where its KV lives."""
 
     seq_id: int
     prompt_ids: list[int]
     adapter: int | None  # lora_int_id, None for the base model
+    cache_key: Hashable = None  # prefix-cache key: adapter identity and RoPE scale
+    use_prefix_cache: bool = True
     output_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose keys and values are in the cache row
+    num_cached: int = 0  # tokens whose keys and values are in the sequence's blocks
     row: int | None = None
+    num_preemptions: int = 0
+    started: bool = False  # scheduled at least once (its row's history belongs to it)
+
+    @property
+    def key(self) -> str:
+        return str(self.seq_id)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def prefilling(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
+        """Prompt tokens, or more than the last token (a recompute), are still to be computed."""
+        return self.num_cached < len(self.prompt_ids) or self.num_tokens - self.num_cached > 1
 
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    """Prompt tokens [start, start + length) of seq; the last chunk also samples a token."""
+    """Tokens [start, start + length) of seq; the chunk that reaches its end samples."""
 
     seq: Sequence
     start: int
@@ -36,13 +61,14 @@ class PrefillChunk:
 
     @property
     def completes_prompt(self) -> bool:
-        return self.start + self.length == len(self.seq.prompt_ids)
+        return self.start + self.length == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
 class Batch:
     decodes: list[Sequence]
     prefills: list[PrefillChunk]
+    preempted: list[Sequence] = field(default_factory=list)
 
     def seqs(self) -> list[Sequence]:
         return self.decodes + [c.seq for c in self.prefills]
@@ -56,17 +82,19 @@ class Batch:
 
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int):
+                 max_prefill_chunk: int, kv: KVCacheManager):
         if max_num_batched_tokens <= max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed "
                              f"max_num_seqs ({max_num_seqs}) so prefills can make progress")
         self.max_loras = max_loras
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_chunk = max_prefill_chunk
+        self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.pinned: set[int] = set()
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -77,41 +105,92 @@ class Scheduler:
     def adapters_in_use(self) -> set[int]:
         return {s.adapter for s in self.running if s.adapter is not None}
 
+    def block_table(self, seq: Sequence) -> list[int]:
+        return self.kv.tables[seq.key].blocks
+
     def schedule(self) -> Batch:
-        decodes = [s for s in self.running if not s.prefilling]
-        budget = self.max_num_batched_tokens - len(decodes)
-        prefills = []
-        for seq in self.running:
-            if seq.prefilling and budget > 0:
-                prefills.append(self._chunk(seq, budget))
-                budget -= prefills[-1].length
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        decodes, prefills, preempted = [], [], []
+        for want_decode in (True, False):
+            for seq in list(self.running):
+                if seq.seq_id in scheduled or seq.prefilling == want_decode:
+                    continue
+                length = 1 if want_decode else min(
+                    seq.num_tokens - seq.num_cached, self.max_prefill_chunk, budget)
+                if length <= 0:
+                    continue
+                if not self._allocate(seq, length, scheduled, preempted):
+                    continue
+                scheduled.add(seq.seq_id)
+                budget -= length
+                if want_decode:
+                    decodes.append(seq)
+                else:
+                    prefills.append(PrefillChunk(seq, seq.num_cached, length))
+        if not preempted:
+            prefills += self._admit(budget)
+        return Batch(decodes, prefills, preempted)
+
+    def _allocate(self, seq: Sequence, length: int, scheduled: set[int],
+                  preempted: list[Sequence]) -> bool:
+        """Blocks for seq's next `length` tokens, preempting the latest unscheduled running
+        sequences while the pool is short; False if seq itself had to go."""
+        while self.kv.allocate(seq.key, seq.num_cached + length) is None:
+            victims = [s for s in self.running if s.seq_id not in scheduled]
+            victim = victims[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.key)
+        seq.num_cached = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, budget: int) -> list[PrefillChunk]:
         held = self.adapters_in_use() | self.pinned
-        admitted = []
+        admitted, chunks = [], []
         for seq in self.waiting:
-            if budget <= 0 or not self.free_rows:
+            if budget <= 0 or (seq.row is None and not self.free_rows):
                 break
             if seq.adapter is not None and seq.adapter not in held:
                 if len(held) >= self.max_loras:
                     continue  # later requests with a held adapter may still go
+            if seq.use_prefix_cache:
+                seq.num_cached = self.kv.computed_prefix(seq.key, seq.tokens, seq.cache_key)
+            length = min(seq.num_tokens - seq.num_cached, self.max_prefill_chunk, budget)
+            if self.kv.allocate(seq.key, seq.num_cached + length) is None:
+                self.kv.free(seq.key)  # give back the prefix it matched; it waits
+                seq.num_cached = 0
+                break
+            if seq.adapter is not None:
                 held.add(seq.adapter)
-            seq.row = self.free_rows.pop()
+            if seq.row is None:
+                seq.row = self.free_rows.pop()
             admitted.append(seq)
-            prefills.append(self._chunk(seq, budget))
-            budget -= prefills[-1].length
+            chunks.append(PrefillChunk(seq, seq.num_cached, length))
+            budget -= length
         for seq in admitted:
             self.waiting.remove(seq)
             self.running.append(seq)
-        return Batch(decodes, prefills)
-
-    def _chunk(self, seq: Sequence, budget: int) -> PrefillChunk:
-        length = min(len(seq.prompt_ids) - seq.num_cached, self.max_prefill_chunk, budget)
-        return PrefillChunk(seq, seq.num_cached, length)
+        return chunks
 
     def finish(self, seqs: Iterable[Sequence]) -> None:
-        """Remove finished sequences and free their cache rows at once."""
+        """Remove finished (or aborted) sequences and free their rows and blocks at once."""
         for seq in seqs:
             if seq in self.running:
                 self.running.remove(seq)
-                self.free_rows.append(seq.row)
             elif seq in self.waiting:
                 self.waiting.remove(seq)
+            else:
+                continue
+            self.kv.free(seq.key)
+            if seq.row is not None:
+                self.free_rows.append(seq.row)
+                seq.row = None

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_jax.config import EngineConfig
+from lora_jax.core.block_pool import BlockPool, KVCacheManager
 from lora_jax.core.scheduler import Scheduler, Sequence
 from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.lora.registry import AdapterRegistry
@@ -18,6 +19,10 @@ from lora_jax.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingPa
 from lora_jax.tokenizer import TextStream, TextTokenizer
 from lora_jax.worker.runner import RowInput, Runner
 from models import load_llama
+from models.kv_cache import kv_bytes_per_token
+
+# The CPU default pool: what max_num_seqs full-length sequences need, at most this.
+DEFAULT_KV_CACHE_BYTES = 4 << 30
 
 
 def resolve_model_path(model: str) -> Path:
@@ -112,14 +117,18 @@ class Engine:
                           if config.tokenizer or (tok_path / "tokenizer.json").is_file() else None)
         self.eos_ids = {mc.eos_token_id} if isinstance(mc.eos_token_id, int) else set(
             mc.eos_token_id or ())
+        dtype = self.model.dtype
+        self.num_kv_blocks = self._pool_blocks(config, dtype)
+        self.kv = KVCacheManager(BlockPool(self.num_kv_blocks, config.block_size,
+                                           config.enable_prefix_caching))
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_prefill_chunk=config.max_prefill_chunk)
-        dtype = self.model.dtype
+            max_prefill_chunk=config.max_prefill_chunk, kv=self.kv)
         self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype)
                       if config.enable_lora else None)
         self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
+                             num_blocks=self.num_kv_blocks, block_size=config.block_size,
                              dtype=dtype, lora_backend=config.lora_backend)
         self.adapters = AdapterRegistry(
             mc, max_lora_rank=config.max_lora_rank, served=config.model,
@@ -129,6 +138,46 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._next_seq = 0
         self._rng = np.random.default_rng(config.seed)
+        self._adapter_versions: dict[int, tuple[LoRAAdapter, int]] = {}
+
+    def _pool_blocks(self, config: EngineConfig, dtype) -> int:
+        """The pool's size: num_kv_blocks, or kv_cache_memory_bytes over one block's bytes,
+        or by default what max_num_seqs full-length sequences need, up to 4 GiB."""
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        per_block = kv_bytes_per_token(self.model.config, dtype) * config.block_size
+        wanted = config.kv_cache_memory_bytes or min(
+            DEFAULT_KV_CACHE_BYTES, config.max_num_seqs * self.max_model_len * per_block
+            // config.block_size)
+        blocks = wanted // per_block
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory_bytes={wanted} is below one KV block of "
+                             f"{per_block} bytes (block_size {config.block_size}); give more")
+        return int(blocks)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """What the device pool holds: k and v of every layer, block and position."""
+        return int(self.runner.kv.k.nbytes + self.runner.kv.v.nbytes)
+
+    def stats(self) -> dict:
+        """Counters for metrics: requests, KV blocks, prefix-cache hits, preemptions."""
+        pool = self.kv.pool
+        return {"num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.num_blocks,
+                "prefix_cache_queries": pool.stats.queries,
+                "prefix_cache_hits": pool.stats.hits,
+                "num_preemptions": self.scheduler.num_preemptions}
+
+    def _adapter_identity(self, lora_id: int, adapter: LoRAAdapter) -> tuple[int, int]:
+        """(id, version): the version changes whenever new weights take the id, so KV cached
+        under old weights is never reused."""
+        known = self._adapter_versions.get(lora_id)
+        if known is None or known[0] is not adapter:
+            version = 1 + max((v for _, v in self._adapter_versions.values()), default=0)
+            self._adapter_versions[lora_id] = known = (adapter, version)
+        return lora_id, known[1]
 
     # Adapters -----------------------------------------------------------------------------
 
@@ -200,13 +249,26 @@ class Engine:
         if len(prompt_ids) >= max_len:
             raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves "
                              f"no room to generate within max_model_len {max_len}")
+        needed = min(len(prompt_ids) + params.max_tokens, max_len)
+        pool_tokens = self.num_kv_blocks * self.config.block_size
+        if needed > pool_tokens:
+            raise ValueError(f"request {request_id}: prompt ({len(prompt_ids)} tokens) + "
+                             f"max_tokens ({params.max_tokens}) needs {needed} tokens of KV "
+                             f"cache, but the whole pool holds {pool_tokens} ({self.num_kv_blocks}"
+                             f" blocks of {self.config.block_size}); lower max_tokens or give "
+                             "a larger kv_cache_memory_bytes")
         seeds = [(params.seed + i) % 2**32 if params.seed is not None
                  else int(self._rng.integers(2**32)) for i in range(params.n)]
         req = _Request(request_id, prompt, prompt_ids, params, lora_request, adapter, rope_scale,
                        max_len, seeds)
         self._requests[request_id] = req
+        identity = (None if adapter is None
+                    else self._adapter_identity(lora_request.lora_int_id, adapter))
         for i in range(params.n):
-            seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id)
+            seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id,
+                           cache_key=(identity, rope_scale),
+                           # Repetition marks the whole prompt as seen: it computes it all.
+                           use_prefix_cache=params.repetition_penalty == 1.0)
             self._next_seq += 1
             self._owner[seq.seq_id] = (req, i)
             req.seqs.append(seq)
@@ -243,20 +305,25 @@ class Engine:
             self.slots.activate(needed, keep=held)
         done: list[Sequence] = []
         if batch.decodes:
-            rows = [self._row(s, [s.output_ids[-1]], s.num_cached) for s in batch.decodes]
+            rows = [self._row(s, [s.tokens[s.num_cached]], s.num_cached) for s in batch.decodes]
             out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.decodes))
             for i, seq in enumerate(batch.decodes):
                 seq.num_cached += 1
                 self._append(seq, i, out, done)
         if batch.prefills:
-            rows = [self._row(c.seq, c.seq.prompt_ids[c.start:c.start + c.length], c.start,
-                              prompt=True, keeps=c.completes_prompt) for c in batch.prefills]
+            rows = [self._row(c.seq, c.seq.tokens[c.start:c.start + c.length], c.start,
+                              prompt=not c.seq.output_ids, keeps=c.completes_prompt)
+                    for c in batch.prefills]
             seqs = [c.seq for c in batch.prefills]
             out = self.runner.run(rows, self._stacks(), self._num_logprobs(seqs))
             for i, chunk in enumerate(batch.prefills):
                 chunk.seq.num_cached += chunk.length
                 if chunk.completes_prompt:
                     self._append(chunk.seq, i, out, done)
+        for seq in batch.seqs():
+            seq.started = True
+            if seq.use_prefix_cache:
+                self.kv.cache_full_blocks(seq.key, seq.tokens[:seq.num_cached], seq.cache_key)
         return self._finish(done)
 
     def _stacks(self):
@@ -272,10 +339,10 @@ class Engine:
         req, i = self._owner[seq.seq_id]
         p = req.params
         slot = self.slots.slot_of(seq.adapter) if seq.adapter is not None else -1
-        return RowInput(tokens, start, seq.row, slot, req.rope_scale, p.temperature, p.top_k,
-                        p.top_p, p.min_p, req.seeds[i], len(seq.output_ids),
-                        p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
-                        prompt, keeps)
+        return RowInput(tokens, start, seq.row, self.scheduler.block_table(seq), slot,
+                        req.rope_scale, p.temperature, p.top_k, p.top_p, p.min_p, req.seeds[i],
+                        len(seq.output_ids), p.presence_penalty, p.frequency_penalty,
+                        p.repetition_penalty, prompt, not seq.started, keeps)
 
     def _append(self, seq: Sequence, i: int, out, done: list[Sequence]) -> None:
         req, index = self._owner[seq.seq_id]

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax.worker.sampler import History, Sampled, SamplingArrays, SamplingMode, mode_of, sample
-from models.kv_cache import init_kv_cache
+from models.kv_cache import init_paged_kv_cache
 
 # Smallest buckets: a few padded decode rows or prompt tokens cost little next to another
 # compiled program (reading the weights dominates a small step), so small batches share a shape.
@@ -33,11 +33,13 @@ def bucket(n: int, smallest: int = 1) -> int:
 
 @dataclass
 class RowInput:
-    """One row of a step: tokens at positions [start, start + len(tokens)) of a cache row."""
+    """One sequence of a step: tokens at positions [start, start + len(tokens)), whose KV
+    lives in the blocks of `block_table`; `row` indexes its sampling history."""
 
     tokens: list[int]
     start: int
     row: int
+    block_table: list[int]
     slot: int  # adapter slot, -1 for the base model
     rope_scale: float
     temperature: float
@@ -49,7 +51,8 @@ class RowInput:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    prompt: bool = False  # the tokens are prompt tokens (a prefill chunk)
+    prompt: bool = False  # the tokens are prompt tokens (a prefill chunk) to mark as seen
+    fresh: bool = False  # the sequence's first chunk: its row's history starts over
     keeps: bool = True  # the sampled token is kept (not a chunk before the prompt's last)
 
 
@@ -60,18 +63,19 @@ _COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.floa
             ("min_p", np.float32, 0.0), ("seed", np.uint32, 0), ("counter", np.int32, 0),
             ("presence_penalty", np.float32, 0.0), ("frequency_penalty", np.float32, 0.0),
             ("repetition_penalty", np.float32, 1.0), ("prompt", np.bool_, False),
-            ("keeps", np.bool_, False))
+            ("fresh", np.bool_, False), ("keeps", np.bool_, False))
 
 
-def _step(graphdef, state, stacks, kv, history: History, tokens, positions, rows, slots,
-          rope_scale, last, prompt, keeps, sampling: SamplingArrays, num_logprobs: int,
-          kv_window: int, mode: SamplingMode, has_prompt: bool, lora_backend: str | None):
+def _step(graphdef, state, stacks, kv, history: History, tokens, positions, rows, tables,
+          slots, rope_scale, last, prompt, fresh, keeps, sampling: SamplingArrays,
+          num_logprobs: int, kv_window: int, mode: SamplingMode, has_prompt: bool,
+          lora_backend: str | None):
     model = nnx.merge(graphdef, state)
-    hidden, kv = model(tokens, positions, kv, rows, stacks, slots, rope_scale,
+    hidden, kv = model(tokens, positions, kv, tables, stacks, slots, rope_scale,
                        lora_backend=lora_backend, kv_window=kv_window)
     final = hidden[jnp.arange(hidden.shape[0]), last]  # [B, D]: each row's last real token
     if has_prompt:  # a decode-only step has no prompt to mark and no row to reset
-        history = _see_prompt(history, tokens, positions, rows, prompt)
+        history = _see_prompt(history, tokens, positions, rows, prompt, fresh)
     out = sample(model.logits(final), sampling, num_logprobs, history, rows, mode)
     # Rows that drop their sample (padding, a prompt chunk before the last) index past the end.
     kept = jnp.where(keeps, rows, history.output_counts.shape[0])
@@ -79,11 +83,11 @@ def _step(graphdef, state, stacks, kv, history: History, tokens, positions, rows
     return out, kv, History(counts, history.in_prompt)
 
 
-def _see_prompt(history: History, tokens, positions, rows, prompt) -> History:
-    """A row whose prompt starts at position 0 forgets its previous sequence; prompt tokens
+def _see_prompt(history: History, tokens, positions, rows, prompt, fresh) -> History:
+    """A sequence's first chunk makes its row forget the previous sequence; prompt tokens
     are marked seen. Padding (position -1) and decode rows change nothing."""
     num_rows = history.output_counts.shape[0]
-    starts = jnp.where(prompt & (positions[:, 0] == 0), rows, num_rows)
+    starts = jnp.where(fresh, rows, num_rows)
     counts = history.output_counts.at[starts].set(0, mode="drop")
     in_prompt = history.in_prompt.at[starts].set(False, mode="drop")
     marked = jnp.where(prompt[:, None] & (positions >= 0), rows[:, None], num_rows)
@@ -95,10 +99,11 @@ class Runner:
     marks, [rows, vocab] each: 5 bytes per row and vocabulary entry); `run` executes one
     padded batch."""
 
-    def __init__(self, model, *, num_rows: int, max_len: int, dtype,
-                 lora_backend: str | None = None):
+    def __init__(self, model, *, num_rows: int, max_len: int, num_blocks: int,
+                 block_size: int, dtype, lora_backend: str | None = None):
         self.graphdef, self.state = nnx.split(model)
-        self.kv = init_kv_cache(model.config, num_rows, max_len, dtype)
+        self.max_len, self.block_size = max_len, block_size
+        self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
         vocab = model.config.vocab_size
         self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
                                jnp.zeros((num_rows, vocab), jnp.bool_))
@@ -126,13 +131,18 @@ class Runner:
             for name in cols:
                 cols[name][i] = getattr(r, name)
         sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
-        max_len = self.kv.max_len
-        window = min(max_len, bucket(int(positions.max()) + 1, MIN_KV_WINDOW))
-        mode, has_prompt = mode_of(sampling), bool(cols["prompt"].any())
+        window = min(self.max_len, bucket(int(positions.max()) + 1, MIN_KV_WINDOW))
+        # Only the blocks the window covers; padding entries (block 0) are never attended.
+        tables = np.zeros((b, -(-window // self.block_size)), np.int32)
+        for i, r in enumerate(rows):
+            used = r.block_table[:tables.shape[1]]
+            tables[i, :len(used)] = used
+        mode, has_prompt = mode_of(sampling), bool(cols["prompt"].any() or cols["fresh"].any())
         self.shapes_run.add((b, width, num_logprobs, window, mode, has_prompt))
         out, self.kv, self.history = self._step(
-            self.state, stacks, self.kv, self.history, tokens, positions, cols["row"],
-            cols["slot"], cols["rope_scale"], last, cols["prompt"], cols["keeps"], sampling,
+            self.state, stacks, self.kv, self.history, tokens, positions, cols["row"], tables,
+            cols["slot"], cols["rope_scale"], last, cols["prompt"], cols["fresh"],
+            cols["keeps"], sampling,
             num_logprobs=num_logprobs, kv_window=window, mode=mode, has_prompt=has_prompt)
         return Sampled(*(np.asarray(x)[:n] for x in jax.device_get(out)))
 

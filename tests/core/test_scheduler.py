@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from lora_jax.core.block_pool import BlockPool, KVCacheManager
 from lora_jax.core.scheduler import Scheduler, Sequence
 
 
@@ -10,9 +11,10 @@ def _seq(i, prompt_len=4, adapter=None):
     return Sequence(i, list(range(prompt_len)), adapter)
 
 
-def _sched(**kw):
+def _sched(num_blocks=64, block_size=4, **kw):
     opts = dict(max_num_seqs=4, max_loras=2, max_num_batched_tokens=16, max_prefill_chunk=8)
-    return Scheduler(**(opts | kw))
+    kv = KVCacheManager(BlockPool(num_blocks, block_size))
+    return Scheduler(**(opts | kw), kv=kv)
 
 
 def _decode_all(sched, batch):
@@ -68,9 +70,10 @@ def test_sequences_wait_for_a_free_cache_row_and_get_it_back_when_finished():
     batch = sched.schedule()
     assert len(batch.prefills) == 2 and seqs[2] in sched.waiting
     _decode_all(sched, batch)
+    row = seqs[0].row
     sched.finish([seqs[0]])
     assert [c.seq for c in sched.schedule().prefills] == [seqs[2]]
-    assert seqs[2].row == seqs[0].row
+    assert seqs[2].row == row
 
 
 def test_budget_must_leave_room_for_prefill():
@@ -82,3 +85,34 @@ def test_scheduler_imports_no_jax():
     code = "import sys, lora_jax.core.scheduler; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_sequence_short_of_blocks_preempts_the_latest_admitted_which_keeps_its_row():
+    sched = _sched(num_blocks=4, block_size=4, max_num_batched_tokens=32, max_prefill_chunk=16)
+    first, second = _seq(0, prompt_len=8), _seq(1, prompt_len=8)
+    sched.add(first)
+    sched.add(second)
+    batch = sched.schedule()  # both prompts: 2 blocks each, the pool is full
+    assert [c.seq for c in batch.prefills] == [first, second]
+    _decode_all(sched, batch)  # 8 cached, one output each: the next decode needs block 3
+    batch = sched.schedule()
+    assert batch.decodes == [first] and batch.preempted == [second]
+    assert second.num_cached == 0 and second.row is not None and sched.waiting[0] is second
+    assert sched.kv.pool.num_free == 1  # first holds 3 blocks; second gave back both
+    _decode_all(sched, batch)
+    sched.finish([first])
+    batch = sched.schedule()  # second comes back: prompt and its output recomputed at once
+    (chunk,) = batch.prefills
+    assert chunk.seq is second and (chunk.start, chunk.length) == (0, 9)
+    assert chunk.completes_prompt
+
+
+def test_a_preempting_step_admits_nothing_new():
+    sched = _sched(num_blocks=4, block_size=4, max_num_batched_tokens=32)
+    seqs = [_seq(i, prompt_len=8) for i in range(3)]
+    for seq in seqs:
+        sched.add(seq)
+    _decode_all(sched, sched.schedule())  # 0 and 1 run; 2 waits for blocks
+    batch = sched.schedule()
+    assert batch.preempted == [seqs[1]] and not batch.prefills
+    assert list(sched.waiting) == [seqs[1], seqs[2]]
