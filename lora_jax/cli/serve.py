@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    parser.add_argument("--lora-root", default=None,
+                        help="the folder runtime-loaded adapters must lie in")
+    parser.add_argument("--allow-hub-adapters", action="store_true",
+                        help="let runtime loading take Hugging Face Hub ids")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
 

@@ -11,6 +11,7 @@ from lora_jax.engine.async_llm import AsyncLLM
 from lora_jax.entrypoints.openai.protocol import APIError, ChatRequest, CompletionRequest
 from lora_jax.entrypoints.openai.serving_chat import ServingChat, load_chat_template
 from lora_jax.entrypoints.openai.serving_completions import ServingCompletions
+from lora_jax.entrypoints.openai.serving_extra import add_routes
 from lora_jax.entrypoints.openai.serving_models import ServingModels
 
 
@@ -102,4 +103,5 @@ def build_app(llm: AsyncLLM, args: SimpleNamespace) -> FastAPI:
     async def create_chat(req: ChatRequest):
         return await _respond(await chat.create(req))
 
+    add_routes(app, llm, models, args)
     return app
