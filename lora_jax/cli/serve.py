@@ -86,9 +86,16 @@ def run_command(args: argparse.Namespace) -> int:
     args.lora_requests = loras
     app = build_app(llm, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
-    server = uvicorn.Server(config)
-    print(f"lora-jax: serving {args.served_model_name or args.model} at "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+    url = f"http://{args.host}:{args.port}/v1"
+    name = args.served_model_name or args.model
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # the socket is bound: clients may connect from here on
+                print(f"lora-jax: serving {name} at {url}", flush=True)
+
+    server = Server(config)
     try:
         server.run()
     finally:
