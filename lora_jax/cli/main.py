@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from lora_jax.cli.serve import add_arguments as add_serve_arguments
+from lora_jax.cli.serve import run_command as run_serve
 from lora_jax.cli.train import add_arguments as add_train_arguments
 from lora_jax.cli.train import run_command as run_training
 from lora_jax.tools.serving_bench import add_arguments as add_bench_arguments
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     bench = sub.add_parser("bench", help="serving benchmark: tokens/s, TTFT, compilations")
     add_bench_arguments(bench)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model and adapters")
+    add_serve_arguments(serve)
     inspect = sub.add_parser("inspect-adapter", help="load a PEFT adapter and describe it")
     inspect.add_argument("path", help="local adapter folder or Hugging Face Hub id")
     inspect.add_argument("--max-lora-rank", type=int, default=None)
@@ -37,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_training(args, parser)
     if args.command == "bench":
         return run_bench(args)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "inspect-adapter":
         from lora_jax.lora.adapters import load_adapter
 

@@ -1,0 +1,103 @@
+"""`lora-jax serve MODEL`: the OpenAI-compatible server under uvicorn."""
+
+import argparse
+import json
+import sys
+
+from lora_jax.request import LoRARequest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="local model folder (Hugging Face layout)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients use for the base model (default: MODEL)")
+    parser.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="adapters to serve: name=path, or JSON "
+                             '{"name": ..., "path": ..., "base_model_name": ...}')
+    parser.add_argument("--max-loras", type=int, default=1)
+    parser.add_argument("--max-cpu-loras", type=int, default=None)
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template file (or the template itself)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    parser.add_argument("--lora-root", default=None,
+                        help="the folder runtime-loaded adapters must lie in")
+    parser.add_argument("--allow-hub-adapters", action="store_true",
+                        help="let runtime loading take Hugging Face Hub ids")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+
+
+def parse_lora_modules(items: list[str]) -> list[LoRARequest]:
+    """name=path or JSON items -> LoRARequests with ids 1, 2, ...; ValueError naming a bad one."""
+    out: list[LoRARequest] = []
+    for i, item in enumerate(items, start=1):
+        if item.lstrip().startswith("{"):
+            try:
+                spec = json.loads(item)
+                name, path = spec["name"], spec["path"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"--lora-modules {item!r}: JSON needs 'name' and 'path' "
+                                 f"({exc})") from exc
+            base = spec.get("base_model_name")
+        else:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules {item!r}: write it as name=path")
+            base = None
+        if any(lr.lora_name == name for lr in out):
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice")
+        out.append(LoRARequest(name, i, path, base_model_name=base))
+    return out
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lora_jax.engine.async_llm import AsyncLLM
+    from lora_jax.entrypoints.openai.server import build_app
+
+    try:
+        loras = parse_lora_modules(args.lora_modules)
+        if loras and not args.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
+        llm = AsyncLLM.from_options(
+            args.model, dtype=args.dtype, enable_lora=args.enable_lora,
+            max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+            max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"lora-jax serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        for lr in loras:  # load each now, so a bad adapter stops start-up with its reason
+            llm.call(llm.engine.add_lora, lr)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        llm.shutdown()
+        print(f"lora-jax serve: adapter {lr.lora_name!r} ({lr.lora_path}): {exc}",
+              file=sys.stderr)
+        return 2
+    args.lora_requests = loras
+    app = build_app(llm, args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+    url = f"http://{args.host}:{args.port}/v1"
+    name = args.served_model_name or args.model
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # the socket is bound: clients may connect from here on
+                print(f"lora-jax: serving {name} at {url}", flush=True)
+
+    server = Server(config)
+    try:
+        server.run()
+    finally:
+        llm.shutdown()
+    return 0

@@ -1,0 +1,49 @@
+"""`lora-jax serve`: start-up, the ready line, and a bad adapter stopping start-up."""
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from lora_jax.cli.serve import parse_lora_modules
+from tests.entrypoints.conftest import _free_port
+
+
+def _serve(*argv: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.Popen([sys.executable, "-m", "lora_jax.cli.main", "serve", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_lora_modules_parse_both_forms_and_name_bad_ones():
+    got = parse_lora_modules(["a=/x", '{"name": "b", "path": "/y", "base_model_name": "m"}'])
+    assert [(lr.lora_name, lr.lora_int_id, lr.lora_path) for lr in got] == \
+        [("a", 1, "/x"), ("b", 2, "/y")] and got[1].base_model_name == "m"
+    with pytest.raises(ValueError, match="name=path"):
+        parse_lora_modules(["nopath"])
+    with pytest.raises(ValueError, match="twice"):
+        parse_lora_modules(["a=/x", "a=/y"])
+
+
+def test_a_bad_adapter_stops_start_up_with_its_reason(base_model, tmp_path):
+    proc = _serve(base_model, "--enable-lora", "--lora-modules", f"bad={tmp_path / 'missing'}",
+                  "--port", str(_free_port()))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "'bad'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_serve_prints_its_url_and_answers(base_model, adapter_dir):
+    port = _free_port()
+    proc = _serve(base_model, "--served-model-name", "tiny", "--enable-lora",
+                  "--lora-modules", f"sql={adapter_dir}", "--port", str(port))
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/v1" in line
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert [m["id"] for m in r.json()["data"]] == ["tiny", "sql"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
