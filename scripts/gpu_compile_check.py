@@ -1,0 +1,171 @@
+"""Compile every Pallas kernel to H200 (sm_90a) machine code on any machine, and report its cost.
+
+jax.export lowers the kernels for CUDA without a GPU; each `__gpu$xla.gpu.triton` custom call
+carries the Triton IR (MLIR bytecode) and its num_warps / num_stages in mhlo.backend_config.
+Triton compiles that IR to PTX and its bundled ptxas to a cubin, whose `-v` report gives
+registers, spills and shared memory. Prints a JSON table; exits 1 on a compile error or spill.
+
+    python scripts/gpu_compile_check.py [--small]
+"""
+
+import argparse
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+import pallas_kernels as pk
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+# jaxlib minor version -> the Triton whose MLIR reads the IR that jaxlib emits (others refuse it).
+MATCHING_TRITON = {"0.10": "3.8.0"}
+# H100/H200 per-SM limits.
+SM_REGS, SM_SMEM, SM_WARPS, MAX_REGS = 65536, 228 * 1024, 64, 255
+
+# Kernel registry: (name, builder(dtype, shape) -> (fn, args)). A new kernel is one entry here.
+# PLACE FOR pallas_kernels/attention (ragged_paged_attention): add its case to CASES when it lands.
+
+
+def _lora_case(pattern: str, backward: bool):
+    def build(dtype, shape):
+        tokens, d_in, d_out, slots, rank = shape
+        spec = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
+        args = (spec((tokens, d_out)), spec((tokens, d_in)), spec((d_in, slots, rank)),
+                (spec((slots, rank, d_out)),), jax.ShapeDtypeStruct((tokens,), jnp.int32))
+        apply = functools.partial(pk.lora_apply_sliced, backend="pallas", pattern=pattern)
+        if not backward:
+            return apply, args
+
+        def loss(y, x, a, bs, slot):
+            return jnp.sum(apply(y, x, a, bs, slot).astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1, 2, 3)), args
+    return build
+
+
+CASES = [(f"lora_{p}_{d}", _lora_case(p, d == "bwd"))
+         for p in ("gather", "grouped") for d in ("fwd", "bwd")]
+
+# (T, D_in, D_out, S, R): Llama-3-8B q / down (decode, prefill); Llama-3-70B per-shard (TP=8).
+FULL_SHAPES = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64), (8, 14336, 4096, 64, 8),
+               (512, 8192, 1024, 4, 32), (32, 3584, 8192, 32, 16)]
+SMALL_SHAPES = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64)]
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+def check_triton() -> str | None:
+    """The problem with the installed Triton in one line, or None when it matches jaxlib."""
+    import jaxlib
+    minor = ".".join(jaxlib.__version__.split(".")[:2])
+    want = MATCHING_TRITON.get(minor)
+    if want is None:
+        return f"no known Triton matches jaxlib {jaxlib.__version__}: extend MATCHING_TRITON"
+    try:
+        import triton
+    except ImportError:
+        return f"triton is not installed: pip install triton=={want} (jaxlib {jaxlib.__version__})"
+    if triton.__version__ != want:
+        return f"triton {triton.__version__} cannot read jaxlib {minor} IR: need triton=={want}"
+    return None
+
+
+def _unescape(s: str) -> bytes:
+    """MLIR string literal -> bytes (\\XX hex escapes, \\\\, \\\")."""
+    out, i = bytearray(), 0
+    while i < len(s):
+        if s[i] == "\\":
+            if s[i + 1] in '\\"':
+                out.append(ord(s[i + 1]))
+                i += 2
+            else:
+                out.append(int(s[i + 1:i + 3], 16))
+                i += 3
+        else:
+            out += s[i].encode()
+            i += 1
+    return bytes(out)
+
+
+CALL_RE = re.compile(r'ir = "((?:[^"\\]|\\.)*)", name = "([^"]*)", num_stages = (\d+) : i32, '
+                     r"num_warps = (\d+) : i32")
+
+
+def triton_calls(fn, args):
+    text = export.export(jax.jit(fn), platforms=["cuda"],
+                         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+                         )(*args).mlir_module()
+    return [(_unescape(ir), name, int(st), int(w)) for ir, name, st, w in CALL_RE.findall(text)]
+
+
+def compile_sm90(ir: bytes, num_warps: int, num_stages: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        # Triton's IRSource reads text, so print the bytecode as MLIR text with its own parser.
+        from triton._C.libtriton import ir as tir
+        raw = os.path.join(tmp, "raw.mlirbc")
+        with open(raw, "wb") as f:
+            f.write(ir)
+        context = tir.context()
+        tir.load_dialects(context)
+        triton.compiler.make_backend(GPUTarget("cuda", 90, 32)).load_dialects(context)
+        src = os.path.join(tmp, "kernel.ttir")
+        with open(src, "w") as f:
+            f.write(str(tir.parse_mlir_module(raw, context)))
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
+                             check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log)[1])
+    spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill", log))
+    smem_log = [int(n) for n in re.findall(r"(\d+) bytes smem", log)]
+    smem = max([int(kernel.metadata.shared), *smem_log])
+    warps_by_regs = SM_REGS // (max(regs, 1) * 32 * num_warps) * num_warps
+    warps_by_smem = SM_SMEM // smem * num_warps if smem else SM_WARPS
+    return {"registers": regs, "spill_bytes": spill, "shared_bytes": smem,
+            "num_warps": num_warps, "num_stages": num_stages,
+            "warps_per_sm": min(SM_WARPS, warps_by_regs, warps_by_smem)}
+
+
+def run(shapes, dtypes=DTYPES, cases=CASES) -> list[dict]:
+    rows = []
+    for name, build in cases:
+        for shape in shapes:
+            for dname, dtype in dtypes.items():
+                for ir, kname, stages, warps in triton_calls(*build(dtype, shape)):
+                    rows.append({"kernel": name, "call": kname, "shape": list(shape),
+                                 "dtype": dname, **compile_sm90(ir, warps, stages)})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the test's two shapes only")
+    opts = parser.parse_args(argv)
+    problem = check_triton()
+    if problem:
+        print(problem)
+        return 2
+    rows = run(SMALL_SHAPES if opts.small else FULL_SHAPES)
+    print(json.dumps(rows, indent=None, separators=(",", ":")).replace("},{", "},\n{"))
+    spills = [r for r in rows if r["spill_bytes"]]
+    print(f"{len(rows)} kernels compiled; {len(spills)} spill; registers "
+          f"{min(r['registers'] for r in rows)}-{max(r['registers'] for r in rows)}; warps/SM "
+          f"{min(r['warps_per_sm'] for r in rows)}-{max(r['warps_per_sm'] for r in rows)}",
+          file=sys.stderr)
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
