@@ -1,0 +1,63 @@
+"""The paged KV cache through LLM: preemption, prefix caching, the pool's size."""
+
+import pytest
+from helpers.checkpoints import write_checkpoint
+
+from lora_jax import LLM, SamplingParams
+from lora_jax.tools.tiny import config_dict, tiny_config
+
+PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 50 + 3 for j in range(9 + 3 * i)]}
+           for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return str(write_checkpoint(tmp_path_factory.mktemp("base"), config_dict(tiny_config())))
+
+
+def _ids(outputs):
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+    SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True),
+], ids=["greedy", "seeded"])
+def test_preemption_under_a_small_pool_gives_the_unpreempted_outputs(base, params):
+    roomy = LLM(base, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
+    small = LLM(base, max_num_seqs=4, num_kv_blocks=12, block_size=4)
+    tight = small.generate(PROMPTS, params, use_tqdm=False)
+    assert small.engine.stats()["num_preemptions"] > 0
+    assert _ids(tight) == _ids(roomy)
+    assert small.engine.stats()["kv_blocks_used"] == 0  # every block back once done
+
+
+def test_a_shared_prefix_is_computed_once_and_changes_no_output(base):
+    prefix = list(range(3, 35))
+    prompts = [{"prompt_token_ids": prefix + [40 + i, 41 + i]} for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    cached = LLM(base, max_num_seqs=4, block_size=8)
+    first = cached.generate(prompts[:1], params, use_tqdm=False)
+    rest = cached.generate(prompts[1:], params, use_tqdm=False)
+    stats = cached.engine.stats()
+    assert stats["prefix_cache_hits"] >= 2 * 4  # the 4 prefix blocks, for both later requests
+    plain = LLM(base, max_num_seqs=4, block_size=8, enable_prefix_caching=False)
+    assert _ids(first + rest) == _ids(plain.generate(prompts, params, use_tqdm=False))
+    assert plain.engine.stats()["prefix_cache_hits"] == 0
+
+
+def test_the_pool_is_the_bytes_asked_for_whatever_max_num_seqs_and_max_model_len(base):
+    sizes = {LLM(base, max_num_seqs=n, max_model_len=m, kv_cache_memory_bytes=1 << 20)
+             .engine.kv_cache_bytes for n, m in ((2, 64), (64, 256))}
+    assert len(sizes) == 1 and (1 << 20) - 64 * 1024 < sizes.pop() <= 1 << 20
+
+
+def test_a_request_that_can_never_fit_the_pool_is_refused_at_once(base):
+    llm = LLM(base, num_kv_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match=r"needs 20 tokens of KV cache, but the whole pool "
+                                         r"holds 16"):
+        llm.generate({"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=10))
+    out = llm.generate([{"prompt_token_ids": [5] * 10}, {"prompt_token_ids": [5, 6]}],
+                       SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False)
+    assert out[0].error and "kv_cache_memory_bytes" in out[0].error
+    assert len(out[1].outputs[0].token_ids) == 10
