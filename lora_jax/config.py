@@ -1,5 +1,6 @@
 """EngineConfig: how an LLM serves, validated once at the edge."""
 
+import os
 from dataclasses import dataclass
 
 
@@ -16,16 +17,22 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 256
+    max_prefill_seqs: int = 16  # multi-token chunks (prefills, recomputes) per step
     seed: int = 0
     lora_backend: str | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None  # the pool's size in blocks (tests); else from the bytes
     kv_cache_memory_bytes: int | None = None  # default: min(4 GiB, max_num_seqs full rows)
     enable_prefix_caching: bool = True
+    # Compile every program before serving (default: on, unless $LORA_JAX_COMPILE_ON_START=0).
+    compile_on_start: bool | None = None
+    # JAX's persistent compilation cache: None = ~/.cache/lora-jax/xla (or
+    # $LORA_JAX_COMPILATION_CACHE_DIR when set), "" = off.
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens",
-                     "max_prefill_chunk", "block_size"):
+                     "max_prefill_chunk", "max_prefill_seqs", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -45,5 +52,18 @@ class EngineConfig:
         if self.max_prefill_chunk & (self.max_prefill_chunk - 1):
             raise ValueError(f"max_prefill_chunk must be a power of two (it is a shape bucket), "
                              f"got {self.max_prefill_chunk}")
+        if self.compile_on_start not in (None, True, False):
+            raise ValueError(f"compile_on_start must be True or False, got "
+                             f"{self.compile_on_start!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    def should_compile_on_start(self) -> bool:
+        if self.compile_on_start is not None:
+            return self.compile_on_start
+        return os.environ.get("LORA_JAX_COMPILE_ON_START", "1") not in ("0", "false", "no")
+
+    def cache_dir(self) -> str | None:
+        if self.compilation_cache_dir is not None:
+            return self.compilation_cache_dir
+        return os.environ.get("LORA_JAX_COMPILATION_CACHE_DIR")

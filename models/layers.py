@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from models import kv_cache
 from models.config import LlamaConfig
 from models.lora import LayerLora
+from models.ragged import RaggedMeta, ragged_attention, write_tokens
 from models.rope import apply_rope
 from pallas_kernels import lora_apply, lora_apply_sliced
 
@@ -39,6 +40,7 @@ class TokenBatch(NamedTuple):
     lora_dropout: tuple[jax.Array, float] | None = None  # (key, rate) on LoRA inputs: training
     kv_window: int | None = None  # static: every position in the batch is below it (None: all)
     kv_dtype: str = "float32"  # static: the dtype the KV cache holds
+    ragged: RaggedMeta | None = None  # a ragged batch (B = 1, L = T tokens) over the paged pool
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -115,14 +117,22 @@ def decoder_layer(
     q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
     q = apply_rope(q.reshape(b, length, h, hd), batch.cos, batch.sin)
     k = apply_rope(k.reshape(b, length, kv, hd), batch.cos, batch.sin)
-    k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
-                                   batch.kv_dtype)
-    v_cache = kv_cache.write_layer(cache[1], layer, batch.rows, batch.positions,
-                                   v.reshape(b, length, kv, hd), batch.kv_dtype)
-    attn = attend(q,
-                  kv_cache.read_layer(k_cache, layer, batch.rows, batch.kv_dtype, batch.kv_window),
-                  kv_cache.read_layer(v_cache, layer, batch.rows, batch.kv_dtype, batch.kv_window),
-                  batch.positions)
+    if batch.ragged is not None:
+        meta = batch.ragged
+        k_cache = write_tokens(cache[0], layer, meta.slot_mapping, k[0], batch.kv_dtype)
+        v_cache = write_tokens(cache[1], layer, meta.slot_mapping,
+                               v.reshape(length, kv, hd), batch.kv_dtype)
+        attn = ragged_attention(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype)[None]
+    else:
+        k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
+                                       batch.kv_dtype)
+        v_cache = kv_cache.write_layer(cache[1], layer, batch.rows, batch.positions,
+                                       v.reshape(b, length, kv, hd), batch.kv_dtype)
+        attn = attend(q, kv_cache.read_layer(k_cache, layer, batch.rows, batch.kv_dtype,
+                                             batch.kv_window),
+                      kv_cache.read_layer(v_cache, layer, batch.rows, batch.kv_dtype,
+                                          batch.kv_window),
+                      batch.positions)
     attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
                    keys[1])
     x = x + attn.astype(x.dtype).reshape(b, length, d)

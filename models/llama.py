@@ -19,6 +19,7 @@ from models.config import LlamaConfig
 from models.kv_cache import KVCache
 from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm
 from models.lora import LoraStacks
+from models.ragged import RaggedMeta
 from models.rope import rope_cos_sin
 
 
@@ -113,6 +114,47 @@ class Llama(nnx.Module):
             layer_lora = None if lora is None else lora.layer(i)
             x, cache = decoder_layer(config, x, cache, i, layer.weights(), layer_lora, batch)
         return (rms_norm(x, self.norm[...], config.rms_norm_eps),
+                KVCache(*cache, dtype=kv_cache.dtype))
+
+    def ragged(
+        self,
+        tokens: jax.Array,
+        meta: RaggedMeta,
+        kv_cache: KVCache,
+        lora: LoraStacks | None = None,
+        adapter_slot: jax.Array | None = None,
+        rope_scale: jax.Array | None = None,
+        seq_len: jax.Array | None = None,
+        *,
+        lora_backend: str | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """One ragged step over the paged pool (see models.ragged).
+
+        tokens [T] int32 with meta (positions, request of each token, block tables, attention
+        layouts); adapter_slot [R] int32 (-1 = base), rope_scale [R] float32, seq_len [R] int32
+        (each request's last position in this step + 1, for dynamic NTK RoPE) -> (hidden
+        [T, D] after the final norm, kv_cache with this step's keys and values written).
+        """
+        config = self.config
+        req = jnp.minimum(meta.token_req, meta.tables.shape[0] - 1)
+        real = meta.positions >= 0
+        slot = None
+        if lora is not None:
+            if adapter_slot is None:
+                raise ValueError("adapter_slot is required when lora stacks are given")
+            slot = jnp.where(real, adapter_slot[req], -1).astype(jnp.int32)
+        positions = jnp.maximum(meta.positions, 0)[:, None]
+        cos, sin = rope_cos_sin(config, positions,
+                                None if rope_scale is None else rope_scale[req],
+                                None if seq_len is None else seq_len[req])
+        batch = TokenBatch(meta.positions[None], None, cos[:, 0][None], sin[:, 0][None], slot,
+                           lora_backend, kv_dtype=kv_cache.dtype, ragged=meta)
+        x = jnp.take(self.embed[...], tokens, axis=0)[None]
+        cache = (kv_cache.k, kv_cache.v)
+        for i, layer in enumerate(self.layers):
+            layer_lora = None if lora is None else lora.layer(i)
+            x, cache = decoder_layer(config, x, cache, i, layer.weights(), layer_lora, batch)
+        return (rms_norm(x[0], self.norm[...], config.rms_norm_eps),
                 KVCache(*cache, dtype=kv_cache.dtype))
 
     def logits(self, hidden: jax.Array) -> jax.Array:

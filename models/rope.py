@@ -41,7 +41,8 @@ def static_inv_freq(config: LlamaConfig) -> np.ndarray:
     return inv_freq
 
 
-def _dynamic_inv_freq(config: LlamaConfig, positions: jax.Array) -> jax.Array:
+def _dynamic_inv_freq(config: LlamaConfig, positions: jax.Array,
+                      seq_len: jax.Array | None = None) -> jax.Array:
     """[B, head_dim // 2]: NTK-scaled frequencies from each row's length in this call.
 
     transformers rescales from the largest position it is given, so a whole-prompt prefill
@@ -49,19 +50,23 @@ def _dynamic_inv_freq(config: LlamaConfig, positions: jax.Array) -> jax.Array:
     """
     dim, original = config.head_dim, config.max_position_embeddings
     factor = jnp.float32(config.rope_scaling["factor"])
-    seq_len = jnp.maximum(jnp.max(positions, axis=-1) + 1, original).astype(jnp.float32)
+    if seq_len is None:
+        seq_len = jnp.max(positions, axis=-1) + 1
+    seq_len = jnp.maximum(seq_len, original).astype(jnp.float32)
     base = config.rope_theta * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
     exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
     return 1.0 / (base[:, None] ** exponent[None, :])
 
 
 def rope_cos_sin(
-    config: LlamaConfig, positions: jax.Array, rope_scale: jax.Array | None
+    config: LlamaConfig, positions: jax.Array, rope_scale: jax.Array | None,
+    seq_len: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """positions [B, L] int32, rope_scale [B] float32 or None -> cos, sin [B, L, head_dim] f32."""
+    """positions [B, L] int32, rope_scale [B] float32 or None -> cos, sin [B, L, head_dim] f32.
+    seq_len [B]: the length dynamic NTK scales from (default: each row's last position + 1)."""
     batch = positions.shape[0]
     if config.rope_type == "dynamic":
-        inv_freq = _dynamic_inv_freq(config, positions)
+        inv_freq = _dynamic_inv_freq(config, positions, seq_len)
     else:
         inv_freq = jnp.broadcast_to(jnp.asarray(static_inv_freq(config)),
                                     (batch, config.head_dim // 2))

@@ -5,10 +5,11 @@ KV in the sequence's blocks. A step gives a sequence its next tokens: one for a 
 for a prefill (or for a recompute after preemption); a step that reaches the end of the tokens
 samples one more. Decodes go first, then running prefills, then waiting sequences are admitted
 while the token budget, free rows, free blocks and max_loras allow (pinned adapters count,
-since they keep a slot). When a running sequence needs a block and none is free, the most
-recently admitted sequence not yet scheduled this step is preempted: its blocks are freed, it
-keeps its row (its sampling history) and goes to the front of the queue, and it is recomputed
-from its tokens later; nothing is admitted in a step that preempted.
+since they keep a slot), with at most max_prefill_seqs chunks in a step. When a running
+sequence needs a block and none is free, the most recently admitted sequence not yet scheduled
+this step is preempted: its blocks are freed, it keeps its row (its sampling history) and goes
+to the front of the queue, and it is recomputed from its tokens later; nothing is admitted in
+a step that preempted.
 """
 
 from collections import deque
@@ -82,13 +83,14 @@ class Batch:
 
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int, kv: KVCacheManager):
+                 max_prefill_chunk: int, kv: KVCacheManager, max_prefill_seqs: int = 16):
         if max_num_batched_tokens <= max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed "
                              f"max_num_seqs ({max_num_seqs}) so prefills can make progress")
         self.max_loras = max_loras
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_chunk = max_prefill_chunk
+        self.max_prefill_seqs = max_prefill_seqs
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -116,6 +118,8 @@ class Scheduler:
             for seq in list(self.running):
                 if seq.seq_id in scheduled or seq.prefilling == want_decode:
                     continue
+                if not want_decode and len(prefills) >= self.max_prefill_seqs:
+                    break
                 length = 1 if want_decode else min(
                     seq.num_tokens - seq.num_cached, self.max_prefill_chunk, budget)
                 if length <= 0:
@@ -129,7 +133,7 @@ class Scheduler:
                 else:
                     prefills.append(PrefillChunk(seq, seq.num_cached, length))
         if not preempted:
-            prefills += self._admit(budget)
+            prefills += self._admit(budget, self.max_prefill_seqs - len(prefills))
         return Batch(decodes, prefills, preempted)
 
     def _allocate(self, seq: Sequence, length: int, scheduled: set[int],
@@ -153,11 +157,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _admit(self, budget: int) -> list[PrefillChunk]:
+    def _admit(self, budget: int, max_chunks: int) -> list[PrefillChunk]:
         held = self.adapters_in_use() | self.pinned
         admitted, chunks = [], []
         for seq in self.waiting:
-            if budget <= 0 or (seq.row is None and not self.free_rows):
+            if budget <= 0 or len(chunks) >= max_chunks or (
+                    seq.row is None and not self.free_rows):
                 break
             if seq.adapter is not None and seq.adapter not in held:
                 if len(held) >= self.max_loras:

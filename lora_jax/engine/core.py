@@ -17,6 +17,7 @@ from lora_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from lora_jax.tokenizer import TextStream, TextTokenizer
+from lora_jax.worker.compilation import CompileReport, compile_all, enable_persistent_cache
 from lora_jax.worker.runner import RowInput, Runner
 from models import load_llama
 from models.kv_cache import kv_bytes_per_token
@@ -124,12 +125,15 @@ class Engine:
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs, max_loras=config.max_loras,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_prefill_chunk=config.max_prefill_chunk, kv=self.kv)
+            max_prefill_chunk=config.max_prefill_chunk,
+            max_prefill_seqs=config.max_prefill_seqs, kv=self.kv)
         self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype)
                       if config.enable_lora else None)
         self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
                              num_blocks=self.num_kv_blocks, block_size=config.block_size,
-                             dtype=dtype, lora_backend=config.lora_backend)
+                             dtype=dtype, max_num_batched_tokens=config.max_num_batched_tokens,
+                             max_prefill_seqs=config.max_prefill_seqs,
+                             lora_backend=config.lora_backend)
         self.adapters = AdapterRegistry(
             mc, max_lora_rank=config.max_lora_rank, served=config.model,
             served_path=self.model_path,
@@ -139,6 +143,23 @@ class Engine:
         self._next_seq = 0
         self._rng = np.random.default_rng(config.seed)
         self._adapter_versions: dict[int, tuple[LoRAAdapter, int]] = {}
+        self.compile_report: CompileReport | None = None
+        cache_dir = enable_persistent_cache(config.cache_dir())
+        if config.should_compile_on_start():
+            self.compile_report = compile_all(self.runner, self._stacks(), self.slots,
+                                              cache_dir=cache_dir)
+
+    def compile_stats(self) -> dict:
+        """Programs compiled at start-up and since (0 after start-up is the goal), seconds,
+        and persistent-cache hits."""
+        report = self.compile_report
+        total = self.runner.compiled_count()
+        return {"programs": total,
+                "programs_at_start": self.runner.compiled_at_start,
+                "compiled_after_start": total - self.runner.compiled_at_start,
+                "start_seconds": None if report is None else round(report.seconds, 2),
+                "cache_hits": None if report is None else report.cache_hits,
+                "cache_dir": None if report is None else report.cache_dir}
 
     def _pool_blocks(self, config: EngineConfig, dtype) -> int:
         """The pool's size: num_kv_blocks, or kv_cache_memory_bytes over one block's bytes,
@@ -304,22 +325,19 @@ class Engine:
             held = self.scheduler.adapters_in_use() | self.scheduler.pinned
             self.slots.activate(needed, keep=held)
         done: list[Sequence] = []
-        if batch.decodes:
-            rows = [self._row(s, [s.tokens[s.num_cached]], s.num_cached) for s in batch.decodes]
-            out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.decodes))
-            for i, seq in enumerate(batch.decodes):
-                seq.num_cached += 1
-                self._append(seq, i, out, done)
-        if batch.prefills:
-            rows = [self._row(c.seq, c.seq.tokens[c.start:c.start + c.length], c.start,
-                              prompt=not c.seq.output_ids, keeps=c.completes_prompt)
-                    for c in batch.prefills]
-            seqs = [c.seq for c in batch.prefills]
-            out = self.runner.run(rows, self._stacks(), self._num_logprobs(seqs))
-            for i, chunk in enumerate(batch.prefills):
-                chunk.seq.num_cached += chunk.length
-                if chunk.completes_prompt:
-                    self._append(chunk.seq, i, out, done)
+        # One ragged step: decodes first, then prefill chunks (a recompute is a chunk too).
+        rows = [self._row(s, [s.tokens[s.num_cached]], s.num_cached) for s in batch.decodes]
+        rows += [self._row(c.seq, c.seq.tokens[c.start:c.start + c.length], c.start,
+                           prompt=not c.seq.output_ids, keeps=c.completes_prompt)
+                 for c in batch.prefills]
+        out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.seqs()))
+        for i, seq in enumerate(batch.decodes):
+            seq.num_cached += 1
+            self._append(seq, i, out, done)
+        for i, chunk in enumerate(batch.prefills, start=len(batch.decodes)):
+            chunk.seq.num_cached += chunk.length
+            if chunk.completes_prompt:
+                self._append(chunk.seq, i, out, done)
         for seq in batch.seqs():
             seq.started = True
             if seq.use_prefix_cache:

@@ -57,6 +57,12 @@ class AdapterSlots:
         if slot is not None:
             self._free.append(slot)
 
+    def warm(self) -> None:
+        """Compile the slot fill before serving: write zeros into slot 0 (free at start-up,
+        and zeros already)."""
+        packed = pack_adapter(self.config, {}, self.max_rank, self.dtype)
+        self.stacks = self._set(self.stacks, jnp.int32(0), packed)
+
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         packed = pack_adapter(self.config, adapter.modules, self.max_rank, self.dtype)
         self.stacks = self._set(self.stacks, jnp.int32(slot), packed)

@@ -1,151 +1,157 @@
-"""Runs one scheduled batch on the device: pads it to a shape bucket and calls the jitted step.
+"""Runs one scheduled step on the device: the ragged batch through one compiled program.
 
-The step is a pure function of (model state, adapter stacks, KV cache, batch arrays): the model
-is split once with nnx.split and merged inside jit, the KV cache is donated, and sampling runs
-in the same compiled function, so the host reads back only token ids (and logprobs if asked).
+The step is a pure function of (model state, adapter stacks, KV cache, penalty history, batch
+arrays): the model is split once with nnx.split and merged inside jit, the KV cache and the
+history are donated, and sampling runs in the same program, so the host reads back only token
+ids (and logprobs if asked). Programs are compiled ahead of time, one per (token bucket,
+sampling kind, logprobs), by `compile_all` (see lora_jax/worker/compilation.py).
 """
 
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax.sampling_params import MAX_LOGPROBS
+from lora_jax.worker.input_batch import (
+    BatchShape,
+    RowInput,
+    ShapeLadder,
+    build,
+    table_width,
+)
 from lora_jax.worker.sampler import History, Sampled, SamplingArrays, SamplingMode, mode_of, sample
 from models.kv_cache import init_paged_kv_cache
+from models.ragged import RaggedMeta
 
-# Smallest buckets: a few padded decode rows or prompt tokens cost little next to another
-# compiled program (reading the weights dominates a small step), so small batches share a shape.
-# Prefill rows are not padded up: an idle row there would cost a whole padded prompt.
-MIN_DECODE_ROWS = 8
-MIN_PREFILL_WIDTH = 16
-# Attention reads each row's cache up to a power-of-two window over the batch's furthest
-# position, not max_model_len: short contexts cost what they use, at one program per window.
-MIN_KV_WINDOW = 64
+__all__ = ["RowInput", "Runner", "ProgramKey", "GREEDY", "GENERAL"]
 
-
-def bucket(n: int, smallest: int = 1) -> int:
-    """The power of two >= max(n, smallest): the padded size that a batch dimension compiles at."""
-    return max(smallest, 1 << max(0, n - 1).bit_length())
+# Two sampling kinds keep the program set small: greedy rows without penalties only, or the
+# general sampler (any mix of temperature, filters, seeds and penalties; greedy rows included).
+GREEDY = SamplingMode(False, False, False, False, False)
+GENERAL = SamplingMode()
 
 
-@dataclass
-class RowInput:
-    """One sequence of a step: tokens at positions [start, start + len(tokens)), whose KV
-    lives in the blocks of `block_table`; `row` indexes its sampling history."""
+class ProgramKey(NamedTuple):
+    """One compiled program: the token bucket, the sampling kind, top logprobs (0 or max)."""
 
-    tokens: list[int]
-    start: int
-    row: int
-    block_table: list[int]
-    slot: int  # adapter slot, -1 for the base model
-    rope_scale: float
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    seed: int
-    counter: int
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    prompt: bool = False  # the tokens are prompt tokens (a prefill chunk) to mark as seen
-    fresh: bool = False  # the sequence's first chunk: its row's history starts over
-    keeps: bool = True  # the sampled token is kept (not a chunk before the prompt's last)
+    tokens: int
+    general: bool
+    num_logprobs: int
 
 
-# The per-row arrays of a step: (RowInput field, dtype, value in a padding row). Padding rows
-# take no adapter, no rope scaling, and greedy sampling (so they never force a random draw).
-_COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.float32, 1.0),
-            ("temperature", np.float32, 0.0), ("top_k", np.int32, 0), ("top_p", np.float32, 1.0),
-            ("min_p", np.float32, 0.0), ("seed", np.uint32, 0), ("counter", np.int32, 0),
-            ("presence_penalty", np.float32, 0.0), ("frequency_penalty", np.float32, 0.0),
-            ("repetition_penalty", np.float32, 1.0), ("prompt", np.bool_, False),
-            ("fresh", np.bool_, False), ("keeps", np.bool_, False))
+class Requests(NamedTuple):
+    """Per-request arrays of a step, [R] each."""
+
+    row: jax.Array  # history row
+    slot: jax.Array  # adapter slot, -1 = base
+    rope_scale: jax.Array
+    seq_len: jax.Array  # last position in this step + 1
+    logits_index: jax.Array  # the token whose hidden state samples
+    prompt: jax.Array
+    fresh: jax.Array
+    keeps: jax.Array
 
 
-def _step(graphdef, state, stacks, kv, history: History, tokens, positions, rows, tables,
-          slots, rope_scale, last, prompt, fresh, keeps, sampling: SamplingArrays,
-          num_logprobs: int, kv_window: int, mode: SamplingMode, has_prompt: bool,
+def _step(graphdef, state, stacks, kv, history: History, tokens, meta: RaggedMeta,
+          req: Requests, sampling: SamplingArrays, *, num_logprobs: int, mode: SamplingMode,
           lora_backend: str | None):
     model = nnx.merge(graphdef, state)
-    hidden, kv = model(tokens, positions, kv, tables, stacks, slots, rope_scale,
-                       lora_backend=lora_backend, kv_window=kv_window)
-    final = hidden[jnp.arange(hidden.shape[0]), last]  # [B, D]: each row's last real token
-    if has_prompt:  # a decode-only step has no prompt to mark and no row to reset
-        history = _see_prompt(history, tokens, positions, rows, prompt, fresh)
-    out = sample(model.logits(final), sampling, num_logprobs, history, rows, mode)
-    # Rows that drop their sample (padding, a prompt chunk before the last) index past the end.
-    kept = jnp.where(keeps, rows, history.output_counts.shape[0])
-    counts = history.output_counts.at[kept, out.tokens].add(1, mode="drop")
-    return out, kv, History(counts, history.in_prompt)
+    hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, req.seq_len,
+                              lora_backend=lora_backend)
+    final = hidden[req.logits_index]  # [R, D]
+    if mode.penalties:
+        history = _see_prompt(history, tokens, meta, req)
+    out = sample(model.logits(final), sampling, num_logprobs, history, req.row, mode)
+    if mode.penalties:
+        # Entries that drop their sample (padding, a chunk before the prompt's last) index past
+        # the end. Only the general kind keeps counts: a row with penalties never runs greedy.
+        kept = jnp.where(req.keeps, req.row, history.output_counts.shape[0])
+        history = History(history.output_counts.at[kept, out.tokens].add(1, mode="drop"),
+                          history.in_prompt)
+    return out, kv, history
 
 
-def _see_prompt(history: History, tokens, positions, rows, prompt, fresh) -> History:
+def _see_prompt(history: History, tokens, meta: RaggedMeta, req: Requests) -> History:
     """A sequence's first chunk makes its row forget the previous sequence; prompt tokens
-    are marked seen. Padding (position -1) and decode rows change nothing."""
+    are marked seen. Padding and decode tokens change nothing."""
     num_rows = history.output_counts.shape[0]
-    starts = jnp.where(fresh, rows, num_rows)
+    starts = jnp.where(req.fresh, req.row, num_rows)
     counts = history.output_counts.at[starts].set(0, mode="drop")
     in_prompt = history.in_prompt.at[starts].set(False, mode="drop")
-    marked = jnp.where(prompt[:, None] & (positions >= 0), rows[:, None], num_rows)
+    owner = jnp.minimum(meta.token_req, req.row.shape[0] - 1)
+    marked = jnp.where(req.prompt[owner] & (meta.positions >= 0), req.row[owner], num_rows)
     return History(counts, in_prompt.at[marked, tokens].set(True, mode="drop"))
 
 
 class Runner:
-    """Owns the model state, the KV cache and the penalty history (output counts and prompt
+    """Owns the model state, the KV pool and the penalty history (output counts and prompt
     marks, [rows, vocab] each: 5 bytes per row and vocabulary entry); `run` executes one
-    padded batch."""
+    ragged step through its compiled program."""
 
     def __init__(self, model, *, num_rows: int, max_len: int, num_blocks: int,
-                 block_size: int, dtype, lora_backend: str | None = None):
+                 block_size: int, dtype, max_num_batched_tokens: int, max_prefill_seqs: int,
+                 lora_backend: str | None = None):
         self.graphdef, self.state = nnx.split(model)
-        self.max_len, self.block_size = max_len, block_size
+        self.max_len, self.block_size, self.num_blocks = max_len, block_size, num_blocks
+        self.ladder = ShapeLadder(max_num_batched_tokens, num_rows, max_prefill_seqs)
+        self.table_pages = table_width(max_len, block_size)
         self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
         vocab = model.config.vocab_size
         self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
                                jnp.zeros((num_rows, vocab), jnp.bool_))
-        self._step = jax.jit(
-            functools.partial(_step, self.graphdef, lora_backend=lora_backend),
-            static_argnames=("num_logprobs", "kv_window", "mode", "has_prompt"),
-            donate_argnames=("kv", "history"))
-        # Every static key the step compiled for: shape bucket, logprobs, window, sampling mode.
-        self.shapes_run: set[tuple] = set()
+        self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend),
+                            static_argnames=("num_logprobs", "mode"),
+                            donate_argnames=("kv", "history"))
+        self._programs: dict[ProgramKey, object] = {}
+        self.compiled_at_start = 0
+
+    # Programs ------------------------------------------------------------------------------
+
+    def program_keys(self) -> list[ProgramKey]:
+        """Every program the engine can run: each token bucket x {greedy, general} x
+        {no logprobs, top MAX_LOGPROBS}."""
+        return [ProgramKey(s.tokens, general, lp) for s in self.ladder.shapes()
+                for general in (False, True) for lp in (0, MAX_LOGPROBS)]
+
+    def compiled_programs(self) -> list[ProgramKey]:
+        """The programs compiled so far, in the order they were compiled."""
+        return list(self._programs)
+
+    def _arguments(self, shape: BatchShape, rows: list[RowInput], stacks):
+        tokens, meta, cols, logits_index, seq_len = build(
+            rows, shape, block_size=self.block_size, num_blocks=self.num_blocks,
+            table_pages=self.table_pages)
+        req = Requests(cols["row"], cols["slot"], cols["rope_scale"], seq_len, logits_index,
+                       cols["prompt"], cols["fresh"], cols["keeps"])
+        sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
+        return (self.state, stacks, self.kv, self.history, tokens, meta, req, sampling)
+
+    def compile(self, key: ProgramKey, stacks) -> None:
+        """Compile one program (a no-op when it exists): lowering needs only shapes, so an
+        empty batch of the key's shape stands in for real requests."""
+        if key in self._programs:
+            return
+        args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
+        self._programs[key] = self._jit.lower(
+            *args, num_logprobs=key.num_logprobs,
+            mode=GENERAL if key.general else GREEDY).compile()
+
+    # Running -------------------------------------------------------------------------------
 
     def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
-        """Sample one token per row (for the last of its tokens); returns host numpy arrays."""
-        n = len(rows)
-        longest = max(len(r.tokens) for r in rows)
-        width = 1 if longest == 1 else bucket(longest, MIN_PREFILL_WIDTH)
-        b = bucket(n, MIN_DECODE_ROWS if width == 1 else 1)
-        tokens = np.zeros((b, width), np.int32)
-        positions = np.full((b, width), -1, np.int32)
-        last = np.zeros(b, np.int32)
-        cols = {name: np.full(b, pad, dtype) for name, dtype, pad in _COLUMNS}
-        for i, r in enumerate(rows):
-            tokens[i, : len(r.tokens)] = r.tokens
-            positions[i, : len(r.tokens)] = np.arange(r.start, r.start + len(r.tokens))
-            last[i] = len(r.tokens) - 1
-            for name in cols:
-                cols[name][i] = getattr(r, name)
-        sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
-        window = min(self.max_len, bucket(int(positions.max()) + 1, MIN_KV_WINDOW))
-        # Only the blocks the window covers; padding entries (block 0) are never attended.
-        tables = np.zeros((b, -(-window // self.block_size)), np.int32)
-        for i, r in enumerate(rows):
-            used = r.block_table[:tables.shape[1]]
-            tables[i, :len(used)] = used
-        mode, has_prompt = mode_of(sampling), bool(cols["prompt"].any() or cols["fresh"].any())
-        self.shapes_run.add((b, width, num_logprobs, window, mode, has_prompt))
-        out, self.kv, self.history = self._step(
-            self.state, stacks, self.kv, self.history, tokens, positions, cols["row"], tables,
-            cols["slot"], cols["rope_scale"], last, cols["prompt"], cols["fresh"],
-            cols["keeps"], sampling,
-            num_logprobs=num_logprobs, kv_window=window, mode=mode, has_prompt=has_prompt)
-        return Sampled(*(np.asarray(x)[:n] for x in jax.device_get(out)))
+        """Sample one token per request (for the last of its tokens); returns host arrays."""
+        shape = self.ladder.fit(rows)
+        args = self._arguments(shape, rows, stacks)
+        general = mode_of(args[-1]) != GREEDY
+        key = ProgramKey(shape.tokens, general, MAX_LOGPROBS if num_logprobs else 0)
+        self.compile(key, stacks)
+        out, self.kv, self.history = self._programs[key](*args)
+        return Sampled(*(np.asarray(x)[:len(rows)] for x in jax.device_get(out)))
 
     def compiled_count(self) -> int:
-        """How many programs the step has compiled (one per shape bucket used)."""
-        return self._step._cache_size()
+        """How many programs the runner has compiled."""
+        return len(self._programs)

@@ -1,0 +1,85 @@
+"""Every program the engine runs, compiled before the first request.
+
+The set is small and fixed (see Runner.program_keys): one program per token bucket (powers of
+two from 8 to max_num_batched_tokens) x {greedy, general sampling} x {no logprobs, top
+MAX_LOGPROBS}, plus the slot-fill update of the adapter stacks. Context lengths, adapters,
+ranks, long-context scaling and batch mix are all arguments, never shapes, so after start-up no
+workload compiles anything.
+
+JAX's persistent compilation cache (under ~/.cache/lora-jax/xla, or $XDG_CACHE_HOME/lora-jax/
+xla) keeps the compiled programs on disk, so the next start with the same model shapes loads
+them instead of compiling.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+logger = logging.getLogger("lora_jax")
+
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "lora-jax" / "xla"
+
+
+def enable_persistent_cache(path: str | Path | None) -> Path | None:
+    """Turn on JAX's persistent compilation cache at `path` (None: the default folder; "":
+    off). A cache folder the user already gave JAX wins; returns the folder in use."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    if path == "":
+        return None
+    folder = Path(path) if path is not None else default_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # Small models compile in well under JAX's default one second: cache them too.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return folder
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What start-up compiled: programs, seconds, and how many came from the disk cache."""
+
+    num_programs: int
+    seconds: float
+    cache_hits: int
+    cache_dir: str | None
+
+
+def compile_all(runner, stacks, slots=None, *, show_progress: bool = True,
+                cache_dir: Path | None = None) -> CompileReport:
+    """Compile every program of `runner` (and the slot fill of `slots`) before serving."""
+    hits = []
+
+    def listener(name, **_kwargs):
+        if name == _CACHE_HIT:
+            hits.append(name)
+
+    jax.monitoring.register_event_listener(listener)
+    start = time.perf_counter()
+    try:
+        keys = runner.program_keys()
+        for key in tqdm(keys, desc="compiling", unit="program",
+                        disable=not show_progress or len(keys) < 2):
+            runner.compile(key, stacks)
+        if slots is not None:
+            slots.warm()
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    report = CompileReport(len(keys), time.perf_counter() - start, len(hits),
+                           None if cache_dir is None else str(cache_dir))
+    runner.compiled_at_start = len(runner.compiled_programs())
+    logger.info("compiled %d programs in %.1f s (%d from the persistent cache%s)",
+                report.num_programs, report.seconds, report.cache_hits,
+                f" at {cache_dir}" if cache_dir else ", which is off")
+    return report

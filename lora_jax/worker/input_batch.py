@@ -1,0 +1,153 @@
+"""A scheduled step as host arrays: the ragged batch the compiled step takes.
+
+The shapes come from a small ladder (see `BatchShape`): T tokens, a power of two, and what
+follows from it (request entries, prefill tiles), so the whole set of programs is known before
+the first request and compiled at start-up.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.ragged import TILE, RaggedMeta, chunk_pages
+
+# The smallest token bucket: a few padded tokens cost little next to another program.
+MIN_TOKENS = 8
+
+
+def bucket(n: int, smallest: int = 1) -> int:
+    """The power of two >= max(n, smallest): the padded size a batch dimension compiles at."""
+    return max(smallest, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class RowInput:
+    """One request of a step: tokens at positions [start, start + len(tokens)), whose KV
+    lives in the blocks of `block_table`; `row` indexes its sampling history."""
+
+    tokens: list[int]
+    start: int
+    row: int
+    block_table: list[int]
+    slot: int  # adapter slot, -1 for the base model
+    rope_scale: float
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    counter: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    prompt: bool = False  # the tokens are prompt tokens (a prefill chunk) to mark as seen
+    fresh: bool = False  # the sequence's first chunk: its row's history starts over
+    keeps: bool = True  # the sampled token is kept (not a chunk before the prompt's last)
+
+
+# The per-request arrays: (RowInput field, dtype, value in a padding entry). Padding entries
+# take no adapter, no rope scaling, and greedy sampling (so they never force a random draw).
+COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.float32, 1.0),
+           ("temperature", np.float32, 0.0), ("top_k", np.int32, 0), ("top_p", np.float32, 1.0),
+           ("min_p", np.float32, 0.0), ("seed", np.uint32, 0), ("counter", np.int32, 0),
+           ("presence_penalty", np.float32, 0.0), ("frequency_penalty", np.float32, 0.0),
+           ("repetition_penalty", np.float32, 1.0), ("prompt", np.bool_, False),
+           ("fresh", np.bool_, False), ("keeps", np.bool_, False))
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The static shape of one step: T tokens, R request entries, NT prefill tiles."""
+
+    tokens: int
+    requests: int
+    tiles: int
+
+
+@dataclass(frozen=True)
+class ShapeLadder:
+    """Every BatchShape the engine can run: one per token bucket from MIN_TOKENS up to
+    max_num_batched_tokens. R = min(max_num_seqs, T) (a request has a token); tiles cover the
+    tokens of up to max_prefill_seqs multi-token chunks (each wastes under one tile)."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_prefill_seqs: int
+
+    def shape(self, tokens: int) -> BatchShape:
+        return BatchShape(tokens, min(self.max_num_seqs, tokens),
+                          tokens // TILE + min(self.max_prefill_seqs, max(1, tokens // 2)))
+
+    def shapes(self) -> list[BatchShape]:
+        top = bucket(self.max_num_batched_tokens, MIN_TOKENS)
+        sizes, t = [], MIN_TOKENS
+        while t <= top:
+            sizes.append(t)
+            t *= 2
+        return [self.shape(t) for t in sizes]
+
+    def fit(self, rows: list[RowInput]) -> BatchShape:
+        """The smallest shape that holds these requests."""
+        num_tokens = sum(len(r.tokens) for r in rows)
+        num_tiles = sum(-(-len(r.tokens) // TILE) for r in rows if len(r.tokens) > 1)
+        for shape in self.shapes():
+            if (shape.tokens >= num_tokens and shape.requests >= len(rows)
+                    and shape.tiles >= num_tiles):
+                return shape
+        raise ValueError(f"a step of {len(rows)} requests and {num_tokens} tokens "
+                         f"({num_tiles} tiles) fits no compiled shape; the scheduler must keep "
+                         f"to max_num_batched_tokens ({self.max_num_batched_tokens}), "
+                         f"max_num_seqs and max_prefill_seqs ({self.max_prefill_seqs})")
+
+
+def table_width(max_model_len: int, block_size: int) -> int:
+    """Pages per block table: max_model_len's, rounded up to whole attention chunks."""
+    pages = chunk_pages(block_size)
+    needed = -(-max_model_len // block_size)
+    return -(-needed // pages) * pages
+
+
+def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_blocks: int,
+          table_pages: int):
+    """-> (tokens [T], RaggedMeta, per-request columns {name: [R]}, logits_index [R],
+    seq_len [R]) as numpy arrays; requests keep the order of `rows`."""
+    t, r, nt = shape.tokens, shape.requests, shape.tiles
+    tokens = np.zeros(t, np.int32)
+    positions = np.full(t, -1, np.int32)
+    slot_mapping = np.full(t, num_blocks * block_size, np.int32)
+    token_req = np.full(t, r, np.int32)
+    tables = np.zeros((r, table_pages), np.int32)
+    logits_index = np.zeros(r, np.int32)
+    seq_len = np.ones(r, np.int32)
+    dec_token, dec_req = np.full(r, t, np.int32), np.zeros(r, np.int32)
+    tile_start, tile_len, tile_req = (np.zeros(nt, np.int32) for _ in range(3))
+    cols = {name: np.full(r, pad, dtype) for name, dtype, pad in COLUMNS}
+    cursor = num_dec = num_tiles = 0
+    for i, row in enumerate(rows):
+        n = len(row.tokens)
+        span = slice(cursor, cursor + n)
+        pos = np.arange(row.start, row.start + n, dtype=np.int32)
+        table = np.asarray(row.block_table, np.int32)
+        tokens[span] = row.tokens
+        positions[span] = pos
+        slot_mapping[span] = table[pos // block_size] * block_size + pos % block_size
+        token_req[span] = i
+        tables[i, :len(table)] = table[:table_pages]
+        logits_index[i] = cursor + n - 1
+        seq_len[i] = row.start + n
+        if n == 1:
+            dec_token[num_dec], dec_req[num_dec] = cursor, i
+            num_dec += 1
+        else:
+            for offset in range(0, n, TILE):
+                tile_start[num_tiles] = cursor + offset
+                tile_len[num_tiles] = min(TILE, n - offset)
+                tile_req[num_tiles] = i
+                num_tiles += 1
+        for name in cols:
+            cols[name][i] = getattr(row, name)
+        cursor += n
+    meta = RaggedMeta(positions, slot_mapping, token_req, tables, dec_token, dec_req,
+                      tile_start, tile_len, tile_req, np.bool_(num_dec > 0),
+                      np.bool_(num_tiles > 0))
+    return tokens, meta, cols, logits_index, seq_len

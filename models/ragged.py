@@ -1,0 +1,129 @@
+"""One ragged batch over the paged KV cache: the scheduled tokens of every request, flattened.
+
+The step sees T tokens (a power-of-two bucket) and R request entries. Each token carries its
+position (-1 = padding), its request and its flat place in the pool (block * block_size +
+offset). Attention reads each request's pages through its block table, in two static layouts
+built on the host, so that no request pays for another's length:
+
+- decode rows: requests with a single new token (decodes), one query each, [R] entries;
+- query tiles: the tokens of multi-token chunks (prefills) in tiles of TILE tokens, each tile
+  inside one request, so a tile's queries share one read of that request's pages.
+
+Both walk the pages in chunks of KV_CHUNK positions with an online softmax (float32), for as
+many chunks as the furthest query of that layout needs: the cost follows the context in use,
+and no context length is a compiled shape. A layout the batch does not use is skipped by a
+lax.cond. On GPU the same metadata feeds the Pallas ragged paged-attention kernel.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+TILE = 16  # query tokens per prefill tile
+KV_CHUNK = 128  # cache positions per step of the online softmax
+
+
+class RaggedMeta(NamedTuple):
+    """The device arrays of a ragged batch (shapes: T tokens, R requests, NT tiles, MB pages)."""
+
+    positions: jax.Array  # [T] int32, -1 = padding
+    slot_mapping: jax.Array  # [T] int32 block * block_size + offset; past the pool = dropped
+    token_req: jax.Array  # [T] int32 request of each token (R for padding)
+    tables: jax.Array  # [R, MB] int32 block tables, MB a multiple of the chunk's pages
+    dec_token: jax.Array  # [R] int32 token of each decode row (T = unused row)
+    dec_req: jax.Array  # [R] int32 request of each decode row
+    tile_start: jax.Array  # [NT] int32 first token of each tile
+    tile_len: jax.Array  # [NT] int32 queries in each tile (0 = unused)
+    tile_req: jax.Array  # [NT] int32 request of each tile
+    has_dec: jax.Array  # [] bool: some decode row is used
+    has_tiles: jax.Array  # [] bool: some tile is used
+
+
+def chunk_pages(block_size: int) -> int:
+    """Pages read per online-softmax chunk."""
+    return max(1, KV_CHUNK // block_size)
+
+
+def write_tokens(cache: jax.Array, layer: int, slot_mapping: jax.Array,
+                 new: jax.Array, dtype) -> jax.Array:
+    """cache [layers, blocks, block_size, KV, d] (KVCache storage of `dtype`), new [T, KV, d]
+    -> new written at its slot; slots past the pool (padding) are dropped."""
+    block_size = cache.shape[2]
+    new = new.astype(dtype)
+    if cache.dtype != new.dtype:
+        new = jax.lax.bitcast_convert_type(new, cache.dtype)
+    return cache.at[layer, slot_mapping // block_size, slot_mapping % block_size].set(
+        new, mode="drop")
+
+
+def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype):
+    """q [N, Q, KV, G, d]; tables [N, MB]; qpos [N, Q] (-1 = none) -> [N, Q, KV, G, d].
+
+    Every query of row n attends to row n's cache positions <= its own position."""
+    n, nq, kv_heads, group, dim = q.shape
+    block_size = k_cache.shape[2]
+    pages = chunk_pages(block_size)
+    width = pages * block_size
+    dtype = jnp.dtype(dtype)
+    floor = jnp.finfo(jnp.float32).min
+    q = q * jnp.asarray(dim ** -0.5, q.dtype)
+    num_chunks = (jnp.max(qpos) + width) // width  # enough chunks for the furthest query
+
+    def read(cache, chunk):
+        ids = jax.lax.dynamic_slice_in_dim(tables, chunk * pages, pages, axis=1)
+        out = cache[layer, ids].reshape(n, width, kv_heads, dim)
+        return out if out.dtype == dtype else jax.lax.bitcast_convert_type(out, dtype)
+
+    def body(chunk, carry):
+        m, total, acc = carry
+        keys, values = read(k_cache, chunk), read(v_cache, chunk)
+        s = jnp.einsum("nqkgd,nskd->nkgqs", q, keys, preferred_element_type=jnp.float32)
+        kpos = chunk * width + jnp.arange(width)
+        visible = kpos[None, None, :] <= qpos[:, :, None]  # [N, Q, S]
+        s = jnp.where(visible[:, None, None], s, floor)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        total = total * alpha + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("nkgqs,nskd->nkgqd", p.astype(values.dtype), values,
+                        preferred_element_type=jnp.float32)
+        return m_new, total, acc * alpha[..., None] + pv
+
+    init = (jnp.full((n, kv_heads, group, nq), floor, jnp.float32),
+            jnp.zeros((n, kv_heads, group, nq), jnp.float32),
+            jnp.zeros((n, kv_heads, group, nq, dim), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.maximum(total, 1e-30)[..., None]
+    return jnp.moveaxis(out, 3, 1)  # [N, Q, KV, G, d]
+
+
+def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
+                     meta: RaggedMeta, dtype) -> jax.Array:
+    """q [T, H, d] of the batch's tokens; the caches hold this step's keys and values already
+    -> [T, H, d] in q's dtype (padding tokens: zeros)."""
+    t, heads, dim = q.shape
+    kv_heads = k_cache.shape[3]
+    qg = q.reshape(t, kv_heads, heads // kv_heads, dim)
+    out = jnp.zeros((t + 1, heads, dim), q.dtype)  # row t takes the writes of unused entries
+
+    def decode_rows(out):
+        used = meta.dec_token < t
+        qpos = jnp.where(used, meta.positions[jnp.minimum(meta.dec_token, t - 1)], -1)
+        rows = _attend_pages(qg[jnp.minimum(meta.dec_token, t - 1)][:, None], k_cache, v_cache,
+                             layer, meta.tables[meta.dec_req], qpos[:, None], dtype)
+        return out.at[meta.dec_token].set(rows[:, 0].reshape(-1, heads, dim).astype(q.dtype))
+
+    def tiles(out):
+        offsets = jnp.arange(TILE)
+        used = offsets[None, :] < meta.tile_len[:, None]  # [NT, TILE]
+        index = jnp.where(used, meta.tile_start[:, None] + offsets[None, :], t)
+        safe = jnp.minimum(index, t - 1)
+        qpos = jnp.where(used, meta.positions[safe], -1)
+        rows = _attend_pages(qg[safe], k_cache, v_cache, layer, meta.tables[meta.tile_req],
+                             qpos, dtype)
+        return out.at[index].set(rows.reshape(*index.shape, heads, dim).astype(q.dtype))
+
+    out = jax.lax.cond(meta.has_dec, decode_rows, lambda o: o, out)
+    out = jax.lax.cond(meta.has_tiles, tiles, lambda o: o, out)
+    return out[:t]
