@@ -26,12 +26,14 @@ export PYTHONUNBUFFERED=1
 "$python" -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 
 status=0
-# --noconftest: tests/conftest.py pins JAX to the CPU and belongs to the whole suite; the kernel
-# tests need nothing from it (no msgspec, no model). Highest matmul precision: on a GPU, XLA's
-# float32 matmuls (the reference and dense backends) would otherwise use TF32, far from 1e-5.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 360 \
+# --noconftest: tests/conftest.py belongs to the whole suite (its fixtures may need msgspec or a
+# model); the kernel tests need only tests/helpers, hence tests/ on the path. Highest matmul
+# precision: on a GPU, XLA's float32 matmuls (the reference and dense backends) would otherwise
+# use TF32, far from 1e-5.
+PYTHONPATH=$PWD/tests:$PYTHONPATH JAX_DEFAULT_MATMUL_PRECISION=highest timeout 420 \
   "$python" -m pytest -q -p no:cacheprovider --noconftest --durations=5 \
-  tests/test_kernels.py tests/test_kernels_grouping.py tests/test_kernels_export.py \
+  tests/kernels/test_kernels.py tests/kernels/test_kernels_grouping.py \
+  tests/kernels/test_kernels_export.py \
   2>&1 | tee "$out_dir/kernel_tests.log" || status=1
 bench_args=()
 [ "$JAX_PLATFORMS" = cuda ] || bench_args=(--reduced)
