@@ -3,7 +3,7 @@
 Scheme: each sequence's queries are cut into blocks of block_q tokens, and the grid is
 (kv head, work item) over a static upper bound on the number of such blocks in the batch,
 cdiv(T + n * (block_q - 1), block_q) with n = min(S, T) sequences that can hold a token (vLLM's
-unified Triton attention sizes its grid the same way). XLA maps every work item to its sequence
+unified Triton attention bounds its grid likewise). XLA maps every work item to its sequence
 and first query row before the call (a searchsorted over S + 1 offsets), so a decode row costs
 one item, a 512-token chunk 512 / block_q items, and the items past the batch's queries return
 at once; a grid over (sequence, kv head, query block) would launch S * T / block_q programs.
@@ -11,8 +11,10 @@ at once; a grid over (sequence, kv head, query block) would launch S * T / block
 A program loads its block_q queries for all the GQA heads of its kv head (one [block_q * G, d]
 matrix, G padded to a power of two), walks its sequence's block table in chunks of pages up to
 the causal limit of its last query, gathers those pages from the pool in-kernel, and keeps an
-online softmax (flash attention) in float32. Rows past its sequence's queries are masked on load
-and store, and the output starts as zeros, so padding tokens come out zero.
+online softmax (flash attention) in float32. Its stores are masked to its own sequence's rows
+and the output starts as zeros, so padding tokens come out zero. A decode row fills one of the
+block's block_q query rows: the rows are spare tensor-core work, while the page reads that bound
+decode are the same. No split over the cache: one long sequence runs on KV programs.
 Reference: pallas_kernels.attention.reference.ragged_paged_attention.
 """
 
