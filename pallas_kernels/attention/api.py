@@ -43,9 +43,14 @@ def _check(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs, pa
                              "float16")
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages ({k_pages.dtype}) and v_pages ({v_pages.dtype}) differ")
-    num_seqs_total = kv_lens.shape[0] if kv_lens.ndim == 1 else -1
+    if kv_lens.ndim != 1:
+        raise ValueError(f"kv_lens must be [S] (one length per sequence), got shape "
+                         f"{kv_lens.shape}")
+    num_seqs_total = kv_lens.shape[0]
+    if block_tables.ndim != 2:
+        raise ValueError(f"block_tables must be [S, MB], got shape {block_tables.shape}")
     shapes = (("kv_lens", kv_lens, (num_seqs_total,)),
-              ("block_tables", block_tables, (num_seqs_total, block_tables.shape[-1])),
+              ("block_tables", block_tables, (num_seqs_total, block_tables.shape[1])),
               ("query_start", query_start, (num_seqs_total + 1,)), ("num_seqs", num_seqs, (1,)))
     for name, value, shape in shapes:
         if value.shape != shape or not jnp.issubdtype(value.dtype, jnp.integer):

@@ -161,6 +161,13 @@ def test_query_blocks_and_page_chunks_do_not_change_the_result(block_q, pages, r
     _assert_matches_reference(batch, got, jnp.float32)
 
 
+def test_batch_of_only_padding_outputs_zeros(rng):
+    batch = dataclasses.replace(ragged_batch(rng, [3, 1], [8, 20]),
+                                num_seqs=jnp.asarray([0], jnp.int32))
+    for backend in (PALLAS_BACKEND, "reference"):
+        assert not np.any(_run(batch, backend))
+
+
 def test_reference_equals_naive_numpy_attention(rng):
     batch = ragged_batch(rng, [1, 6, 3], [20, 6, 35], heads=4, kv_heads=2, dim=8)
     got = _run(batch, "reference")
