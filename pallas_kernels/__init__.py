@@ -6,6 +6,9 @@ Public API (see api.py for shapes and backends):
     lora_apply(y, x, a, b, slot)       -> y + (x @ a[:, slot]) @ b[slot]   a [D_in, S, R]
     lora_apply_sliced(y, x, a, bs, slot) fused projections (q|k|v, gate|up)
     group_by_slot / gather_rows / scatter_rows: the token grouping of the prefill kernels
+    ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs)
+                                       decode rows and prefill chunks over a paged KV cache
+                                       (attention/api.py)
 """
 
 from pallas_kernels.api import (
@@ -16,6 +19,7 @@ from pallas_kernels.api import (
     lora_expand,
     lora_shrink,
 )
+from pallas_kernels.attention import ragged_paged_attention
 from pallas_kernels.blocks import BlockSizes
 from pallas_kernels.grouping import Groups, gather_rows, group_by_slot, scatter_rows
 
@@ -30,5 +34,6 @@ __all__ = [
     "lora_apply_sliced",
     "lora_expand",
     "lora_shrink",
+    "ragged_paged_attention",
     "scatter_rows",
 ]

@@ -14,6 +14,14 @@ from jax.experimental.pallas import triton as plgpu
 
 # Triton's tensor-core dot needs every dimension >= 16; smaller tiles use multiply-and-reduce.
 MIN_DOT = 16
+# Bytes of tile data (operands, accumulator, the tile being updated) one thread may hold. Triton
+# keeps a program's tiles in registers, so this decides registers per thread and hence occupancy:
+# scripts/gpu_compile_check.py shows kernels at this budget compile without spills at or under
+# 128 of the 255 registers (at least 16 warps per SM on Hopper). Above it, tiles shrink first,
+# then the warps double (the same tile spread over twice the threads).
+THREAD_TILE_BYTES = 512
+WARPS = 4
+MAX_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +58,44 @@ def tile(dim: int, cap: int, override: int | None, name: str) -> int:
     if dim % override:
         raise ValueError(f"BlockSizes.{name}={override} does not divide the axis of size {dim}")
     return override
+
+
+def fit_block(
+    dim: int, cap: int, override: int | None, name: str, footprint, floor: int = MIN_DOT
+) -> tuple[int, int]:
+    """(block, num_warps) along an axis of size dim, from the register budget.
+
+    footprint(block) is the bytes of tiles a program holds at that block size (it depends on the
+    dtypes and the rank, so float32 gets half the tile of bfloat16). The block is the largest
+    power of two that divides dim, is at most cap and fits THREAD_TILE_BYTES per thread at WARPS
+    warps, but not below floor (tensor-core tiles); num_warps grows until the tile fits.
+    """
+    block = tile(dim, cap, override, name)
+    if override is None:
+        while block > floor and footprint(block) > THREAD_TILE_BYTES * 32 * WARPS:
+            block //= 2
+    return block, warps_for(footprint(block))
+
+
+def warps_for(tile_bytes: int) -> int:
+    """Fewest warps (from WARPS up to MAX_WARPS) whose threads hold tile_bytes in budget."""
+    warps = WARPS
+    while warps < MAX_WARPS and tile_bytes > THREAD_TILE_BYTES * 32 * warps:
+        warps *= 2
+    return warps
+
+
+def dot_bytes(m: int, k: int, n: int, itemsize: int) -> int:
+    """Extra bytes of matmul_f32 on [m, k] @ [k, n] operands of itemsize bytes.
+
+    Multiply-and-reduce (a dimension under MIN_DOT) makes a float32 [m, k, n] temporary. A 16-bit
+    dot runs on the tensor cores from shared memory: nothing extra. A float32 dot at IEEE
+    precision has no tensor cores; Triton's FMA dot holds operand slices in registers, which the
+    compile check measures at about three more copies of the operands and the product.
+    """
+    if min(m, k, n) < MIN_DOT:
+        return 4 * m * k * n
+    return 3 * 4 * (m * k + k * n + m * n) if itemsize == 4 else 0
 
 
 def check_rank(rank: int) -> None:
@@ -91,10 +137,13 @@ def matmul_f32(p: jax.Array, q: jax.Array) -> jax.Array:
 
 
 def launch(
-    kernel, *, grid, operands, in_specs, out_spec, out_shape: jax.ShapeDtypeStruct,
+    kernel, *, name: str, grid, operands, in_specs, out_spec, out_shape: jax.ShapeDtypeStruct,
     interpret: bool, alias: int | None = None, poison: bool = False, num_stages: int = 1,
+    num_warps: int = WARPS,
 ) -> jax.Array:
     """pl.pallas_call with the Triton parameters always set (see compiler_params).
+
+    name: the pallas_call's name, which GPU profiles and the compile check show.
 
     alias: index of the operand whose buffer becomes the output (expand writes into y).
     poison: alias a NaN-filled buffer onto the output instead, so that an element the kernel
@@ -112,8 +161,9 @@ def launch(
         out_specs=out_spec,
         out_shape=out_shape,
         input_output_aliases={} if alias is None else {alias: 0},
-        compiler_params=compiler_params(num_stages=num_stages),
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
+        name=name,
     )(*operands)
 
 

@@ -44,11 +44,19 @@ def gather_expand(
     num_slots, rank, width = b.shape
     blocks.check_rank(rank)
     # The tile must divide the offset of the slice as well as its width.
+    h_bytes, b_bytes, y_bytes = h.dtype.itemsize, b.dtype.itemsize, y.dtype.itemsize
+
+    def footprint(n):  # h, the b tile and its float32 product, the y tile and its sum
+        return rank * h_bytes + rank * n * (b_bytes + 4) + n * (y_bytes + 4)
+
     cap = min(256, max(blocks.MIN_DOT, _TILE_ELEMENTS // rank))
-    block_n = blocks.tile(math.gcd(width, col), cap, block_n, "block_n")
+    block_n, num_warps = blocks.fit_block(math.gcd(width, col), cap, block_n, "block_n",
+                                          footprint, floor=1)
     col_block = col // block_n
     return blocks.launch(
         _kernel,
+        name="lora_gather_expand",
+        num_warps=num_warps,
         grid=(tokens, width // block_n),
         operands=(slot, h, b, y),
         in_specs=(

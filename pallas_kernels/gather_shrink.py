@@ -43,10 +43,18 @@ def gather_shrink(
     tokens, d_in = x.shape
     _, num_slots, rank = a.shape
     block_r = blocks.pow2_divisor(rank, 64)
-    block_k = blocks.tile(d_in, min(512, _TILE_ELEMENTS // block_r), block_k, "block_k")
+    x_bytes, a_bytes = x.dtype.itemsize, a.dtype.itemsize
+
+    def footprint(k):  # x and a tiles and their float32 product
+        return k * x_bytes + k * block_r * (a_bytes + 4)
+
+    cap = min(512, _TILE_ELEMENTS // block_r)
+    block_k, num_warps = blocks.fit_block(d_in, cap, block_k, "block_k", footprint, floor=1)
     n_k = d_in // block_k
     partial = blocks.launch(
         _kernel,
+        name="lora_gather_shrink",
+        num_warps=num_warps,
         grid=(tokens, n_k, rank // block_r),
         operands=(slot, x, a),
         in_specs=(

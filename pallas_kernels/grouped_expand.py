@@ -40,10 +40,18 @@ def grouped_expand(
     rows, width_y = y_grouped.shape
     num_slots, rank, width = b.shape
     blocks.check_rank(rank)
-    block_n = blocks.tile(math.gcd(width, col), 128, block_n, "block_n")
+    h_bytes, b_bytes, y_bytes = h_grouped.dtype.itemsize, b.dtype.itemsize, y_grouped.dtype.itemsize
+
+    def footprint(n):  # h and b tiles, the y tile and its float32 sum
+        return (block_t * rank * h_bytes + rank * n * b_bytes + block_t * n * (y_bytes + 4)
+                + blocks.dot_bytes(block_t, rank, n, b_bytes))
+
+    block_n, num_warps = blocks.fit_block(math.gcd(width, col), 128, block_n, "block_n", footprint)
     col_block = col // block_n
     return blocks.launch(
         _kernel,
+        name="lora_grouped_expand",
+        num_warps=num_warps,
         grid=(rows // block_t, width // block_n),
         operands=(block_slot, h_grouped, b, y_grouped),
         in_specs=(

@@ -43,9 +43,17 @@ def grouped_shrink(
     rows, d_in = x_grouped.shape
     _, num_slots, rank = a.shape
     block_r = blocks.pow2_divisor(rank, 64)
-    block_k = blocks.tile(d_in, 64, block_k, "block_k")
+    x_bytes, a_bytes = x_grouped.dtype.itemsize, a.dtype.itemsize
+
+    def footprint(k):  # x and a tiles and the float32 accumulator
+        return (block_t * k * x_bytes + k * block_r * a_bytes + block_t * block_r * 4
+                + blocks.dot_bytes(block_t, k, block_r, a_bytes))
+
+    block_k, num_warps = blocks.fit_block(d_in, 64, block_k, "block_k", footprint)
     return blocks.launch(
         functools.partial(_kernel, block_k=block_k),
+        name="lora_grouped_shrink",
+        num_warps=num_warps,
         grid=(rows // block_t, rank // block_r),
         operands=(block_slot, x_grouped, a),
         in_specs=(

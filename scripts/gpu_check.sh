@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (H200, Python 3.12, JAX 0.11 with CUDA, no msgspec, no network):
-# the kernel tests against the real Pallas backend (Triton), then the kernel benchmark.
+# the kernel tests (LoRA and paged attention) against the real Pallas backend (Triton), then the
+# kernel benchmark.
 # About 6 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # JAX_PLATFORMS and LORA_JAX_TEST_BACKEND can be overridden to rehearse it on a CPU
@@ -26,12 +27,14 @@ export PYTHONUNBUFFERED=1
 "$python" -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 
 status=0
-# --noconftest: tests/conftest.py pins JAX to the CPU and belongs to the whole suite; the kernel
-# tests need nothing from it (no msgspec, no model). Highest matmul precision: on a GPU, XLA's
-# float32 matmuls (the reference and dense backends) would otherwise use TF32, far from 1e-5.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 360 \
+# --noconftest: tests/conftest.py belongs to the whole suite (its fixtures may need msgspec or a
+# model); the kernel tests need only tests/helpers, hence tests/ on the path. Highest matmul
+# precision: on a GPU, XLA's float32 matmuls (the reference and dense backends) would otherwise
+# use TF32, far from 1e-5.
+PYTHONPATH=$PWD/tests:$PYTHONPATH JAX_DEFAULT_MATMUL_PRECISION=highest timeout 420 \
   "$python" -m pytest -q -p no:cacheprovider --noconftest --durations=5 \
-  tests/test_kernels.py tests/test_kernels_grouping.py tests/test_kernels_export.py \
+  tests/kernels/test_kernels.py tests/kernels/test_kernels_grouping.py \
+  tests/kernels/test_kernels_export.py tests/kernels/test_paged_attention.py \
   2>&1 | tee "$out_dir/kernel_tests.log" || status=1
 bench_args=()
 [ "$JAX_PLATFORMS" = cuda ] || bench_args=(--reduced)

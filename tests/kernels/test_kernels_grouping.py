@@ -75,7 +75,7 @@ def test_poisoned_launch_shows_elements_a_kernel_never_writes():
         out_ref[:4] = x_ref[:4]
 
     out = blocks.launch(
-        half_kernel, grid=(1,), operands=(jnp.ones(8, jnp.float32),),
+        half_kernel, name="half_kernel", grid=(1,), operands=(jnp.ones(8, jnp.float32),),
         in_specs=(pl.BlockSpec((8,), lambda i: (0,)),), out_spec=pl.BlockSpec((8,), lambda i: (0,)),
         out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
         interpret=PALLAS_BACKEND == "pallas_interpret", poison=True,
