@@ -20,6 +20,7 @@ class EngineConfig:
     max_prefill_seqs: int = 16  # multi-token chunks (prefills, recomputes) per step
     seed: int = 0
     lora_backend: str | None = None
+    attention_backend: str | None = None  # None: the Pallas kernel on GPU, plain XLA elsewhere
     block_size: int = 16
     num_kv_blocks: int | None = None  # the pool's size in blocks (tests); else from the bytes
     kv_cache_memory_bytes: int | None = None  # default: min(4 GiB, max_num_seqs full rows)

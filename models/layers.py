@@ -41,6 +41,7 @@ class TokenBatch(NamedTuple):
     kv_window: int | None = None  # static: every position in the batch is below it (None: all)
     kv_dtype: str = "float32"  # static: the dtype the KV cache holds
     ragged: RaggedMeta | None = None  # a ragged batch (B = 1, L = T tokens) over the paged pool
+    attention_backend: str | None = None  # static: see models.ragged.ragged_attention
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -122,7 +123,8 @@ def decoder_layer(
         k_cache = write_tokens(cache[0], layer, meta.slot_mapping, k[0], batch.kv_dtype)
         v_cache = write_tokens(cache[1], layer, meta.slot_mapping,
                                v.reshape(length, kv, hd), batch.kv_dtype)
-        attn = ragged_attention(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype)[None]
+        attn = ragged_attention(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype,
+                                batch.attention_backend)[None]
     else:
         k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
                                        batch.kv_dtype)

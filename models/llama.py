@@ -127,6 +127,7 @@ class Llama(nnx.Module):
         seq_len: jax.Array | None = None,
         *,
         lora_backend: str | None = None,
+        attention_backend: str | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """One ragged step over the paged pool (see models.ragged).
 
@@ -148,7 +149,8 @@ class Llama(nnx.Module):
                                 None if rope_scale is None else rope_scale[req],
                                 None if seq_len is None else seq_len[req])
         batch = TokenBatch(meta.positions[None], None, cos[:, 0][None], sin[:, 0][None], slot,
-                           lora_backend, kv_dtype=kv_cache.dtype, ragged=meta)
+                           lora_backend, kv_dtype=kv_cache.dtype, ragged=meta,
+                           attention_backend=attention_backend)
         x = jnp.take(self.embed[...], tokens, axis=0)[None]
         cache = (kv_cache.k, kv_cache.v)
         for i, layer in enumerate(self.layers):

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import ragged_paged_attention
+
 TILE = 16  # query tokens per prefill tile
 KV_CHUNK = 128  # cache positions per step of the online softmax
 
@@ -38,6 +40,9 @@ class RaggedMeta(NamedTuple):
     tile_req: jax.Array  # [NT] int32 request of each tile
     has_dec: jax.Array  # [] bool: some decode row is used
     has_tiles: jax.Array  # [] bool: some tile is used
+    query_start: jax.Array  # [R + 1] int32 first token of each request (the kernel's form)
+    kv_lens: jax.Array  # [R] int32 cached tokens of each request after this step
+    num_seqs: jax.Array  # [1] int32 requests in use
 
 
 def chunk_pages(block_size: int) -> int:
@@ -99,9 +104,20 @@ def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype):
 
 
 def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
-                     meta: RaggedMeta, dtype) -> jax.Array:
+                     meta: RaggedMeta, dtype, backend: str | None = None) -> jax.Array:
     """q [T, H, d] of the batch's tokens; the caches hold this step's keys and values already
-    -> [T, H, d] in q's dtype (padding tokens: zeros)."""
+    -> [T, H, d] in q's dtype (padding tokens: zeros).
+
+    backend: None picks the Pallas kernel on GPU and the plain-XLA layouts above elsewhere;
+    "xla" forces those; any other value is passed to pallas_kernels.ragged_paged_attention."""
+    if backend is None:
+        backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if backend != "xla":
+        pages = [c[layer] if c.dtype == jnp.dtype(dtype) else
+                 jax.lax.bitcast_convert_type(c[layer], jnp.dtype(dtype))
+                 for c in (k_cache, v_cache)]
+        return ragged_paged_attention(q, *pages, meta.kv_lens, meta.tables, meta.query_start,
+                                      meta.num_seqs, backend=backend)
     t, heads, dim = q.shape
     kv_heads = k_cache.shape[3]
     qg = q.reshape(t, kv_heads, heads // kv_heads, dim)

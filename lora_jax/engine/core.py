@@ -133,7 +133,8 @@ class Engine:
                              num_blocks=self.num_kv_blocks, block_size=config.block_size,
                              dtype=dtype, max_num_batched_tokens=config.max_num_batched_tokens,
                              max_prefill_seqs=config.max_prefill_seqs,
-                             lora_backend=config.lora_backend)
+                             lora_backend=config.lora_backend,
+                             attention_backend=config.attention_backend)
         self.adapters = AdapterRegistry(
             mc, max_lora_rank=config.max_lora_rank, served=config.model,
             served_path=self.model_path,

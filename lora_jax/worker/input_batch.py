@@ -147,7 +147,12 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
         for name in cols:
             cols[name][i] = getattr(row, name)
         cursor += n
+    # The kernel's form: request i owns tokens query_start[i]:query_start[i + 1].
+    query_start = np.full(r + 1, cursor, np.int32)
+    query_start[:len(rows)] = np.cumsum([0] + [len(x.tokens) for x in rows])[:-1]
+    kv_lens = np.where(np.arange(r) < len(rows), seq_len, 0).astype(np.int32)
     meta = RaggedMeta(positions, slot_mapping, token_req, tables, dec_token, dec_req,
                       tile_start, tile_len, tile_req, np.bool_(num_dec > 0),
-                      np.bool_(num_tiles > 0))
+                      np.bool_(num_tiles > 0), query_start, kv_lens,
+                      np.array([len(rows)], np.int32))
     return tokens, meta, cols, logits_index, seq_len

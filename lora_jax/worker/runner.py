@@ -58,10 +58,10 @@ class Requests(NamedTuple):
 
 def _step(graphdef, state, stacks, kv, history: History, tokens, meta: RaggedMeta,
           req: Requests, sampling: SamplingArrays, *, num_logprobs: int, mode: SamplingMode,
-          lora_backend: str | None):
+          lora_backend: str | None, attention_backend: str | None):
     model = nnx.merge(graphdef, state)
     hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, req.seq_len,
-                              lora_backend=lora_backend)
+                              lora_backend=lora_backend, attention_backend=attention_backend)
     final = hidden[req.logits_index]  # [R, D]
     if mode.penalties:
         history = _see_prompt(history, tokens, meta, req)
@@ -94,7 +94,7 @@ class Runner:
 
     def __init__(self, model, *, num_rows: int, max_len: int, num_blocks: int,
                  block_size: int, dtype, max_num_batched_tokens: int, max_prefill_seqs: int,
-                 lora_backend: str | None = None):
+                 lora_backend: str | None = None, attention_backend: str | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.max_len, self.block_size, self.num_blocks = max_len, block_size, num_blocks
         self.ladder = ShapeLadder(max_num_batched_tokens, num_rows, max_prefill_seqs)
@@ -103,7 +103,8 @@ class Runner:
         vocab = model.config.vocab_size
         self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
                                jnp.zeros((num_rows, vocab), jnp.bool_))
-        self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend),
+        self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend,
+                                              attention_backend=attention_backend),
                             static_argnames=("num_logprobs", "mode"),
                             donate_argnames=("kv", "history"))
         self._programs: dict[ProgramKey, object] = {}

@@ -61,3 +61,19 @@ def test_a_request_that_can_never_fit_the_pool_is_refused_at_once(base):
                        SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False)
     assert out[0].error and "kv_cache_memory_bytes" in out[0].error
     assert len(out[1].outputs[0].token_ids) == 10
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_interpret"])
+def test_the_ragged_attention_kernel_serves_what_the_cpu_path_serves(base, backend):
+    # Decodes and prefill chunks share steps (max_num_batched_tokens 16 splits the prompts),
+    # a prefix repeats, and the pool is small enough to preempt.
+    prompts = PROMPTS + [{"prompt_token_ids": PROMPTS[3]["prompt_token_ids"][:17] + [9, 9]}]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
+    options = dict(max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=14, block_size=4)
+    want = LLM(base, **options).generate(prompts, params, use_tqdm=False)
+    kernel = LLM(base, attention_backend=backend, **options)
+    got = kernel.generate(prompts, params, use_tqdm=False)
+    assert kernel.engine.stats()["num_preemptions"] > 0
+    assert _ids(got) == _ids(want)
+    for a, b in zip(got, want, strict=True):
+        assert abs(a.outputs[0].cumulative_logprob - b.outputs[0].cumulative_logprob) < 1e-4
