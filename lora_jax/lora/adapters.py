@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from lora_jax.lora.coverage import (
     PARENT,
     check_coverage_config,
-    covered_pairs,
+    check_tensors,
     module_name,
     unserved_targets,
 )
@@ -184,7 +184,7 @@ def load_adapter(
         raise ValueError(f"adapter {name!r}: {WEIGHTS_NAME} holds no LoRA weights")
     num_layers = base.num_hidden_layers if base is not None else 1 + max(
         i for per_layer in layers.values() for i in per_layer)
-    covered = _check_coverage(layers, config, num_layers, name)
+    covered = check_tensors(layers, config, num_layers, name)
     shapes = base.projection_shapes() if base is not None else {}
     modules = {
         proj: _stack_module(proj, per_layer, config, num_layers, shapes.get(proj), name)
@@ -213,40 +213,6 @@ def _group_by_module(tensors: dict[str, np.ndarray], name: str) -> dict[str, dic
             raise ValueError(f"adapter {name!r}: tensor {key!r} holds NaN or infinite values")
         layers.setdefault(proj, {}).setdefault(layer, {})[side] = value
     return layers
-
-
-def _check_coverage(layers: dict[str, dict[int, dict]], config: dict[str, Any],
-                    num_layers: int, name: str) -> set[tuple[int, str]]:
-    """Exactly the tensors the config asks for: A and B for every covered (layer, projection),
-    nothing for any other -> the covered pairs. ValueError names the layer and projection."""
-    covered = covered_pairs(config, num_layers)
-    for proj, per_layer in sorted(layers.items()):
-        for layer, pair in sorted(per_layer.items()):
-            where = f"layers.{layer}.{PARENT[proj]}.{proj}"
-            if layer >= num_layers:
-                raise ValueError(f"adapter {name!r}: {where} is beyond the base model's "
-                                 f"{num_layers} layers")
-            if (layer, proj) not in covered:
-                raise ValueError(
-                    f"adapter {name!r}: {WEIGHTS_NAME} has weights for layer {layer} {proj} "
-                    f"({where}), which its {CONFIG_NAME} does not target ({_rule(config)}); "
-                    "the config and the weights disagree")
-            for side in "AB":
-                if side not in pair:
-                    raise ValueError(f"adapter {name!r}: {where} has lora_{'BA'[side == 'B']} "
-                                     f"but no lora_{side}")
-    for layer, proj in sorted(covered):
-        if layer not in layers.get(proj, {}):
-            raise ValueError(
-                f"adapter {name!r}: its {CONFIG_NAME} targets layer {layer} {proj} "
-                f"({module_name(layer, proj)}; {_rule(config)}), but {WEIGHTS_NAME} has no "
-                "lora_A / lora_B for it")
-    return covered
-
-
-def _rule(config: dict[str, Any]) -> str:
-    keys = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
-    return ", ".join(f"{k}={config[k]!r}" for k in keys if config.get(k) is not None)
 
 
 def _stack_module(proj: str, per_layer: dict[int, dict[str, np.ndarray]], config: dict[str, Any],

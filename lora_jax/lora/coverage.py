@@ -1,4 +1,5 @@
-"""Which (layer, projection) pairs a PEFT LoRA config covers, by PEFT's own matching rule.
+"""Which (layer, projection) pairs a PEFT LoRA config covers, by PEFT's own matching rule, and
+the check that an adapter file holds weights for exactly those pairs (check_tensors).
 
 PEFT (tuners_utils.check_target_module_exists) matches each module of the wrapped
 LlamaForCausalLM by its full name, e.g. "model.layers.3.self_attn.q_proj":
@@ -20,6 +21,7 @@ from models.config import PROJECTIONS
 
 PARENT = {p: "self_attn" for p in PROJECTIONS[:4]} | {p: "mlp" for p in PROJECTIONS[4:]}
 ALL_LINEAR = "all-linear"
+_WEIGHTS = "adapter_model.safetensors"
 # Linear modules of a Llama that lora-jax does not serve LoRA on.
 UNSERVED_MODULES = ("lm_head", "model.embed_tokens")
 
@@ -130,3 +132,38 @@ def unserved_targets(config: dict[str, Any]) -> list[str]:
         return [t for t in targets
                 if t.rsplit(".", 1)[-1] not in PROJECTIONS and not _excluded(config, t)]
     return [m for m in UNSERVED_MODULES if targets_module(config, m)]
+
+
+def check_tensors(present: dict[str, dict[int, dict]], config: dict[str, Any],
+                  num_layers: int, name: str) -> set[tuple[int, str]]:
+    """Exactly the tensors the config asks for: A and B for every covered (layer, projection),
+    nothing for any other -> the covered pairs. `present` is {projection: {layer: {"A"|"B":
+    tensor}}} as read from the file; ValueError names the adapter, layer and projection."""
+    covered = covered_pairs(config, num_layers)
+    for proj, per_layer in sorted(present.items()):
+        for layer, pair in sorted(per_layer.items()):
+            where = f"layers.{layer}.{PARENT[proj]}.{proj}"
+            if layer >= num_layers:
+                raise ValueError(f"adapter {name!r}: {where} is beyond the base model's "
+                                 f"{num_layers} layers")
+            if (layer, proj) not in covered:
+                raise ValueError(
+                    f"adapter {name!r}: {_WEIGHTS} has weights for layer {layer} {proj} "
+                    f"({where}), which its adapter_config.json does not target ({_rule(config)}); "
+                    "the config and the weights disagree")
+            for side in "AB":
+                if side not in pair:
+                    raise ValueError(f"adapter {name!r}: {where} has lora_{'BA'[side == 'B']} "
+                                     f"but no lora_{side}")
+    for layer, proj in sorted(covered):
+        if layer not in present.get(proj, {}):
+            raise ValueError(
+                f"adapter {name!r}: its adapter_config.json targets layer {layer} {proj} "
+                f"({module_name(layer, proj)}; {_rule(config)}), but {_WEIGHTS} has no "
+                "lora_A / lora_B for it")
+    return covered
+
+
+def _rule(config: dict[str, Any]) -> str:
+    keys = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+    return ", ".join(f"{k}={config[k]!r}" for k in keys if config.get(k) is not None)
