@@ -1,6 +1,8 @@
 """SamplingParams: how one request samples and when it stops. Imports no JAX."""
 
 import enum
+import math
+import numbers
 
 import msgspec
 
@@ -44,7 +46,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field out of range."""
+        """Raise ValueError naming the first field of the wrong type or out of range."""
+        self._check_types()
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if self.temperature < 0:
@@ -66,6 +69,26 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
+    def _check_types(self) -> None:
+        # msgspec does not type-check on construction: a bool would pass as an int, a float
+        # would be truncated, and NaN slips past every range check (NaN < 0 is False).
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        ids = self.stop_token_ids
+        if ids is not None and (not isinstance(ids, list | tuple) or any(
+                isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids)):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r:.80}")
+
     @property
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -78,3 +101,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
 
 
 MAX_LOGPROBS = 20
+_INT_FIELDS = ("n", "top_k", "max_tokens", "seed", "logprobs")
+_OPTIONAL = ("seed", "logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")

@@ -8,7 +8,7 @@ Regenerate (in a venv of its own, so the dev venv stays torch-free; pin torch to
     pip install torch==2.13.0 transformers peft safetensors numpy
     python scripts/make_reference_fixtures.py            # --out tests/fixtures/reference
 
-Layout per variant (gqa, tied, llama3, long_lora): model/, adapters/<name>/, expected.npz,
+Layout per variant (gqa, tied, llama3, long_lora, partial): model/, adapters/<name>/, expected.npz,
 manifest.json. The array names are documented in tests/fixtures/reference/README.md.
 
 The `trained` case holds adapters that lora-jax itself trained (scripts/train_lora.py on the gqa
@@ -47,6 +47,23 @@ ADAPTERS = {
     "patterns": dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|o_proj|down_proj)",
                      rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 32}),
 }
+# Adapters that cover only some layers of the 4-layer `partial` base, each by another PEFT rule.
+PARTIAL_ADAPTERS = {
+    "regex_layers": dict(r=4, lora_alpha=8, target_modules=(
+        r".*\.layers\.[0-2]\.(self_attn\.(q_proj|v_proj)|mlp\.down_proj)")),
+    "layers_pattern": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "o_proj",
+                                                               "up_proj"],
+                           layers_to_transform=[1, 3], layers_pattern="layers",
+                           rank_pattern={"layers.3.self_attn.q_proj": 2}),
+    "one_layer": dict(r=2, lora_alpha=4, target_modules=ALL, layers_to_transform=2),
+    "excluded": dict(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "down_proj"],
+                     exclude_modules=r".*\.layers\.[13]\.mlp\..*"),
+    # PEFT saves all-linear expanded to module names; the config is rewritten to the shorthand
+    # after saving, and PEFT's reload of that folder must equal the in-memory adapter.
+    "all_linear": dict(r=4, lora_alpha=8, target_modules="all-linear",
+                       exclude_modules=["model.layers.0.self_attn.k_proj", "mlp.up_proj"],
+                       saved_target_modules="all-linear"),
+}
 VARIANTS = {
     "gqa": dict(config={}, adapters={k: ADAPTERS[k] for k in ADAPTERS}, lengths=[5, 9, 12]),
     # MQA + a head_dim (16) that is not hidden/heads (8): q/o are 32<->64, k/v 32->16.
@@ -59,7 +76,14 @@ VARIANTS = {
     # Prompts longer than max_position_embeddings; expected numbers use linear rope scaling.
     "long_lora": dict(config=dict(max_position_embeddings=32),
                       adapters={"long": ADAPTERS["all_r4"]}, lengths=[40, 56], long=True),
+    # 4 layers; adapters for only some of them beside full-layer ones; also the logits along
+    # each greedy path (greedy_logits), for the generated tokens' logprobs.
+    "partial": dict(config=dict(num_hidden_layers=4),
+                    adapters={"all_r4": ADAPTERS["all_r4"], "qv_r8": ADAPTERS["qv_r8"],
+                              **PARTIAL_ADAPTERS}, lengths=[5, 9, 12], greedy_logits=True),
 }
+# Each variant's seed offset, fixed so that adding a variant never changes another's files.
+SEED_OFFSETS = {"gqa": 1, "tied": 2, "llama3": 3, "long_lora": 4, "trained": 5, "partial": 6}
 
 
 def make_config(overrides: dict) -> LlamaConfig:
@@ -97,9 +121,10 @@ def full_logits(model, ids: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def greedy(model, ids: np.ndarray) -> tuple[np.ndarray, float]:
-    """Exactly GREEDY_NEW_TOKENS tokens (min_new_tokens masks EOS) plus the smallest top-1/top-2
-    logit gap on the path, re-derived by a full forward pass (checks the KV-cache path too)."""
+def greedy(model, ids: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """Exactly GREEDY_NEW_TOKENS tokens (min_new_tokens masks EOS), the smallest top-1/top-2
+    logit gap on the path, and the logits [GREEDY_NEW_TOKENS, V] that chose each token,
+    re-derived by a full forward pass (checks the KV-cache path too)."""
     prompt = torch.from_numpy(ids.astype(np.int64))[None]
     seq = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                          do_sample=False, max_new_tokens=GREEDY_NEW_TOKENS,
@@ -109,12 +134,14 @@ def greedy(model, ids: np.ndarray) -> tuple[np.ndarray, float]:
     warn_unless(np.array_equal(logits.argmax(-1), new),
                 f"generate() disagrees with the full-forward argmax: {new}")
     top2 = np.sort(logits, axis=-1)[:, -2:]
-    return new.astype(np.int32), float((top2[:, 1] - top2[:, 0]).min())
+    return new.astype(np.int32), float((top2[:, 1] - top2[:, 0]).min()), logits
 
 
 @torch.no_grad()
 def make_adapter(model_dir: Path, out: Path, spec: dict, seed: int, prompts) -> list[np.ndarray]:
     """Build a PEFT adapter with random non-zero A and B, save it, return its in-memory logits."""
+    spec = dict(spec)
+    saved_targets = spec.pop("saved_target_modules", None)
     model = get_peft_model(load_base(model_dir),
                            LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **spec))
     gen = torch.Generator().manual_seed(seed)
@@ -124,26 +151,34 @@ def make_adapter(model_dir: Path, out: Path, spec: dict, seed: int, prompts) -> 
             param.copy_(0.2 * torch.randn(param.shape, generator=gen))
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    canonicalize_adapter_folder(out)
+    canonicalize_adapter_folder(out, saved_targets)
     return [full_logits(model, p) for p in prompts]
 
 
-def canonicalize_adapter_folder(adapter_dir: Path) -> None:
-    """PEFT writes target_modules from a Python set, so its order follows the per-process string
-    hash seed: sort it so reruns are byte-identical. Drop the boilerplate model card too."""
+def canonicalize_adapter_folder(adapter_dir: Path, target_modules=None) -> None:
+    """PEFT writes target_modules (and exclude_modules) from a Python set, so its order follows
+    the per-process string hash seed: sort it so reruns are byte-identical. Drop the boilerplate
+    model card too. target_modules, when given, replaces the saved one (e.g. "all-linear")."""
     path = adapter_dir / "adapter_config.json"
     cfg = json.loads(path.read_text())
-    if isinstance(cfg["target_modules"], list):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
+    if target_modules is not None:
+        cfg["target_modules"] = target_modules
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (adapter_dir / "README.md").unlink(missing_ok=True)
 
 
 def saved_adapter_entry(adapter_dir: Path) -> dict:
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
-            "target_modules": cfg["target_modules"],
-            "rank_pattern": cfg["rank_pattern"], "alpha_pattern": cfg["alpha_pattern"]}
+    entry = {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
+             "target_modules": cfg["target_modules"],
+             "rank_pattern": cfg["rank_pattern"], "alpha_pattern": cfg["alpha_pattern"]}
+    # Only partial-layer adapters set these; the other variants' manifests stay as they were.
+    entry.update({k: cfg[k] for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
+                  if cfg.get(k) is not None})
+    return entry
 
 
 def warn_unless(ok: bool, message: str) -> None:
@@ -196,7 +231,9 @@ def build_variant(name: str, spec: dict, out: Path, seed: int) -> None:
             warn_unless(scaled_diff > 1e-2, f"{name}/base: rope scaling had no effect")
             print(f"  base prompt {j}: max|scaled - unscaled| = {scaled_diff:.3f}")
         else:
-            arrays[f"greedy_base_{j}"], margin = greedy(base_model, p)
+            arrays[f"greedy_base_{j}"], margin, path_logits = greedy(base_model, p)
+            if spec.get("greedy_logits"):
+                arrays[f"greedy_logits_base_{j}"] = path_logits
             manifest["greedy_min_gap"].setdefault("base", []).append(round(margin, 6))
             print(f"  base prompt {j}: greedy {arrays[f'greedy_base_{j}'].tolist()} "
                   f"min top-2 gap {margin:.3f}")
@@ -226,7 +263,9 @@ def build_variant(name: str, spec: dict, out: Path, seed: int) -> None:
                 warn_unless(scaled_diff > 1e-2, f"{name}/{aname}: rope scaling had no effect")
                 line += f", scaled-vs-unscaled {scaled_diff:.3f}"
             else:
-                arrays[f"greedy_{aname}_{j}"], margin = greedy(model, p)
+                arrays[f"greedy_{aname}_{j}"], margin, path_logits = greedy(model, p)
+                if spec.get("greedy_logits"):
+                    arrays[f"greedy_logits_{aname}_{j}"] = path_logits
                 manifest["greedy_min_gap"].setdefault(aname, []).append(round(margin, 6))
                 line += f", min top-2 gap {margin:.3f}"
             print(line)
@@ -276,11 +315,11 @@ def main() -> None:
     torch.set_num_threads(1)  # single-threaded CPU kernels: bit-identical reruns
     torch.use_deterministic_algorithms(True)
     transformers.utils.logging.disable_progress_bar()
-    for i, name in enumerate(VARIANTS):
+    for name in VARIANTS:
         if name in args.variants:
-            build_variant(name, VARIANTS[name], args.out, args.seed + i + 1)
+            build_variant(name, VARIANTS[name], args.out, args.seed + SEED_OFFSETS[name])
     if "trained" in args.variants:
-        build_trained(args.out, args.seed + len(VARIANTS) + 1)
+        build_trained(args.out, args.seed + SEED_OFFSETS["trained"])
     print(f"versions: transformers {transformers.__version__}, peft {peft.__version__}, "
           f"torch {torch.__version__}")
 

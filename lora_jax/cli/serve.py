@@ -2,8 +2,9 @@
 
 import argparse
 import json
-import sys
 
+from lora_jax.cli.errors import CommandError
+from lora_jax.cli.options import check_model_folder, port, positive_int
 from lora_jax.request import LoRARequest
 
 
@@ -15,12 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                         help="adapters to serve: name=path, or JSON "
                              '{"name": ..., "path": ..., "base_model_name": ...}')
-    parser.add_argument("--max-loras", type=int, default=1)
-    parser.add_argument("--max-cpu-loras", type=int, default=None)
-    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-loras", type=positive_int, default=1)
+    parser.add_argument("--max-cpu-loras", type=positive_int, default=None)
+    parser.add_argument("--max-lora-rank", type=positive_int, default=16)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-model-len", type=positive_int, default=None)
+    parser.add_argument("--max-num-seqs", type=positive_int, default=32)
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-hub-adapters", action="store_true",
                         help="let runtime loading take Hugging Face Hub ids")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port, default=8000)
 
 
 def parse_lora_modules(items: list[str]) -> list[LoRARequest]:
@@ -57,33 +58,39 @@ def parse_lora_modules(items: list[str]) -> list[LoRARequest]:
     return out
 
 
-def run_command(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--lora-modules written wrong, or given without --enable-lora: usage errors (exit 2)."""
+    try:
+        args.lora_requests = parse_lora_modules(args.lora_modules)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.lora_requests and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and every adapter (a bad one stops start-up, saying which), then serve."""
+    check_model_folder(args.model)
     import uvicorn
 
     from lora_jax.engine.async_llm import AsyncLLM
     from lora_jax.entrypoints.openai.server import build_app
 
-    try:
-        loras = parse_lora_modules(args.lora_modules)
-        if loras and not args.enable_lora:
-            raise ValueError("--lora-modules needs --enable-lora")
-        llm = AsyncLLM.from_options(
-            args.model, dtype=args.dtype, enable_lora=args.enable_lora,
-            max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-            max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"lora-jax serve: {exc}", file=sys.stderr)
-        return 2
+    loras = args.lora_requests
+    llm = AsyncLLM.from_options(
+        args.model, dtype=args.dtype, enable_lora=args.enable_lora,
+        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs)
     try:
         for lr in loras:  # load each now, so a bad adapter stops start-up with its reason
-            llm.call(llm.engine.add_lora, lr)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+            try:
+                llm.call(llm.engine.add_lora, lr)
+            except (ValueError, OSError) as err:
+                raise CommandError(f"adapter {lr.lora_name!r} ({lr.lora_path}): {err}") from err
+    except BaseException:
         llm.shutdown()
-        print(f"lora-jax serve: adapter {lr.lora_name!r} ({lr.lora_path}): {exc}",
-              file=sys.stderr)
-        return 2
-    args.lora_requests = loras
+        raise
     app = build_app(llm, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
     url = f"http://{args.host}:{args.port}/v1"

@@ -10,7 +10,17 @@ import argparse
 import math
 from pathlib import Path
 
-from lora_jax.lora.adapters import PROJECTIONS
+from lora_jax.cli.errors import CommandError
+from lora_jax.cli.options import (
+    check_model_folder,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+
+TARGETS_HELP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,27 +34,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="base model compute dtype; adapter weights train in float32")
     group = parser.add_argument_group("adapter")
-    group.add_argument("--rank", type=int, default=8)
-    group.add_argument("--alpha", type=float, default=16.0)
+    group.add_argument("--rank", type=positive_int, default=8)
+    group.add_argument("--alpha", type=positive_float, default=16.0)
     group.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank)")
     group.add_argument("--targets", default="q_proj,v_proj",
-                       help=f"comma-separated, of {','.join(PROJECTIONS)}, or 'all'")
-    group.add_argument("--dropout", type=float, default=0.0, help="PEFT's lora_dropout")
+                       help=f"comma-separated, of {TARGETS_HELP}, or 'all'")
+    group.add_argument("--dropout", type=fraction, default=0.0, help="PEFT's lora_dropout")
     group = parser.add_argument_group("optimization")
-    group.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate")
-    group.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    group.add_argument("--weight-decay", type=float, default=0.0)
-    group.add_argument("--max-grad-norm", type=float, default=1.0)
+    group.add_argument("--lr", type=positive_float, default=2e-4,
+                       help="peak AdamW learning rate")
+    group.add_argument("--warmup", type=nonnegative_int, default=0, help="linear warm-up steps")
+    group.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    group.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0,
+                       help="clip the gradient norm to this (0 = no clipping)")
     length = group.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None,
+    length.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=positive_float, default=None,
                         help="passes over the largest dataset (default: 1)")
-    group.add_argument("--batch-size", type=int, default=8, help="rows per adapter per step")
-    group.add_argument("--grad-accum", type=int, default=1)
-    group.add_argument("--seq-len", type=int, default=256)
-    group.add_argument("--eval-fraction", type=float, default=0.1,
+    group.add_argument("--batch-size", type=positive_int, default=8,
+                       help="rows per adapter per step")
+    group.add_argument("--grad-accum", type=positive_int, default=1)
+    group.add_argument("--seq-len", type=positive_int, default=256)
+    group.add_argument("--eval-fraction", type=fraction, default=0.1,
                        help="held out of each dataset for the eval loss")
-    group.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    group.add_argument("--eval-every", type=nonnegative_int, default=0,
+                       help="also evaluate every N steps")
     group.add_argument("--seed", type=int, default=0)
 
 
@@ -60,20 +74,65 @@ def _named_files(values: list[str]) -> dict[str, Path]:
     return files
 
 
-def run(args: argparse.Namespace) -> list[Path]:
-    """Train and save; returns the adapter folders."""
-    from lora_jax.tokenizer import TextTokenizer
-    from lora_jax.training.datasets import read_records, split, tokenize
-    from lora_jax.training.trainer import AdapterSpec, LoRATrainer, TrainConfig
-    from models import load_llama
+def _targets(value: str) -> tuple[str, ...]:
+    from models.config import PROJECTIONS
 
-    files = _named_files(args.data)
-    targets = PROJECTIONS if args.targets == "all" else tuple(args.targets.split(","))
+    if value == "all":
+        return PROJECTIONS
+    targets = tuple(t.strip() for t in value.split(","))
+    unknown = [t for t in targets if t not in PROJECTIONS]
+    if unknown or not targets:
+        raise ValueError(f"--targets: {unknown} are not projections; use a comma-separated "
+                         f"subset of {','.join(PROJECTIONS)}, or 'all'")
+    return targets
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--data and --targets written wrong: usage errors (exit 2), before anything loads."""
+    try:
+        _named_files(args.data)
+        _targets(args.targets)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _read_datasets(files: dict[str, Path]) -> dict[str, list[dict[str, str]]]:
+    """Every dataset read and checked before the model loads; errors name the file."""
+    from lora_jax.training.datasets import read_records
+
+    datasets = {}
+    for name, file in files.items():
+        records = read_records(file)
+        if not records:
+            raise CommandError(f"dataset {str(file)!r} (--data {name}=...) has no examples")
+        for number, record in enumerate(records, 1):
+            bad = [k for k in ("prompt", "completion", "text")
+                   if k in record and not isinstance(record[k], str)]
+            if bad:
+                raise CommandError(f"dataset {str(file)!r} example {number}: {bad[0]!r} must "
+                                   f"be a string, got {record[bad[0]]!r:.40}")
+        datasets[name] = records
+    return datasets
+
+
+def train(args: argparse.Namespace) -> list[Path]:
+    """Train and save; returns the adapter folders."""
+    files, targets = _named_files(args.data), _targets(args.targets)
+    datasets = _read_datasets(files)
+    check_model_folder(args.model)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"--out {args.out!r} is a file; pass a folder for the adapters")
+    from lora_jax.tokenizer import TextTokenizer
+    from lora_jax.training.datasets import split, tokenize
+    from lora_jax.training.trainer import AdapterSpec, LoRATrainer, TrainConfig
+    from models import LlamaConfig, load_llama
+
+    tokenizer = TextTokenizer(args.tokenizer or args.model,
+                              LlamaConfig.from_pretrained(args.model).bos_token_id)
     model = load_llama(args.model, dtype=args.dtype)
-    tokenizer = TextTokenizer(args.tokenizer or args.model, model.config.bos_token_id)
     train_sets, eval_sets, specs = [], [], []
     for i, (name, file) in enumerate(files.items()):
-        examples = tokenize(read_records(file), tokenizer, model.config.eos_token_id)
+        examples = tokenize(datasets[name], tokenizer, model.config.eos_token_id)
         train, held_out = split(examples, args.eval_fraction, args.seed + i)
         train_sets.append(train)
         eval_sets.append(held_out)
@@ -101,16 +160,18 @@ def run(args: argparse.Namespace) -> list[Path]:
     return folders
 
 
-def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """run(), with a bad option or input reported the argparse way (usage, message, exit 2)."""
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
+    """scripts/train_lora.py: the same options, errors reported like `lora-jax train`."""
+    from lora_jax.cli.errors import debug_requested, run_reporting
+
     parser = argparse.ArgumentParser(prog="train_lora", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_command(parser.parse_args(argv), parser)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    check(args, parser)
+    return run_reporting("train_lora", lambda: run(args), debug_requested(args.debug))
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0

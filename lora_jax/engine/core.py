@@ -250,6 +250,11 @@ class Engine:
                 raise ValueError("text prompts need a tokenizer.json in the model folder (or "
                                  "tokenizer=...); or pass {'prompt_token_ids': [...]}")
             prompt_ids = self.tokenizer.encode(prompt)
+        not_ints = [t for t in prompt_ids
+                    if isinstance(t, bool) or not isinstance(t, int | np.integer)]
+        if not_ints:  # int() would silently truncate 6.5 to 6
+            raise ValueError(f"request {request_id}: prompt_token_ids must be integers, got "
+                             f"{not_ints[:5]!r}")
         prompt_ids = [int(t) for t in prompt_ids]
         vocab = self.model.config.vocab_size
         if not prompt_ids:

@@ -13,11 +13,17 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from lora_jax.lora.coverage import (
+    PARENT,
+    check_coverage_config,
+    check_tensors,
+    module_name,
+    unserved_targets,
+)
 from models.config import PROJECTIONS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PARENT = {p: "self_attn" for p in PROJECTIONS[:4]} | {p: "mlp" for p in PROJECTIONS[4:]}
 # PEFT key: [base_model.model.]model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}[.{adapter}].weight
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
@@ -47,13 +53,18 @@ class LoRAWeights:
 
 @dataclass(frozen=True)
 class LoRAAdapter:
-    """A loaded adapter: weights for each projection it touches (untouched ones are absent)."""
+    """A loaded adapter: weights for each projection it touches (untouched ones are absent).
+
+    `layers` says which layers of each projection the adapter covers (from a folder: by its
+    adapter_config.json); the stacks hold zeros for the others, which adds exactly nothing.
+    """
 
     name: str
     modules: dict[str, LoRAWeights]
     path: str = ""
     base_model_name: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -119,14 +130,11 @@ def read_adapter_config(folder: Path, name: str) -> dict[str, Any]:
     if config.get("modules_to_save"):
         raise ValueError(f"adapter {name!r}: modules_to_save={config['modules_to_save']!r} "
                          "(full embedding/lm_head copies) is not supported")
-    targets = config["target_modules"]
-    if isinstance(targets, list):
-        unserved = [t for t in targets if t.rsplit(".", 1)[-1] not in PROJECTIONS]
-        if unserved:
-            raise ValueError(f"adapter {name!r}: target module(s) {unserved} are not served; "
-                             f"lora-jax serves {list(PROJECTIONS)}")
-    elif not isinstance(targets, str):
-        raise ValueError(f"adapter {name!r}: target_modules must be a list or a regex string")
+    check_coverage_config(config, name)
+    unserved = unserved_targets(config)
+    if unserved:
+        raise ValueError(f"adapter {name!r}: target module(s) {unserved} are not served; "
+                         f"lora-jax serves {list(PROJECTIONS)}")
     return config
 
 
@@ -172,17 +180,20 @@ def load_adapter(
     config = read_adapter_config(folder, name)
     tensors = _read_tensors(folder, name)
     layers = _group_by_module(tensors, name)
+    if not layers:
+        raise ValueError(f"adapter {name!r}: {WEIGHTS_NAME} holds no LoRA weights")
     num_layers = base.num_hidden_layers if base is not None else 1 + max(
         i for per_layer in layers.values() for i in per_layer)
+    covered = check_tensors(layers, config, num_layers, name)
     shapes = base.projection_shapes() if base is not None else {}
     modules = {
         proj: _stack_module(proj, per_layer, config, num_layers, shapes.get(proj), name)
         for proj, per_layer in layers.items()
     }
-    if not modules:
-        raise ValueError(f"adapter {name!r}: {WEIGHTS_NAME} holds no LoRA weights")
     adapter = LoRAAdapter(name=name, modules=modules, path=str(folder),
-                          base_model_name=config.get("base_model_name_or_path"), config=config)
+                          base_model_name=config.get("base_model_name_or_path"), config=config,
+                          layers={p: tuple(sorted(i for i, q in covered if q == p))
+                                  for p in modules})
     if max_lora_rank is not None and adapter.rank > max_lora_rank:
         raise ValueError(f"adapter {name!r} has rank {adapter.rank}, above max_lora_rank="
                          f"{max_lora_rank}; raise max_lora_rank or use a smaller adapter")
@@ -206,23 +217,13 @@ def _group_by_module(tensors: dict[str, np.ndarray], name: str) -> dict[str, dic
 
 def _stack_module(proj: str, per_layer: dict[int, dict[str, np.ndarray]], config: dict[str, Any],
                   num_layers: int, shape: tuple[int, int] | None, name: str) -> LoRAWeights:
-    """Stack one projection's layers into a [L, D_in, r], b [L, r, D_out], scaled, zero-padded."""
-    partial = bool(config.get("layers_to_transform"))
-    for layer in range(num_layers):
-        if layer not in per_layer and not partial:
-            raise ValueError(f"adapter {name!r}: {proj} has no weights for layer {layer}")
+    """Stack one projection's layers into a [L, D_in, r], b [L, r, D_out], scaled, zero-padded:
+    layers the adapter does not cover stay zero, so their tokens get the base projection."""
     parts = {}
     for layer, pair in sorted(per_layer.items()):
-        where = f"layers.{layer}.{_PARENT[proj]}.{proj}"
-        if layer >= num_layers:
-            raise ValueError(f"adapter {name!r}: {where} is beyond the base model's "
-                             f"{num_layers} layers")
-        for side in "AB":
-            if side not in pair:
-                raise ValueError(f"adapter {name!r}: {where} has lora_{'BA'[side == 'B']} "
-                                 f"but no lora_{side}")
+        where = f"layers.{layer}.{PARENT[proj]}.{proj}"
         a, b = pair["A"], pair["B"]  # PEFT stores Linear weights: A [r, D_in], B [D_out, r]
-        r, scale = _scaling(config, f"model.{where}")
+        r, scale = _scaling(config, module_name(layer, proj))
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise ValueError(f"adapter {name!r}: {where} lora_A {a.shape} / lora_B {b.shape} "
                              f"do not have the configured rank {r}")
@@ -266,7 +267,7 @@ def save_adapter(
         if lora_alpha is None or w.rank != rank:
             alpha_pattern[proj] = alpha
         for layer in range(w.a.shape[0]):
-            prefix = f"base_model.model.model.layers.{layer}.{_PARENT[proj]}.{proj}"
+            prefix = f"base_model.model.model.layers.{layer}.{PARENT[proj]}.{proj}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(w.a[layer].T)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(w.b[layer].T / scale)
     config = {

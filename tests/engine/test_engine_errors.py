@@ -1,6 +1,7 @@
 """One bad request fails alone, with a clear error; every other request still completes."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -58,6 +59,27 @@ def _bad_cases(ref, good, tmp):
         "negative_temperature": (ok_prompt, _sampling(temperature=-1.0), None, "temperature"),
         "top_p_zero": (ok_prompt, _sampling(top_p=0.0), None, "top_p"),
         "top_p_above_one": (ok_prompt, _sampling(top_p=1.5), None, "top_p"),
+        "float_token_id": ({"prompt_token_ids": [5, 6.5]}, GREEDY, None,
+                           "prompt_token_ids must be integers, got [6.5]"),
+        "bool_token_id": ({"prompt_token_ids": [5, True]}, GREEDY, None,
+                          "prompt_token_ids must be integers"),
+        "nan_temperature": (ok_prompt, _sampling(temperature=float("nan")), None,
+                            "temperature must be a finite number, got nan"),
+        "inf_top_p": (ok_prompt, _sampling(top_p=float("inf")), None, "top_p must be a finite"),
+        "nan_min_p": (ok_prompt, _sampling(min_p=float("nan")), None, "min_p must be a finite"),
+        "nan_presence": (ok_prompt, _sampling(presence_penalty=float("nan")), None,
+                         "presence_penalty must be a finite"),
+        "inf_frequency": (ok_prompt, _sampling(frequency_penalty=float("-inf")), None,
+                          "frequency_penalty must be a finite"),
+        "nan_repetition": (ok_prompt, _sampling(repetition_penalty=float("nan")), None,
+                           "repetition_penalty must be a finite"),
+        "bool_max_tokens": (ok_prompt, _sampling(max_tokens=True), None,
+                            "max_tokens must be an integer, got True"),
+        "bool_n": (ok_prompt, _sampling(n=True), None, "n must be an integer"),
+        "bool_top_k": (ok_prompt, _sampling(top_k=True), None, "top_k must be an integer"),
+        "bool_seed": (ok_prompt, _sampling(seed=False), None, "seed must be an integer"),
+        "float_max_tokens": (ok_prompt, _sampling(max_tokens=6.5), None,
+                             "max_tokens must be an integer, got 6.5"),
         "base_model_mismatch": (ok_prompt, GREEDY, LoRARequest(
             "all_r4-for-other", 8, ref.adapter_path("all_r4"), base_model_name="meta/other"),
             "is for base model 'meta/other'"),
@@ -84,13 +106,17 @@ def test_each_bad_request_fails_alone_and_the_rest_complete_correctly(setup):
         assert out.outputs == [] and out.finished
 
 
-@pytest.mark.parametrize("case", ["missing_adapter", "empty_prompt", "max_tokens_zero"])
+@pytest.mark.parametrize("case", ["missing_adapter", "empty_prompt", "max_tokens_zero",
+                                  "float_token_id", "nan_temperature", "bool_max_tokens"])
 def test_a_single_bad_prompt_raises_from_generate(setup, case):
     ref, llm, good, tmp = setup
     prompt, params, lora, message = _bad_cases(ref, good, tmp)[case]
-    error = FileNotFoundError if message == "FileNotFoundError" else ValueError
-    with pytest.raises(error):
-        llm.generate(prompt, params, lora)
+    if message == "FileNotFoundError":
+        with pytest.raises(FileNotFoundError):
+            llm.generate(prompt, params, lora)
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            llm.generate(prompt, params, lora)
 
 
 def test_invalid_sampling_params_are_rejected_when_built():

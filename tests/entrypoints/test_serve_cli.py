@@ -31,7 +31,9 @@ def test_a_bad_adapter_stops_start_up_with_its_reason(base_model, tmp_path):
     proc = _serve(base_model, "--enable-lora", "--lora-modules", f"bad={tmp_path / 'missing'}",
                   "--port", str(_free_port()))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "'bad'" in err and "Traceback" not in err
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("lora-jax serve: error: adapter 'bad' (")
 
 
 @pytest.mark.slow

@@ -30,6 +30,13 @@ class Reference:
     def greedy(self, adapter: str, j: int) -> list[int]:
         return self.expected[f"greedy_{adapter}_{j}"].tolist()
 
+    def greedy_logprobs(self, adapter: str, j: int) -> np.ndarray:
+        """[new tokens, V] log-softmax of the logits that chose each greedy token (variants
+        with greedy_logits only, e.g. `partial`)."""
+        logits = self.expected[f"greedy_logits_{adapter}_{j}"].astype(np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
     @property
     def num_prompts(self) -> int:
         return self.manifest["num_prompts"]

@@ -68,3 +68,27 @@ def make_adapter(folder: Path, *, shapes=TinyShapes(), r=4, lora_alpha=8,
     """A complete random adapter folder for `shapes`."""
     config = peft_config(r=r, lora_alpha=lora_alpha, target_modules=modules, **config_extra)
     return write_adapter(folder, config, random_lora_tensors(shapes, modules, r=r, seed=seed))
+
+
+def lora_tensors_for(pairs, shapes=TinyShapes(), r=4, seed=0) -> dict[str, np.ndarray]:
+    """PEFT-named tensors for exactly the given (layer, projection) pairs, random, non-zero:
+    what PEFT saves for an adapter that covers only those pairs."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer, proj in sorted(pairs):
+        d_in, d_out = shapes.projection_shapes()[proj]
+        prefix = f"base_model.model.model.layers.{layer}.{PARENT[proj]}.{proj}"
+        tensors[f"{prefix}.lora_A.weight"] = rng.normal(size=(r, d_in)).astype(np.float32)
+        tensors[f"{prefix}.lora_B.weight"] = rng.normal(size=(d_out, r)).astype(np.float32)
+    return tensors
+
+
+def make_partial_adapter(folder: Path, pairs, *, shapes=TinyShapes(), r=4, lora_alpha=8,
+                         target_modules=("q_proj", "v_proj"), seed=0, **config_extra) -> Path:
+    """An adapter folder in PEFT's layout whose config (target_modules as a list or a regex,
+    layers_to_transform, layers_pattern, exclude_modules ... in config_extra) covers only some
+    layers; `pairs` are the (layer, projection) pairs the caller states that config covers, and
+    get weights. PEFT writes layers_to_transform as given (int or list)."""
+    config = peft_config(r=r, lora_alpha=lora_alpha, target_modules=target_modules,
+                         **config_extra)
+    return write_adapter(folder, config, lora_tensors_for(pairs, shapes, r=r, seed=seed))

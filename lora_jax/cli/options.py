@@ -1,0 +1,85 @@
+"""Option types (a bad value is an argparse usage error, exit 2) and cheap checks of the paths
+a command reads, run before anything heavy is imported. Imports no JAX."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from lora_jax.cli.errors import CommandError
+
+
+def _number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    value = _number(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {value}")
+    return value
+
+
+def check_model_folder(path: str) -> Path:
+    """A local Hugging Face model folder whose config.json is a JSON object; CommandError
+    saying what is wrong otherwise. The weights are checked when the model loads."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CommandError(f"model folder {path!r} does not exist")
+    if not folder.is_dir():
+        raise CommandError(f"model path {path!r} is a file; pass the folder that holds "
+                           "config.json and model.safetensors")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise CommandError(f"model folder {path!r} has no config.json (not a Hugging Face "
+                           "model folder)")
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CommandError(f"{config} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CommandError(f"{config} must hold a JSON object")
+    return folder

@@ -1,0 +1,51 @@
+"""SamplingParams refuses, on construction, values that would sample nonsense or be truncated."""
+
+import numpy as np
+import pytest
+
+from lora_jax.sampling_params import SamplingParams
+
+FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+          "repetition_penalty")
+INTS = ("n", "top_k", "max_tokens", "seed", "logprobs")
+
+
+@pytest.mark.parametrize("field", FLOATS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinite_floats_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field", INTS)
+@pytest.mark.parametrize("value", [True, False, 2.0, 2.5, "2"])
+def test_an_int_field_refuses_bools_floats_and_strings(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be an integer, got {value!r}"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field", FLOATS)
+@pytest.mark.parametrize("value", [True, "0.5", None])
+def test_a_float_field_refuses_bools_strings_and_none(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be a number"):
+        SamplingParams(**{field: value})
+
+
+def test_stop_token_ids_must_be_a_list_of_ints():
+    for bad in ([2, 3.0], [True], 5):
+        with pytest.raises(ValueError, match="stop_token_ids must be a list of integers"):
+            SamplingParams(stop_token_ids=bad)
+
+
+def test_numpy_numbers_and_ints_for_float_fields_are_accepted():
+    params = SamplingParams(n=np.int64(2), max_tokens=np.int32(4), top_k=np.int64(5), seed=None,
+                            temperature=0, top_p=np.float32(0.5), repetition_penalty=2,
+                            stop_token_ids=[np.int64(3)])
+    assert params.max_tokens == 4 and params.top_p == 0.5
+
+
+def test_a_value_made_bad_after_construction_is_caught_by_validate():
+    params = SamplingParams()
+    params.temperature = float("nan")
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        params.validate()
