@@ -11,8 +11,8 @@ built on the host, so that no request pays for another's length:
 
 Both walk the pages in chunks of KV_CHUNK positions with an online softmax (float32), for as
 many chunks as the furthest query of that layout needs: the cost follows the context in use,
-and no context length is a compiled shape. A layout the batch does not use is skipped by a
-lax.cond. On GPU the same metadata feeds the Pallas ragged paged-attention kernel.
+no context length is a compiled shape, and a layout the batch does not use reads nothing. On
+GPU the same metadata feeds the Pallas ragged paged-attention kernel.
 """
 
 from typing import NamedTuple
@@ -38,8 +38,6 @@ class RaggedMeta(NamedTuple):
     tile_start: jax.Array  # [NT] int32 first token of each tile
     tile_len: jax.Array  # [NT] int32 queries in each tile (0 = unused)
     tile_req: jax.Array  # [NT] int32 request of each tile
-    has_dec: jax.Array  # [] bool: some decode row is used
-    has_tiles: jax.Array  # [] bool: some tile is used
     query_start: jax.Array  # [R + 1] int32 first token of each request (the kernel's form)
     kv_lens: jax.Array  # [R] int32 cached tokens of each request after this step
     num_seqs: jax.Array  # [1] int32 requests in use
@@ -140,6 +138,6 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
                              qpos, dtype)
         return out.at[index].set(rows.reshape(*index.shape, heads, dim).astype(q.dtype))
 
-    out = jax.lax.cond(meta.has_dec, decode_rows, lambda o: o, out)
-    out = jax.lax.cond(meta.has_tiles, tiles, lambda o: o, out)
-    return out[:t]
+    # A layout the batch leaves unused has no query position, so its loop runs no chunk
+    # (a lax.cond around it would only add to the compile time of every layer).
+    return tiles(decode_rows(out))[:t]

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (H200, Python 3.12, JAX 0.11 with CUDA, no msgspec, no network):
-# the kernel tests (LoRA and paged attention) against the real Pallas backend (Triton), then the
-# kernel benchmark.
-# About 6 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
+# the kernel tests (LoRA and paged attention) against the real Pallas backend (Triton), the kernel
+# and model benchmarks, then (with msgspec carried as a cp312 wheel in .whl/, e.g.
+# `pip download msgspec --python-version 3.12 --only-binary=:all: -d .whl`) the serving
+# benchmarks and the engine through the attention kernel.
+# About 12 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # JAX_PLATFORMS and LORA_JAX_TEST_BACKEND can be overridden to rehearse it on a CPU
 # (JAX_PLATFORMS=cpu LORA_JAX_TEST_BACKEND=pallas_interpret).
@@ -55,6 +57,19 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda 
     --compare-base --bench-dir /tmp/lora_jax_bench --json-out "$out_dir/bench_serving.json" \
     >"$out_dir/bench_serving.log" 2>&1 || status=1
   head -n 5 "$out_dir/bench_serving.log"
+  # The ragged step through the Pallas paged-attention kernel serves what the XLA path serves.
+  LORA_JAX_TEST_BACKEND=pallas timeout 300 "$python" -m pytest -q -p no:cacheprovider \
+    tests/engine/test_paged_engine.py -k ragged_attention_kernel \
+    2>&1 | tee "$out_dir/engine_kernel_tests.log" || status=1
+  # End to end on Llama-3-8B's layer shapes (random weights; 8 of its 32 layers to fit the
+  # device budget: every layer is the same work): 64 requests over 32 rank-16 adapters through
+  # 8 slots, bf16, against the same engine without LoRA. Start-up compile counts are in the JSON.
+  timeout 420 "$python" scripts/benchmark.py --model-shape llama3-8b --num-layers 8 \
+    --num-adapters 32 --num-requests 64 --rank 16 --max-loras 8 --max-num-seqs 64 \
+    --prompt-len 128 --output-len 64 --max-model-len 1024 --dtype bfloat16 --compare-base \
+    --bench-dir /tmp/lora_jax_bench --json-out "$out_dir/bench_llama3_8b.json" \
+    >"$out_dir/bench_llama3_8b.log" 2>&1 || status=1
+  head -n 5 "$out_dir/bench_llama3_8b.log"
 else
   echo "serving benchmark skipped: msgspec/tqdm not importable (carry their wheels in .whl/)"
 fi

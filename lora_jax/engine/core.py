@@ -336,7 +336,10 @@ class Engine:
         rows += [self._row(c.seq, c.seq.tokens[c.start:c.start + c.length], c.start,
                            prompt=not c.seq.output_ids, keeps=c.completes_prompt)
                  for c in batch.prefills]
-        out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.seqs()))
+        try:
+            out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.seqs()))
+        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            return self._fail_step(batch, err)
         for i, seq in enumerate(batch.decodes):
             seq.num_cached += 1
             self._append(seq, i, out, done)
@@ -426,6 +429,30 @@ class Engine:
                 self._requests.pop(req.request_id, None)
         outputs = [req.output(self.tokenizer) for req in self._touched.values()]
         return [out for out in outputs if out is not None]
+
+    def _fail_step(self, batch, err: Exception) -> list[RequestOutput]:
+        """The step's requests end with the error on their outputs. If the device state was
+        lost with it (the donated KV pool), the pool starts over empty: cached prefixes are
+        forgotten and every other running sequence is recomputed from its tokens."""
+        failed: dict[str, _Request] = {}
+        for seq in batch.seqs():
+            req = self._owner[seq.seq_id][0]
+            failed[req.request_id] = req
+        seqs = [s for req in failed.values() for s in req.seqs]
+        self.scheduler.finish(seqs)
+        for seq in seqs:
+            self._owner.pop(seq.seq_id, None)
+        if self.runner.recover():
+            self.kv.pool.reset_prefix_cache()
+            for seq in list(self.scheduler.running):
+                self.scheduler.preempt(seq)
+        message = f"the step running this request failed: {type(err).__name__}: {err}"
+        outputs = []
+        for req in failed.values():
+            self._requests.pop(req.request_id, None)
+            outputs.append(RequestOutput(req.request_id, req.prompt, req.prompt_ids, [], True,
+                                         req.lora_request, error=message))
+        return outputs
 
     def _fail_unschedulable(self) -> list[RequestOutput]:
         """Nothing runs and nothing can start: the waiting adapters can never get a slot."""

@@ -5,6 +5,7 @@ the model is any Hugging Face folder, or a generated bench model with random wei
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -28,14 +29,27 @@ BENCH_CONFIG = LlamaConfig(
     rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 
 
-def ensure_bench_model(folder: Path) -> Path:
-    """The bench model (random weights) as a Hugging Face folder, written once."""
+# Llama-3-8B's shapes (random weights) for the GPU benchmark.
+LLAMA3_8B_CONFIG = LlamaConfig(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
+SHAPES = {"bench": BENCH_CONFIG, "llama3-8b": LLAMA3_8B_CONFIG}
+
+
+def ensure_bench_model(folder: Path, shape: str = "bench", num_layers: int | None = None,
+                       dtype: str = "float32") -> Path:
+    """A bench model (random weights, `shape`'s config) as a Hugging Face folder, written
+    once."""
     if not (folder / "config.json").is_file():
         from flax import nnx
 
         from lora_jax.tools.tiny import save_llama
 
-        save_llama(Llama(BENCH_CONFIG, rngs=nnx.Rngs(0)), folder)
+        config = SHAPES[shape]
+        if num_layers:
+            config = dataclasses.replace(config, num_hidden_layers=num_layers)
+        save_llama(Llama(config, dtype=dtype, rngs=nnx.Rngs(0)), folder)
     return folder
 
 
@@ -73,7 +87,8 @@ def workload(args, num_adapters: int, vocab: int):
     """(prompts, lora requests): requests cycle over the adapters (and the base model first,
     with --include-base); no adapters means all base."""
     rng = np.random.default_rng(args.seed)
-    prompts = [{"prompt_token_ids": rng.integers(3, vocab, args.prompt_len).tolist()}
+    shared = rng.integers(3, vocab, args.shared_prefix).tolist()  # one prefix for every request
+    prompts = [{"prompt_token_ids": shared + rng.integers(3, vocab, args.prompt_len).tolist()}
                for _ in range(args.num_requests)]
     groups = [None] * (args.include_base or not num_adapters) + [
         LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}") for i in range(num_adapters)]
@@ -113,7 +128,9 @@ def bench_one(args, model: str, num_adapters: int) -> dict:
     llm = LLM(model, enable_lora=num_adapters > 0, max_loras=args.max_loras,
               max_lora_rank=args.rank, max_cpu_loras=max(num_adapters, args.max_loras),
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              lora_backend=args.lora_backend, dtype=args.dtype)
+              lora_backend=args.lora_backend, dtype=args.dtype,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=not args.no_prefix_caching)
     config = llm.engine.model.config
     for i in range(num_adapters):
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
@@ -127,7 +144,9 @@ def bench_one(args, model: str, num_adapters: int) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     return {"num_adapters": num_adapters, **result, "compilations": compiles,
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
-            counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use")}
+            counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use"),
+            "start_up": llm.engine.compile_stats(),
+            "prefix_cache_hits": llm.engine.stats()["prefix_cache_hits"]}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,6 +161,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens of one prompt prefix that every request shares (before its own "
+                        "--prompt-len tokens)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--model-shape", default="bench", choices=sorted(SHAPES),
+                   help="the generated model's shapes when --model is not given")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="layers of the generated model (default: the shape's)")
     p.add_argument("--lora-backend", default=None)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of both engines (auto: the checkpoint's, float32 for "
@@ -175,7 +203,14 @@ def run_command(args: argparse.Namespace) -> int:
         except PeerError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    model = args.model or str(ensure_bench_model(Path(args.bench_dir) / "model"))
+    if args.model:
+        model = args.model
+    elif args.model_shape == "bench" and not args.num_layers:
+        model = str(ensure_bench_model(Path(args.bench_dir) / "model"))
+    else:
+        name = f"model-{args.model_shape}-L{args.num_layers or 'all'}"
+        model = str(ensure_bench_model(Path(args.bench_dir) / name, args.model_shape,
+                                       args.num_layers, "bfloat16"))
     runs = [bench_one(args, model, m) for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":
               args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,

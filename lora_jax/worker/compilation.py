@@ -14,6 +14,7 @@ them instead of compiling.
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,15 @@ def compile_all(runner, stacks, slots=None, *, show_progress: bool = True,
     start = time.perf_counter()
     try:
         keys = runner.program_keys()
-        for key in tqdm(keys, desc="compiling", unit="program",
-                        disable=not show_progress or len(keys) < 2):
-            runner.compile(key, stacks)
+        # XLA compiles outside the GIL: one thread per core compiles that many programs at once.
+        with ThreadPoolExecutor(max(1, min(len(keys), os.cpu_count() or 1))) as pool, tqdm(
+                total=len(keys), desc="compiling", unit="program",
+                disable=not show_progress or len(keys) < 2) as bar:
+            for future in as_completed([pool.submit(runner.compile, key, stacks)
+                                        for key in keys]):
+                future.result()
+                bar.update(1)
+        runner.order_programs(keys)
         if slots is not None:
             slots.warm()
     finally:

@@ -152,7 +152,6 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
     query_start[:len(rows)] = np.cumsum([0] + [len(x.tokens) for x in rows])[:-1]
     kv_lens = np.where(np.arange(r) < len(rows), seq_len, 0).astype(np.int32)
     meta = RaggedMeta(positions, slot_mapping, token_req, tables, dec_token, dec_req,
-                      tile_start, tile_len, tile_req, np.bool_(num_dec > 0),
-                      np.bool_(num_tiles > 0), query_start, kv_lens,
+                      tile_start, tile_len, tile_req, query_start, kv_lens,
                       np.array([len(rows)], np.int32))
     return tokens, meta, cols, logits_index, seq_len

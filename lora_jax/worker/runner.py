@@ -99,6 +99,7 @@ class Runner:
         self.max_len, self.block_size, self.num_blocks = max_len, block_size, num_blocks
         self.ladder = ShapeLadder(max_num_batched_tokens, num_rows, max_prefill_seqs)
         self.table_pages = table_width(max_len, block_size)
+        self.config = model.config
         self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
         vocab = model.config.vocab_size
         self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
@@ -133,13 +134,19 @@ class Runner:
 
     def compile(self, key: ProgramKey, stacks) -> None:
         """Compile one program (a no-op when it exists): lowering needs only shapes, so an
-        empty batch of the key's shape stands in for real requests."""
+        empty batch of the key's shape stands in for real requests. Thread-safe for distinct
+        keys (start-up compiles several at once)."""
         if key in self._programs:
             return
         args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
         self._programs[key] = self._jit.lower(
             *args, num_logprobs=key.num_logprobs,
             mode=GENERAL if key.general else GREEDY).compile()
+
+    def order_programs(self, keys: list[ProgramKey]) -> None:
+        """List the compiled programs in `keys`' order (threads finish in any order)."""
+        self._programs = {k: self._programs[k] for k in keys if k in self._programs} | {
+            k: v for k, v in self._programs.items() if k not in keys}
 
     # Running -------------------------------------------------------------------------------
 
@@ -152,6 +159,17 @@ class Runner:
         self.compile(key, stacks)
         out, self.kv, self.history = self._programs[key](*args)
         return Sampled(*(np.asarray(x)[:len(rows)] for x in jax.device_get(out)))
+
+    def recover(self) -> bool:
+        """After a failed step: if the donated KV pool or history went with it, start them
+        over (zeros) and return True; False when they are intact."""
+        lost = any(x.is_deleted() for x in (self.kv.k, self.kv.v, *self.history))
+        if lost:
+            self.kv = init_paged_kv_cache(self.config, self.num_blocks, self.block_size,
+                                          self.kv.dtype)
+            self.history = History(jnp.zeros_like(self.history.output_counts),
+                                   jnp.zeros_like(self.history.in_prompt))
+        return lost
 
     def compiled_count(self) -> int:
         """How many programs the runner has compiled."""

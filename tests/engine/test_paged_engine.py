@@ -1,5 +1,7 @@
 """The paged KV cache through LLM: preemption, prefix caching, the pool's size."""
 
+import os
+
 import pytest
 from helpers.checkpoints import write_checkpoint
 
@@ -63,14 +65,17 @@ def test_a_request_that_can_never_fit_the_pool_is_refused_at_once(base):
     assert len(out[1].outputs[0].token_ids) == 10
 
 
-@pytest.mark.parametrize("backend", ["reference", "pallas_interpret"])
+# scripts/gpu_check.sh sets LORA_JAX_TEST_BACKEND=pallas to run the real kernel on a GPU.
+@pytest.mark.parametrize("backend", [
+    "reference", os.environ.get("LORA_JAX_TEST_BACKEND", "pallas_interpret")])
 def test_the_ragged_attention_kernel_serves_what_the_cpu_path_serves(base, backend):
     # Decodes and prefill chunks share steps (max_num_batched_tokens 16 splits the prompts),
     # a prefix repeats, and the pool is small enough to preempt.
     prompts = PROMPTS + [{"prompt_token_ids": PROMPTS[3]["prompt_token_ids"][:17] + [9, 9]}]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     options = dict(max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=14, block_size=4)
-    want = LLM(base, **options).generate(prompts, params, use_tqdm=False)
+    want = LLM(base, attention_backend="xla", **options).generate(prompts, params,
+                                                                  use_tqdm=False)
     kernel = LLM(base, attention_backend=backend, **options)
     got = kernel.generate(prompts, params, use_tqdm=False)
     assert kernel.engine.stats()["num_preemptions"] > 0
