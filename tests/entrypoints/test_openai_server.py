@@ -57,9 +57,9 @@ def test_streamed_chunks_concatenate_to_the_whole_text(client):
 def test_chat_equals_offline_greedy_on_the_rendered_template(client, server, reference):
     messages = [{"role": "user", "content": "hi"}]
     got = client.chat.completions.create(model="sql", messages=messages, **GREEDY)
-    prompt = ServingChat(None, None, TEMPLATE).render(
+    prompt = ServingChat(None, None, TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>"}).render(
         ChatRequest(model="sql", messages=messages))
-    assert prompt == "<user>hi\n<assistant>"
+    assert prompt == "<s><user>hi</s>\n<assistant>"
     assert got.choices[0].message.content == _ref(reference, prompt, server[2])
     streamed = client.chat.completions.create(model="sql", messages=messages, stream=True,
                                               **GREEDY)
