@@ -16,6 +16,8 @@ from lora_jax.entrypoints.llm import LLM
 from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
+from lora_jax.tools.serving_client_bench import add_client_arguments
+from lora_jax.tools.serving_client_bench import run_command as run_client_bench
 from models import Llama, LlamaConfig
 
 BENCH_CONFIG = LlamaConfig(
@@ -149,7 +151,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-peft", action="store_true",
                    help="run the same workload through transformers + PEFT (reference extra)")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
-    p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters")
+    p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters "
+                   "(with --serve: TTFT and inter-token latency histograms)")
+    add_client_arguments(p)
 
 
 def main(argv=None) -> int:
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.serve:  # a running server, through its HTTP API
+        return run_client_bench(args)
     model = args.model or str(ensure_bench_model(Path(args.bench_dir) / "model"))
     runs = [bench_one(args, model, m) for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":

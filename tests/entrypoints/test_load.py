@@ -102,7 +102,8 @@ async def _drive(url: str, llm: AsyncLLM, root: Path):
         goods = [{"lora_name": f"a{i}", "lora_path": f"a{i}"} for i in range(NUM_ADAPTERS)]
         loads = await asyncio.gather(*(http.post("/v1/load_lora_adapter", json=b)
                                        for b in goods + bad_loads(root)))
-        assert [r.status_code for r in loads[:NUM_ADAPTERS]] == [200] * NUM_ADAPTERS, [r.text for r in loads]
+        assert [r.status_code for r in loads[:NUM_ADAPTERS]] == [200] * NUM_ADAPTERS, [
+            r.text for r in loads]
         models = {m["id"] for m in (await http.get("/v1/models")).json()["data"]}
         assert models == {"tiny", *(b["lora_name"] for b in goods)}
 
