@@ -40,8 +40,10 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests per second, Poisson arrivals (default: all at once)")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="at most this many requests in flight")
-    p.add_argument("--warmup-requests", type=int, default=1,
-                   help="untimed requests per model first (the server compiles on them)")
+    p.add_argument("--warmup-requests", type=int, default=None,
+                   help="untimed requests sent first at the run's concurrency, so that the "
+                        "server compiles its batch shapes before the clock starts (default: "
+                        "max(models, max-concurrency or num-requests); 0: none)")
     p.add_argument("--token-range", type=int, nargs=2, default=(3, 98), metavar=("LOW", "HIGH"),
                    help="prompt token ids are drawn from [LOW, HIGH)")
     p.add_argument("--api-key", default="none")
@@ -167,15 +169,18 @@ def run_command(args: argparse.Namespace) -> int:
     low, high = args.token_range
     prompts = [rng.integers(low, high, args.prompt_len).tolist()
                for _ in range(args.num_requests)]
-    if args.warmup_requests:
-        warm = [rng.integers(low, high, args.prompt_len).tolist()
-                for _ in range(args.warmup_requests * len(models))]
+    warmup = args.warmup_requests
+    if warmup is None:
+        warmup = max(len(models), args.max_concurrency or args.num_requests)
+    if warmup:
+        warm = [rng.integers(low, high, args.prompt_len).tolist() for _ in range(warmup)]
         asyncio.run(run_requests(args.serve, models, warm, args.output_len, float("inf"),
-                                 len(models), args.seed, args.api_key))
+                                 args.max_concurrency, args.seed, args.api_key))
     results, seconds = asyncio.run(run_requests(
         args.serve, models, prompts, args.output_len, args.request_rate, args.max_concurrency,
         args.seed, args.api_key))
     report = {"url": args.serve, "models": models, "prompt_len": args.prompt_len,
+              "warmup_requests": warmup,
               "output_len": args.output_len, "request_rate": str(args.request_rate),
               "max_concurrency": args.max_concurrency, **summarize(results, seconds)}
     print(json.dumps(report, indent=2))
