@@ -166,6 +166,10 @@ class AsyncLLM:
         """`call` for the event loop: awaits instead of blocking it."""
         return await asyncio.wrap_future(self._submit(fn, *args))
 
+    def is_alive(self) -> bool:
+        """Whether the engine thread runs (it stops on shutdown only)."""
+        return self._thread.is_alive() and not self._stopped
+
     def has_unfinished_requests(self) -> bool:
         return self.call(self.engine.has_unfinished_requests)
 

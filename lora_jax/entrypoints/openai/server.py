@@ -86,6 +86,8 @@ def build_app(llm: AsyncLLM, args: SimpleNamespace) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not llm.is_alive():
+            return JSONResponse({"error": "the engine loop has stopped"}, status_code=503)
         return {}
 
     @app.get("/version")

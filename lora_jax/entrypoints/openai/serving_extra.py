@@ -114,6 +114,9 @@ def add_routes(app: FastAPI, llm: AsyncLLM, models: ServingModels, args) -> None
         if lr is None:
             raise APIError(f"The model '{req.lora_name}' does not exist.", 404,
                            "NotFoundError", "lora_name")
-        await llm.acall(llm.engine.remove_lora, lr.lora_int_id)
-        del models.loras[req.lora_name]
+        del models.loras[req.lora_name]  # new requests for it are 404 from now on
+        try:
+            await llm.acall(llm.engine.remove_lora, lr.lora_int_id)
+        except ValueError:  # running requests keep it; the CPU cache's LRU drops it later
+            pass
         return {"message": f"adapter {req.lora_name!r} unloaded"}
