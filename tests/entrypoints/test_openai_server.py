@@ -27,8 +27,10 @@ def _ref(llm, prompt, lora=None):
     return llm.generate([prompt], params, lora_request=lora, use_tqdm=False)[0].outputs[0].text
 
 
-def test_models_lists_the_base_and_the_adapter(client):
-    assert [m.id for m in client.models.list().data] == ["tiny", "sql"]
+def test_models_lists_the_base_and_the_adapter(client, base_model, server):
+    base, sql = client.models.list().data
+    assert (base.id, base.root, base.parent, base.max_model_len) == ("tiny", base_model, None, 64)
+    assert (sql.id, sql.root, sql.parent) == ("sql", server[2].lora_path, "tiny")
 
 
 @pytest.mark.parametrize("model", ["tiny", "sql"])

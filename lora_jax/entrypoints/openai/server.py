@@ -46,7 +46,8 @@ def build_app(llm: AsyncLLM, args: SimpleNamespace) -> FastAPI:
     api_key (or None)."""
     app = FastAPI(title="lora-jax")
     name = getattr(args, "served_model_name", None) or args.model
-    models = ServingModels(name, getattr(args, "lora_requests", None))
+    models = ServingModels(name, getattr(args, "lora_requests", None), args.model,
+                           llm.engine.max_model_len)
     completions = ServingCompletions(llm, models)
     tok, config = llm.engine.get_tokenizer(), llm.engine.core.model.config
     chat = ServingChat(llm, models,

@@ -7,8 +7,9 @@ from lora_jax.request import LoRARequest
 
 
 class ServingModels:
-    def __init__(self, base_name: str, loras: list[LoRARequest] | None = None):
-        self.base_name = base_name
+    def __init__(self, base_name: str, loras: list[LoRARequest] | None = None,
+                 root: str | None = None, max_model_len: int | None = None):
+        self.base_name, self.root, self.max_model_len = base_name, root or base_name, max_model_len
         self.loras: dict[str, LoRARequest] = {lr.lora_name: lr for lr in loras or []}
         self.created = int(time.time())
         self._last_id = 0
@@ -29,7 +30,8 @@ class ServingModels:
 
     def list(self) -> dict:
         cards = [{"id": self.base_name, "object": "model", "created": self.created,
-                  "owned_by": "lora-jax", "root": self.base_name, "parent": None}]
+                  "owned_by": "lora-jax", "root": self.root, "parent": None,
+                  "max_model_len": self.max_model_len}]
         cards += [{"id": name, "object": "model", "created": self.created,
                    "owned_by": "lora-jax", "root": lr.lora_path, "parent": self.base_name}
                   for name, lr in self.loras.items()]
