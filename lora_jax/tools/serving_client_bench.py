@@ -61,8 +61,10 @@ async def _one(client, model: str, prompt: list[int], output_len: int) -> Reques
             if chunk.usage is not None:
                 result.prompt_tokens = chunk.usage.prompt_tokens
                 result.output_tokens = chunk.usage.completion_tokens
-            if not chunk.choices or not (chunk.choices[0].text or chunk.choices[0].finish_reason):
+            if not chunk.choices:  # the usage chunk
                 continue
+            # Every chunk is one engine step's tokens, with or without text (a model without
+            # a tokenizer streams empty text; text held back for a stop string is empty too).
             if not result.ttft:
                 result.ttft = now - start
             else:
