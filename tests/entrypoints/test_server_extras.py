@@ -1,9 +1,11 @@
 """/tokenize, /detokenize, /metrics and runtime adapter loading behind --lora-root."""
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -41,3 +43,45 @@ def test_runtime_load_serves_the_adapter_and_unload_removes_it(app, adapter_dir,
     assert app.post("/v1/unload_lora_adapter", json={"lora_name": "rt"}).status_code == 200
     assert app.post("/v1/completions", json=body).status_code == 404
     assert "lora_jax_http_requests_total" in app.get("/metrics").text
+
+
+def test_unloading_an_adapter_lets_its_running_request_finish(server, base_model, adapter_dir):
+    from tests.entrypoints.conftest import serve_in_thread
+    from tests.entrypoints.test_metrics import Throttle
+
+    llm = server[1]
+    args = SimpleNamespace(model=base_model, served_model_name="tiny",
+                           lora_requests=[server[2]], allow_runtime_lora_updating=True,
+                           lora_root=str(Path(adapter_dir).parent))
+    with serve_in_thread(llm, args) as url:
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "busy",
+                                                            "lora_path": "sql"}, timeout=30)
+        assert r.status_code == 200
+        throttle = Throttle()
+        llm.observers.append(throttle)
+        try:
+            body = {"model": "busy", "prompt": "hello", "max_tokens": 20, "stream": True,
+                    "temperature": 0.0, "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as s:
+                lines = s.iter_lines()
+                assert next(lines).startswith("data: ")
+                r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "busy"},
+                               timeout=30)
+                assert r.status_code == 200
+                rest = [line for line in lines if line.startswith("data: {")]
+        finally:
+            llm.observers.remove(throttle)
+        assert json.loads(rest[-1][6:])["choices"][0]["finish_reason"] == "length"
+        r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 404
+
+
+def test_health_is_503_once_the_engine_loop_has_stopped(base_model):
+    from lora_jax.engine.async_llm import AsyncLLM
+
+    llm = AsyncLLM.from_options(base_model, max_num_seqs=2)
+    app = TestClient(build_app(llm, SimpleNamespace(model=base_model)))
+    assert app.get("/health").status_code == 200
+    llm.shutdown()
+    r = app.get("/health")
+    assert r.status_code == 503 and "engine" in r.json()["error"]

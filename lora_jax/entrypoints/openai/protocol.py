@@ -39,7 +39,9 @@ class _Sampling(BaseModel):
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
-            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY)
+            # Always deltas, streamed or not: the server sees every step of every request,
+            # which the metrics (inter-token latency) need; whole responses join them.
+            output_kind=RequestOutputKind.DELTA)
 
 
 class CompletionRequest(_Sampling):

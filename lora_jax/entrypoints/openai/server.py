@@ -9,7 +9,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lora_jax.engine.async_llm import AsyncLLM
 from lora_jax.entrypoints.openai.protocol import APIError, ChatRequest, CompletionRequest
-from lora_jax.entrypoints.openai.serving_chat import ServingChat, load_chat_template
+from lora_jax.entrypoints.openai.serving_chat import (
+    ServingChat,
+    load_chat_template,
+    special_tokens,
+)
 from lora_jax.entrypoints.openai.serving_completions import ServingCompletions
 from lora_jax.entrypoints.openai.serving_extra import add_routes
 from lora_jax.entrypoints.openai.serving_models import ServingModels
@@ -42,10 +46,13 @@ def build_app(llm: AsyncLLM, args: SimpleNamespace) -> FastAPI:
     api_key (or None)."""
     app = FastAPI(title="lora-jax")
     name = getattr(args, "served_model_name", None) or args.model
-    models = ServingModels(name, getattr(args, "lora_requests", None))
+    models = ServingModels(name, getattr(args, "lora_requests", None), args.model,
+                           llm.engine.max_model_len)
     completions = ServingCompletions(llm, models)
+    tok, config = llm.engine.get_tokenizer(), llm.engine.core.model.config
     chat = ServingChat(llm, models,
-                       load_chat_template(args.model, getattr(args, "chat_template", None)))
+                       load_chat_template(args.model, getattr(args, "chat_template", None)),
+                       special_tokens(args.model, tok, config.bos_token_id, config.eos_token_id))
     api_key = getattr(args, "api_key", None)
     app.state.llm, app.state.models = llm, models
 
@@ -80,6 +87,8 @@ def build_app(llm: AsyncLLM, args: SimpleNamespace) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not llm.is_alive():
+            return JSONResponse({"error": "the engine loop has stopped"}, status_code=503)
         return {}
 
     @app.get("/version")

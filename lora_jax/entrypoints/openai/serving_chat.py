@@ -4,13 +4,20 @@
 import json
 import time
 import uuid
+from contextlib import aclosing
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lora_jax.engine.async_llm import AsyncLLM
+from lora_jax.entrypoints.openai.logprobs import chat_logprobs
 from lora_jax.entrypoints.openai.protocol import APIError, ChatRequest, usage
-from lora_jax.entrypoints.openai.serving_completions import check_lengths, sse
+from lora_jax.entrypoints.openai.serving_completions import (
+    check_lengths,
+    generate_whole,
+    sse,
+    stream_error,
+)
 from lora_jax.entrypoints.openai.serving_models import ServingModels
 
 
@@ -18,7 +25,7 @@ def load_chat_template(model_dir: str, override: str | None = None) -> str | Non
     """--chat-template (a file or the template itself), else the model folder's
     chat_template.jinja or tokenizer_config.json `chat_template`, else None."""
     if override:
-        path = Path(override)
+        path = Path(override).expanduser()
         return path.read_text() if path.is_file() else override
     folder = Path(model_dir)
     if (folder / "chat_template.jinja").is_file():
@@ -31,13 +38,33 @@ def load_chat_template(model_dir: str, override: str | None = None) -> str | Non
     return None
 
 
+def special_tokens(model_dir: str, tokenizer, bos_id: int | None, eos_id) -> dict[str, str]:
+    """bos_token / eos_token for the template, as HF passes them: tokenizer_config.json's
+    strings (or {"content": ...} entries), else the vocabulary's strings for the model's ids."""
+    config = Path(model_dir) / "tokenizer_config.json"
+    given = json.loads(config.read_text()) if config.is_file() else {}
+    if isinstance(eos_id, list | tuple | set):
+        eos_id = next(iter(eos_id), None)
+    out = {}
+    for name, token_id in (("bos_token", bos_id), ("eos_token", eos_id)):
+        value = given.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if not isinstance(value, str) and tokenizer is not None:
+            value = tokenizer.token_string(token_id)
+        out[name] = value or ""
+    return out
+
+
 def _raise_exception(message):
     raise APIError(f"chat template error: {message}")
 
 
 class ServingChat:
-    def __init__(self, llm: AsyncLLM, models: ServingModels, template: str | None):
+    def __init__(self, llm: AsyncLLM, models: ServingModels, template: str | None,
+                 specials: dict[str, str] | None = None):
         self.llm, self.models = llm, models
+        self.specials = specials or {"bos_token": "", "eos_token": ""}
         self.template = None
         if template is not None:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -51,45 +78,65 @@ class ServingChat:
                            "FILE, or use /v1/completions", param="messages")
         return self.template.render(messages=req.messages,
                                     add_generation_prompt=req.add_generation_prompt,
-                                    bos_token="", eos_token="")
+                                    **self.specials)
+
+    def _logprobs(self, req: ChatRequest, c) -> dict | None:
+        if not req.logprobs or c.logprobs is None:
+            return None
+        return chat_logprobs(self.llm.engine.get_tokenizer(), c.token_ids, c.logprobs,
+                             req.top_logprobs or 0)
 
     async def create(self, req: ChatRequest):
         lora = self.models.resolve(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
         prompt = self.render(req)
         ids = self.llm.engine.get_tokenizer().encode(prompt)
         max_tokens = check_lengths(self.llm, ids, req.max_completion_tokens or req.max_tokens)
         try:
-            params = req.sampling_params(max_tokens, req.top_logprobs if req.logprobs else None)
+            params = req.sampling_params(max_tokens,
+                                         (req.top_logprobs or 0) if req.logprobs else None)
         except ValueError as exc:
             raise APIError(str(exc)) from exc
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            return self._stream(req, rid, prompt, params, lora, len(ids))
-        final = None
-        async for out in self.llm.generate(prompt, params, rid, lora):
-            final = out
-        if final.error:
-            raise APIError(final.error, 500, "InternalServerError")
+            return self._stream(req, rid, ids, params, lora)
+        final = await generate_whole(self.llm, ids, params, rid, lora)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": None, "finish_reason": c.finish_reason} for c in final.outputs]
+                    "logprobs": self._logprobs(req, c), "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason} for c in final.outputs]
         n_out = sum(len(c.token_ids) for c in final.outputs)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": req.model, "choices": choices,
                 "usage": usage(len(final.prompt_token_ids), n_out)}
 
-    async def _stream(self, req, rid, prompt, params, lora, n_prompt):
+    async def _stream(self, req, rid, ids, params, lora):
         created, n_out = int(time.time()), 0
         head = {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": req.model}
-        for i in range(req.n):
-            yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant",
-                                                                  "content": ""},
-                                            "finish_reason": None}]})
-        async for out in self.llm.generate(prompt, params, rid, lora):
-            for c in out.outputs:
-                n_out += len(c.token_ids)
-                yield sse({**head, "choices": [{"index": c.index, "delta": {"content": c.text},
-                                                "finish_reason": c.finish_reason}]})
+        async with aclosing(self.llm.generate(ids, params, rid, lora)) as outputs:
+            first = await outputs.__anext__()  # a bad request fails here, before any chunk
+            for i in range(req.n):
+                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant",
+                                                                      "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            try:
+                out = first
+                while True:
+                    if out.error:
+                        raise APIError(out.error, 500, "InternalServerError")
+                    for c in out.outputs:
+                        n_out += len(c.token_ids)
+                        yield sse({**head, "choices": [{
+                            "index": c.index, "delta": {"content": c.text},
+                            "logprobs": self._logprobs(req, c),
+                            "finish_reason": c.finish_reason}]})
+                    if out.finished:
+                        break
+                    out = await outputs.__anext__()
+            except (APIError, RuntimeError) as exc:
+                yield stream_error(exc)
+                return
         if req.stream_options and req.stream_options.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out)})
+            yield sse({**head, "choices": [], "usage": usage(len(ids), n_out)})
         yield "data: [DONE]\n\n"

@@ -4,16 +4,11 @@ import asyncio
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel
 
 from lora_jax.engine.async_llm import AsyncLLM
+from lora_jax.entrypoints.openai.metrics import ServerMetrics
 from lora_jax.entrypoints.openai.protocol import APIError
 from lora_jax.entrypoints.openai.serving_models import ServingModels
 from lora_jax.request import LoRARequest
@@ -39,13 +34,20 @@ class UnloadLoRARequest(BaseModel):
 
 
 def check_adapter_path(path: str, lora_root: str | None, allow_hub: bool) -> str:
-    """A local path inside --lora-root (symlinks resolved), or a Hub id when allowed."""
+    """A local path inside --lora-root (symlinks resolved; a relative path is taken from the
+    root), or a Hub id when allowed."""
     local = Path(path).expanduser()
+    if not local.is_absolute() and lora_root is not None:
+        local = Path(lora_root).expanduser() / local
     if not local.exists():
-        if allow_hub and "/" in path and not path.startswith(("/", ".", "~")):
+        hub_like = "/" in path and not path.startswith(("/", ".", "~"))
+        if allow_hub and hub_like:
             return path
-        raise APIError(f"adapter path {path!r} does not exist here (Hub ids need "
-                       "--allow-hub-adapters)", param="lora_path")
+        if hub_like:
+            raise APIError(f"adapter path {path!r} does not exist here, and Hub ids need "
+                           "--allow-hub-adapters", param="lora_path")
+        raise APIError(f"adapter path {path!r} does not exist", 404, "NotFoundError",
+                       "lora_path")
     resolved = local.resolve()
     if lora_root is None:
         raise APIError("runtime adapter loading needs --lora-root, the folder adapters may "
@@ -58,12 +60,10 @@ def check_adapter_path(path: str, lora_root: str | None, allow_hub: bool) -> str
 
 
 def add_routes(app: FastAPI, llm: AsyncLLM, models: ServingModels, args) -> None:
-    registry = CollectorRegistry()
+    metrics = ServerMetrics(llm, models)
+    registry = metrics.registry
     requests = Counter("lora_jax_http_requests", "HTTP requests served", ["path", "status"],
                        registry=registry)
-    running = Gauge("lora_jax_has_unfinished_requests", "1 while the engine has work",
-                    registry=registry)
-    running.set_function(lambda: float(llm.has_unfinished_requests()))
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -73,7 +73,9 @@ def add_routes(app: FastAPI, llm: AsyncLLM, models: ServingModels, args) -> None
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        # Reading the engine's gauges waits for the step in progress: off the event loop.
+        text = await asyncio.to_thread(generate_latest, registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
@@ -87,18 +89,23 @@ def add_routes(app: FastAPI, llm: AsyncLLM, models: ServingModels, args) -> None
     if not getattr(args, "allow_runtime_lora_updating", False):
         return
 
+    loading = asyncio.Lock()  # one load at a time: a name is checked and taken atomically
+
     @app.post("/v1/load_lora_adapter")
     async def load(req: LoadLoRARequest):
-        if req.lora_name in models.loras or req.lora_name == models.base_name:
-            raise APIError(f"the name {req.lora_name!r} is taken", param="lora_name")
-        path = check_adapter_path(req.lora_path, getattr(args, "lora_root", None),
-                                  getattr(args, "allow_hub_adapters", False))
-        lr = LoRARequest(req.lora_name, models.next_id(), path)
-        try:  # loading reads files: off the event loop
-            await asyncio.to_thread(llm.call, llm.engine.add_lora, lr)
-        except (FileNotFoundError, OSError) as exc:
-            raise APIError(f"adapter {req.lora_name!r}: {exc}", param="lora_path") from exc
-        models.loras[lr.lora_name] = lr
+        async with loading:
+            if req.lora_name in models.loras or req.lora_name == models.base_name:
+                raise APIError(f"the name {req.lora_name!r} is taken", param="lora_name")
+            path = check_adapter_path(req.lora_path, getattr(args, "lora_root", None),
+                                      getattr(args, "allow_hub_adapters", False))
+            lr = LoRARequest(req.lora_name, models.next_id(await llm.acall(llm.engine.list_loras)),
+                             path)
+            try:  # the engine thread reads the files between steps
+                await llm.acall(llm.engine.add_lora, lr)
+            except (ValueError, OSError) as exc:  # missing files, a defective adapter
+                raise APIError(f"adapter {req.lora_name!r} cannot be served: {exc}",
+                               param="lora_path") from exc
+            models.loras[lr.lora_name] = lr
         return {"message": f"adapter {req.lora_name!r} loaded"}
 
     @app.post("/v1/unload_lora_adapter")
@@ -107,6 +114,9 @@ def add_routes(app: FastAPI, llm: AsyncLLM, models: ServingModels, args) -> None
         if lr is None:
             raise APIError(f"The model '{req.lora_name}' does not exist.", 404,
                            "NotFoundError", "lora_name")
-        llm.call(llm.engine.remove_lora, lr.lora_int_id)
-        del models.loras[req.lora_name]
+        del models.loras[req.lora_name]  # new requests for it are 404 from now on
+        try:
+            await llm.acall(llm.engine.remove_lora, lr.lora_int_id)
+        except ValueError:  # running requests keep it; the CPU cache's LRU drops it later
+            pass
         return {"message": f"adapter {req.lora_name!r} unloaded"}

@@ -1,0 +1,53 @@
+"""`lora-jax serve` in a subprocess: --chat-template from a file, and SIGTERM / Ctrl-C while a
+stream runs end the process cleanly (exit 0, no traceback)."""
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.entrypoints.conftest import TEMPLATE, _free_port
+from tests.entrypoints.test_serve_cli import _serve
+
+
+def _wait_ready(proc, port: int) -> str:
+    line = proc.stdout.readline()
+    assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read()
+                                                   if proc.poll() is not None else "")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_signal_mid_stream_stops_the_server_cleanly(base_model, tmp_path, sig):
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    port = _free_port()
+    proc = _serve(base_model, "--served-model-name", "tiny", "--chat-template", str(template),
+                  "--port", str(port))
+    try:
+        url = _wait_ready(proc, port)
+        chat = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200
+        # the template from the file, with the tokenizer's bos and eos strings
+        assert chat.json()["usage"]["prompt_tokens"] == len("<s><user>hi</s>\n<assistant>") - 5
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 50, "stream": True,
+                "temperature": 0.0, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(sig)
+            start = time.monotonic()
+            for _ in lines:  # the stream ends: finished, or cut when the grace is over
+                pass
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - start < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "lora-jax: stopped" in out
