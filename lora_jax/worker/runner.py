@@ -29,18 +29,16 @@ from models.ragged import RaggedMeta
 
 __all__ = ["RowInput", "Runner", "ProgramKey", "GREEDY", "GENERAL"]
 
-# Two sampling kinds keep the program set small: greedy rows without penalties only, or the
-# general sampler (any mix of temperature, filters, seeds and penalties; greedy rows included).
+# Two sampling kinds, chosen per step: greedy rows without penalties only, or the general
+# sampler (any mix of temperature, filters, seeds and penalties; greedy rows included).
 GREEDY = SamplingMode(False, False, False, False, False)
 GENERAL = SamplingMode()
 
 
 class ProgramKey(NamedTuple):
-    """One compiled program: the token bucket, the sampling kind, top logprobs (0 or max)."""
+    """One compiled program: the token bucket (sampling kinds and logprobs are flags)."""
 
     tokens: int
-    general: bool
-    num_logprobs: int
 
 
 class Requests(NamedTuple):
@@ -57,22 +55,32 @@ class Requests(NamedTuple):
 
 
 def _step(graphdef, state, stacks, kv, history: History, tokens, meta: RaggedMeta,
-          req: Requests, sampling: SamplingArrays, *, num_logprobs: int, mode: SamplingMode,
+          req: Requests, sampling: SamplingArrays, general, want_logprobs, *,
           lora_backend: str | None, attention_backend: str | None):
     model = nnx.merge(graphdef, state)
     hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, req.seq_len,
                               lora_backend=lora_backend, attention_backend=attention_backend)
-    final = hidden[req.logits_index]  # [R, D]
-    if mode.penalties:
-        history = _see_prompt(history, tokens, meta, req)
-    out = sample(model.logits(final), sampling, num_logprobs, history, req.row, mode)
-    if mode.penalties:
-        # Entries that drop their sample (padding, a chunk before the prompt's last) index past
-        # the end. Only the general kind keeps counts: a row with penalties never runs greedy.
-        kept = jnp.where(req.keeps, req.row, history.output_counts.shape[0])
-        history = History(history.output_counts.at[kept, out.tokens].add(1, mode="drop"),
-                          history.in_prompt)
-    return out, kv, history
+    logits = model.logits(hidden[req.logits_index])  # [R, V]: each request's last token
+    history = _see_prompt(history, tokens, meta, req)
+    # One program serves every batch: the sampling kind and the top logprobs are lax.conds on
+    # flags the host sets per step, so a greedy batch never runs the general sampler's work.
+    out = jax.lax.cond(
+        general, lambda: sample(logits, sampling, 0, history, req.row, GENERAL),
+        lambda: sample(logits, sampling, 0, None, None, GREEDY))
+    top_ids, top_lp = jax.lax.cond(want_logprobs, lambda: _top_logprobs(logits),
+                                   lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32),
+                                            jnp.zeros((logits.shape[0], MAX_LOGPROBS))))
+    # Entries that drop their sample (padding, a chunk before the prompt's last) index past
+    # the end.
+    kept = jnp.where(req.keeps, req.row, history.output_counts.shape[0])
+    history = History(history.output_counts.at[kept, out.tokens].add(1, mode="drop"),
+                      history.in_prompt)
+    return Sampled(out.tokens, out.logprob, top_ids, top_lp), kv, history
+
+
+def _top_logprobs(logits):
+    top, ids = jax.lax.top_k(logits, MAX_LOGPROBS)
+    return ids.astype(jnp.int32), top - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def _see_prompt(history: History, tokens, meta: RaggedMeta, req: Requests) -> History:
@@ -106,7 +114,6 @@ class Runner:
                                jnp.zeros((num_rows, vocab), jnp.bool_))
         self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend,
                                               attention_backend=attention_backend),
-                            static_argnames=("num_logprobs", "mode"),
                             donate_argnames=("kv", "history"))
         self._programs: dict[ProgramKey, object] = {}
         self.compiled_at_start = 0
@@ -114,23 +121,24 @@ class Runner:
     # Programs ------------------------------------------------------------------------------
 
     def program_keys(self) -> list[ProgramKey]:
-        """Every program the engine can run: each token bucket x {greedy, general} x
-        {no logprobs, top MAX_LOGPROBS}."""
-        return [ProgramKey(s.tokens, general, lp) for s in self.ladder.shapes()
-                for general in (False, True) for lp in (0, MAX_LOGPROBS)]
+        """Every program the engine can run: one per token bucket."""
+        return [ProgramKey(s.tokens) for s in self.ladder.shapes()]
 
     def compiled_programs(self) -> list[ProgramKey]:
         """The programs compiled so far, in the order they were compiled."""
         return list(self._programs)
 
-    def _arguments(self, shape: BatchShape, rows: list[RowInput], stacks):
+    def _arguments(self, shape: BatchShape, rows: list[RowInput], stacks,
+                   num_logprobs: int = 0):
         tokens, meta, cols, logits_index, seq_len = build(
             rows, shape, block_size=self.block_size, num_blocks=self.num_blocks,
             table_pages=self.table_pages)
         req = Requests(cols["row"], cols["slot"], cols["rope_scale"], seq_len, logits_index,
                        cols["prompt"], cols["fresh"], cols["keeps"])
         sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
-        return (self.state, stacks, self.kv, self.history, tokens, meta, req, sampling)
+        general = np.bool_(mode_of(sampling) != GREEDY)
+        return (self.state, stacks, self.kv, self.history, tokens, meta, req, sampling, general,
+                np.bool_(num_logprobs > 0))
 
     def compile(self, key: ProgramKey, stacks) -> None:
         """Compile one program (a no-op when it exists): lowering needs only shapes, so an
@@ -139,9 +147,7 @@ class Runner:
         if key in self._programs:
             return
         args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
-        self._programs[key] = self._jit.lower(
-            *args, num_logprobs=key.num_logprobs,
-            mode=GENERAL if key.general else GREEDY).compile()
+        self._programs[key] = self._jit.lower(*args).compile()
 
     def order_programs(self, keys: list[ProgramKey]) -> None:
         """List the compiled programs in `keys`' order (threads finish in any order)."""
@@ -153,9 +159,8 @@ class Runner:
     def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
         """Sample one token per request (for the last of its tokens); returns host arrays."""
         shape = self.ladder.fit(rows)
-        args = self._arguments(shape, rows, stacks)
-        general = mode_of(args[-1]) != GREEDY
-        key = ProgramKey(shape.tokens, general, MAX_LOGPROBS if num_logprobs else 0)
+        args = self._arguments(shape, rows, stacks, num_logprobs)
+        key = ProgramKey(shape.tokens)
         self.compile(key, stacks)
         out, self.kv, self.history = self._programs[key](*args)
         return Sampled(*(np.asarray(x)[:len(rows)] for x in jax.device_get(out)))

@@ -51,8 +51,8 @@ def test_after_start_up_a_varied_workload_compiles_nothing(compile_events):
               compile_on_start=True)
     stats = llm.engine.compile_stats()
     keys = llm.engine.runner.program_keys()
-    # Token buckets 8..64 x {greedy, general} x {no logprobs, top logprobs}.
-    assert stats["programs_at_start"] == len(keys) == 4 * 2 * 2
+    # Token buckets 8, 16, 32, 64: sampling kinds and logprobs are flags, not programs.
+    assert stats["programs_at_start"] == len(keys) == 4
     assert llm.engine.runner.compiled_programs() == keys
     reqs = [None] + [LoRARequest(n, i + 1, ref.adapter_path(n))
                      for i, n in enumerate(ref.adapters)]
@@ -77,11 +77,10 @@ def test_without_compile_on_start_programs_compile_as_shapes_appear():
     ref = Reference("gqa")
     llm = LLM(ref.model, max_num_seqs=4, compile_on_start=False)
     assert llm.engine.runner.compiled_programs() == []
-    llm.generate({"prompt_token_ids": ref.prompt(0)}, SamplingParams(temperature=0.0, max_tokens=3))
-    # One prefill bucket and one decode bucket, both greedy without logprobs.
+    llm.generate({"prompt_token_ids": ref.prompt(2)}, SamplingParams(temperature=0.0, max_tokens=3))
+    # The prompt's bucket (16 tokens), then the decode steps' (8).
     compiled = llm.engine.runner.compiled_programs()
-    assert 1 <= len(compiled) <= 2
-    assert all(not k.general and k.num_logprobs == 0 for k in compiled)
+    assert [k.tokens for k in compiled] == [16, 8]
     assert set(compiled) <= set(llm.engine.runner.program_keys())
 
 
@@ -103,6 +102,6 @@ def test_a_second_start_loads_every_program_from_the_persistent_cache(tmp_path):
                               capture_output=True, text=True, timeout=600, check=True)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first, second = runs
-    assert first["programs_at_start"] == second["programs_at_start"] == 2 * 2 * 2
+    assert first["programs_at_start"] == second["programs_at_start"] == 2  # 8 and 16 tokens
     assert first["cache_dir"] == str(tmp_path) and any(tmp_path.iterdir())
     assert second["cache_hits"] >= second["programs_at_start"]
