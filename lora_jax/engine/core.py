@@ -220,6 +220,17 @@ class Engine:
         self.adapters.trim(protected=set(self.slots.loaded()) | self.scheduler.pinned)
         return adapter
 
+    def reload_lora(self, req: LoRARequest) -> LoRAAdapter:
+        """Load req's adapter from its path again under its id (vLLM's load_inplace): new
+        weights replace the old in the CPU registry and in its slot, compiling nothing; cached
+        prefixes of the old weights are never reused."""
+        if self.slots is None:
+            raise ValueError(f"adapter {req.lora_name!r} was requested but LoRA is off; "
+                             "create the LLM with enable_lora=True")
+        adapter = self.adapters.reload(req)
+        self.slots.reload(req.lora_int_id, adapter)
+        return adapter
+
     def remove_lora(self, lora_id: int) -> bool:
         if lora_id in self.scheduler.adapters_in_use():
             raise ValueError(f"adapter {lora_id} is used by running requests; remove it later")

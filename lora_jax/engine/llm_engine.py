@@ -73,6 +73,9 @@ class LLMEngine:
         self.core.add_lora(lora_request, adapter)
         return True
 
+    def reload_lora(self, lora_request: LoRARequest):
+        return self.core.reload_lora(lora_request)
+
     def remove_lora(self, lora_id: int) -> bool:
         return self.core.remove_lora(lora_id)
 

@@ -54,6 +54,17 @@ class AdapterRegistry:
         self._loaded[req.lora_int_id] = (req, adapter)
         return adapter, known is not None
 
+    def reload(self, req: LoRARequest) -> LoRAAdapter:
+        """Read req's adapter from its path again (it may be a new path) and register it under
+        req's id, replacing what the id held."""
+        self._check_base_model(req)
+        adapter = load_adapter(req.lora_path, name=req.lora_name, base=self.base,
+                               max_lora_rank=self.max_lora_rank)
+        self._in_memory.discard(req.lora_int_id)
+        self._loaded[req.lora_int_id] = (req, adapter)
+        self._loaded.move_to_end(req.lora_int_id)
+        return adapter
+
     def trim(self, protected: set[int]) -> None:
         """Evict least recently used adapters beyond capacity, never a protected or in-memory
         one (so the registry may stay above capacity while they hold it)."""

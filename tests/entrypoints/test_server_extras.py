@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from helpers.peft import TinyShapes, make_adapter
 
 from lora_jax.entrypoints.openai.server import build_app
 
@@ -85,3 +86,32 @@ def test_health_is_503_once_the_engine_loop_has_stopped(base_model):
     llm.shutdown()
     r = app.get("/health")
     assert r.status_code == 503 and "engine" in r.json()["error"]
+
+
+def test_load_inplace_replaces_an_adapters_weights_under_its_name(app, adapter_dir):
+    other = make_adapter(Path(adapter_dir).parent / "other", seed=11,
+                         shapes=TinyShapes(2, 64, 32, 96))
+    r = app.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": adapter_dir})
+    assert r.status_code == 200
+    r = app.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(other)})
+    assert r.status_code == 400 and "load_inplace" in r.json()["error"]["message"]
+    r = app.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(
+        Path(adapter_dir).parent / "missing"), "load_inplace": True})
+    assert r.status_code == 404
+    r = app.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": str(other),
+                                                  "load_inplace": True})
+    assert r.status_code == 200
+    r = app.post("/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": str(other)})
+    assert r.status_code == 200
+
+    def complete(model):
+        body = {"model": model, "prompt": "hello", "max_tokens": 6, "temperature": 0,
+                "logprobs": 1}
+        choice = app.post("/v1/completions", json=body).json()["choices"][0]
+        return choice["text"], choice["logprobs"]["token_logprobs"]
+
+    (text, logprobs), (want_text, want_logprobs) = complete("swap"), complete("fresh")
+    assert text == want_text
+    assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
+    for name in ("swap", "fresh"):
+        assert app.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200

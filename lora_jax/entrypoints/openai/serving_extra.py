@@ -27,6 +27,7 @@ class DetokenizeRequest(BaseModel):
 class LoadLoRARequest(BaseModel):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # replace the weights of an adapter already loaded by that name
 
 
 class UnloadLoRARequest(BaseModel):
@@ -94,8 +95,11 @@ def add_routes(app: FastAPI, llm: AsyncLLM, models: ServingModels, args) -> None
     @app.post("/v1/load_lora_adapter")
     async def load(req: LoadLoRARequest):
         async with loading:
+            if req.lora_name in models.loras and req.load_inplace:
+                return await _reload(req)
             if req.lora_name in models.loras or req.lora_name == models.base_name:
-                raise APIError(f"the name {req.lora_name!r} is taken", param="lora_name")
+                raise APIError(f"the name {req.lora_name!r} is taken (load_inplace: true "
+                               "replaces an adapter's weights)", param="lora_name")
             path = check_adapter_path(req.lora_path, getattr(args, "lora_root", None),
                                       getattr(args, "allow_hub_adapters", False))
             lr = LoRARequest(req.lora_name, models.next_id(await llm.acall(llm.engine.list_loras)),
@@ -107,6 +111,18 @@ def add_routes(app: FastAPI, llm: AsyncLLM, models: ServingModels, args) -> None
                                param="lora_path") from exc
             models.loras[lr.lora_name] = lr
         return {"message": f"adapter {req.lora_name!r} loaded"}
+
+    async def _reload(req: LoadLoRARequest):
+        path = check_adapter_path(req.lora_path, getattr(args, "lora_root", None),
+                                  getattr(args, "allow_hub_adapters", False))
+        lr = LoRARequest(req.lora_name, models.loras[req.lora_name].lora_int_id, path)
+        try:
+            await llm.acall(llm.engine.reload_lora, lr)
+        except (ValueError, OSError) as exc:
+            raise APIError(f"adapter {req.lora_name!r} cannot be served: {exc}",
+                           param="lora_path") from exc
+        models.loras[lr.lora_name] = lr
+        return {"message": f"adapter {req.lora_name!r} reloaded in place"}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(req: UnloadLoRARequest):
