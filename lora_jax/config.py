@@ -29,10 +29,13 @@ class EngineConfig:
     # JAX's persistent compilation cache: None = ~/.cache/lora-jax/xla (or
     # $LORA_JAX_COMPILATION_CACHE_DIR when set), "" = off.
     compilation_cache_dir: str | None = None
+    # Split the model over this many devices (a "tp" mesh axis; see models.sharding).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens",
-                     "max_prefill_chunk", "max_prefill_seqs", "block_size"):
+                     "max_prefill_chunk", "max_prefill_seqs", "block_size",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -55,6 +58,11 @@ class EngineConfig:
         if self.compile_on_start not in (None, True, False):
             raise ValueError(f"compile_on_start must be True or False, got "
                              f"{self.compile_on_start!r}")
+        if self.tensor_parallel_size > 1 and self.lora_backend not in (None, "dense",
+                                                                       "reference"):
+            raise ValueError(f"lora_backend {self.lora_backend!r} does not run split over "
+                             "devices yet; use lora_backend='dense' (the default with "
+                             "tensor_parallel_size > 1)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
 

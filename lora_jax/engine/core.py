@@ -18,9 +18,11 @@ from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from lora_jax.tokenizer import TextStream, TextTokenizer
 from lora_jax.worker.compilation import CompileReport, compile_all, enable_persistent_cache
+from lora_jax.worker.mesh import make_mesh
 from lora_jax.worker.runner import RowInput, Runner
 from models import load_llama
 from models.kv_cache import kv_bytes_per_token
+from models.sharding import TensorParallel
 
 # The CPU default pool: what max_num_seqs full-length sequences need, at most this.
 DEFAULT_KV_CACHE_BYTES = 4 << 30
@@ -127,13 +129,19 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk,
             max_prefill_seqs=config.max_prefill_seqs, kv=self.kv)
-        self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype)
+        tp, lora_backend = None, config.lora_backend
+        if config.tensor_parallel_size > 1:
+            tp = TensorParallel(mc, make_mesh(config.tensor_parallel_size, mc))
+            # The Pallas kernels are not wrapped in shard_map yet; the dense path splits.
+            lora_backend = lora_backend or "dense"
+        self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype,
+                                   tensor_parallel=tp)
                       if config.enable_lora else None)
         self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
                              num_blocks=self.num_kv_blocks, block_size=config.block_size,
                              dtype=dtype, max_num_batched_tokens=config.max_num_batched_tokens,
                              max_prefill_seqs=config.max_prefill_seqs,
-                             lora_backend=config.lora_backend)
+                             lora_backend=lora_backend, tensor_parallel=tp)
         self.adapters = AdapterRegistry(
             mc, max_lora_rank=config.max_lora_rank, served=config.model,
             served_path=self.model_path,

@@ -26,6 +26,7 @@ from lora_jax.worker.input_batch import (
 from lora_jax.worker.sampler import History, Sampled, SamplingArrays, SamplingMode, mode_of, sample
 from models.kv_cache import init_paged_kv_cache
 from models.ragged import RaggedMeta
+from models.sharding import TensorParallel
 
 __all__ = ["RowInput", "Runner", "ProgramKey", "GREEDY", "GENERAL"]
 
@@ -87,6 +88,19 @@ def _see_prompt(history: History, tokens, meta: RaggedMeta, req: Requests) -> Hi
     return History(counts, in_prompt.at[marked, tokens].set(True, mode="drop"))
 
 
+def _place(model, tp: TensorParallel, num_blocks, block_size, dtype, history):
+    """The split model's graphdef and placed state, the KV pool in its shards, the history
+    replicated, and the step's out_shardings (the donated pool and history keep theirs, so
+    every step's outputs are the next step's inputs as compiled)."""
+    split = nnx.eval_shape(lambda: type(model)(tp.config, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(split)
+    state = tp.place_state(nnx.state(model))
+    kv = tp.init_kv(num_blocks, block_size, dtype)
+    history = jax.device_put(history, tp.replicated)
+    out = (tp.replicated, jax.tree.map(lambda x: x.sharding, kv), tp.replicated)
+    return graphdef, state, kv, history, {"out_shardings": out}
+
+
 class Runner:
     """Owns the model state, the KV pool and the penalty history (output counts and prompt
     marks, [rows, vocab] each: 5 bytes per row and vocabulary entry); `run` executes one
@@ -94,18 +108,24 @@ class Runner:
 
     def __init__(self, model, *, num_rows: int, max_len: int, num_blocks: int,
                  block_size: int, dtype, max_num_batched_tokens: int, max_prefill_seqs: int,
-                 lora_backend: str | None = None):
-        self.graphdef, self.state = nnx.split(model)
+                 lora_backend: str | None = None, tensor_parallel: TensorParallel | None = None):
         self.max_len, self.block_size, self.num_blocks = max_len, block_size, num_blocks
         self.ladder = ShapeLadder(max_num_batched_tokens, num_rows, max_prefill_seqs)
         self.table_pages = table_width(max_len, block_size)
-        self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
         vocab = model.config.vocab_size
         self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
                                jnp.zeros((num_rows, vocab), jnp.bool_))
+        self.tensor_parallel = tp = tensor_parallel
+        if tp is None:
+            self.graphdef, self.state = nnx.split(model)
+            self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
+            shardings = {}
+        else:
+            self.graphdef, self.state, self.kv, self.history, shardings = _place(
+                model, tp, num_blocks, block_size, dtype, self.history)
         self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend),
                             static_argnames=("num_logprobs", "mode"),
-                            donate_argnames=("kv", "history"))
+                            donate_argnames=("kv", "history"), **shardings)
         self._programs: dict[ProgramKey, object] = {}
         self.compiled_at_start = 0
 
