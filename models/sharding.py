@@ -101,10 +101,10 @@ class TensorParallel:
         q, k, v = np.split(w, [c.num_attention_heads * c.head_dim,
                                (c.num_attention_heads + c.num_key_value_heads) * c.head_dim], -1)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        return _interleave([q, k, v], n)
+        return interleave([q, k, v], n)
 
     def _pack_gate_up(self, w) -> np.ndarray:
-        return _interleave(np.split(np.asarray(w), 2, axis=-1), self.size)
+        return interleave(np.split(np.asarray(w), 2, axis=-1), self.size)
 
     def _repeat_kv(self, w):
         """[..., KV * hd] -> [..., KV * repeat * hd]: each kv head `repeat` times, in place."""
@@ -147,7 +147,7 @@ class TensorParallel:
         return jax.device_put(stacks, self.stack_shardings(stacks))
 
 
-def _interleave(parts: list[np.ndarray], shards: int) -> np.ndarray:
+def interleave(parts: list[np.ndarray], shards: int) -> np.ndarray:
     """Column blocks [..., w_i] -> [..., sum w_i] shard-major: shard j's slice of every part,
     then shard j+1's (models.layers.split_packed undoes it per shard)."""
     lead = parts[0].shape[:-1]

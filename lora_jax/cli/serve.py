@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many devices (on CPU, set XLA_FLAGS="
+                             "--xla_force_host_platform_device_count=N to have N)")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -71,7 +74,7 @@ def run_command(args: argparse.Namespace) -> int:
             args.model, dtype=args.dtype, enable_lora=args.enable_lora,
             max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
             max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs)
+            max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size)
     except (ValueError, FileNotFoundError) as exc:
         print(f"lora-jax serve: {exc}", file=sys.stderr)
         return 2
