@@ -14,7 +14,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + f" --xla_force_host_platform_device_count={DEVICES}")
 
 from helpers.fixtures import Reference  # noqa: E402
-
 from lora_jax import LLM, LoRARequest, SamplingParams  # noqa: E402
 
 
