@@ -18,7 +18,7 @@ from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from lora_jax.tokenizer import TextStream, TextTokenizer
 from lora_jax.worker.compilation import CompileReport, compile_all, enable_persistent_cache
-from lora_jax.worker.mesh import make_mesh
+from lora_jax.worker.mesh import check_mesh, make_mesh
 from lora_jax.worker.runner import RowInput, Runner
 from models import load_llama
 from models.kv_cache import kv_bytes_per_token
@@ -109,7 +109,7 @@ class _Request:
 class Engine:
     """Holds the model, the KV cache, the adapter slots and the scheduler; `step` runs one batch."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, mesh=None):
         self.config = config
         self.model_path = resolve_model_path(config.model)
         self.model = load_llama(self.model_path, dtype=config.dtype)
@@ -130,8 +130,11 @@ class Engine:
             max_prefill_chunk=config.max_prefill_chunk,
             max_prefill_seqs=config.max_prefill_seqs, kv=self.kv)
         tp, lora_backend = None, config.lora_backend
-        if config.tensor_parallel_size > 1:
-            tp = TensorParallel(mc, make_mesh(config.tensor_parallel_size, mc))
+        if mesh is None and config.tensor_parallel_size > 1:
+            mesh = make_mesh(config.tensor_parallel_size, mc)
+        if mesh is not None:
+            check_mesh(mesh, config.tensor_parallel_size, mc)
+            tp = TensorParallel(mc, mesh)
             # The Pallas kernels are not wrapped in shard_map yet; the dense path splits.
             lora_backend = lora_backend or "dense"
         self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype,

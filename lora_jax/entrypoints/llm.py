@@ -27,12 +27,15 @@ class LLM:
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None, max_num_seqs: int = 32,
-                 max_model_len: int | None = None, seed: int = 0, **engine_options: Any):
+                 max_model_len: int | None = None, seed: int = 0, mesh=None,
+                 **engine_options: Any):
+        """mesh: a jax.sharding.Mesh with a "tp" axis to split the model over (default: one
+        made from tensor_parallel_size when that is above 1, else no mesh)."""
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, enable_lora=enable_lora,
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
-            **engine_options))
+            **engine_options), mesh=mesh)
         self.engine = self.llm_engine.core  # the engine core (runner, slots, scheduler)
         self._counter = 0
 

@@ -6,6 +6,8 @@ the model is any Hugging Face folder, or a generated bench model with random wei
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from lora_jax.entrypoints.llm import LLM
 from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
+from lora_jax.worker.mesh import FORCE_DEVICES
 from models import Llama, LlamaConfig
 
 BENCH_CONFIG = LlamaConfig(
@@ -101,12 +104,13 @@ def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
             "step_ms_p99": round(1e3 * float(np.percentile(steps, 99)), 2), "steps": len(steps)}
 
 
-def bench_one(args, model: str, num_adapters: int) -> dict:
+def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1) -> dict:
     counter = CompileCounter()
     llm = LLM(model, enable_lora=num_adapters > 0, max_loras=args.max_loras,
               max_lora_rank=args.rank, max_cpu_loras=max(num_adapters, args.max_loras),
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              lora_backend=args.lora_backend, dtype=args.dtype)
+              lora_backend=args.lora_backend, dtype=args.dtype,
+              tensor_parallel_size=tensor_parallel_size)
     config = llm.engine.model.config
     for i in range(num_adapters):
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
@@ -118,7 +122,8 @@ def bench_one(args, model: str, num_adapters: int) -> dict:
     result = run(llm, prompts, loras, args.output_len, **sampling)
     counter.close()
     stats = jax.devices()[0].memory_stats() or {}
-    return {"num_adapters": num_adapters, **result, "compilations": compiles,
+    return {"num_adapters": num_adapters, "tensor_parallel_size": tensor_parallel_size,
+            **result, "compilations": compiles,
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use")}
 
@@ -148,6 +153,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-base", action="store_true", help="also run without adapters")
     p.add_argument("--peer-peft", action="store_true",
                    help="run the same workload through transformers + PEFT (reference extra)")
+    p.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
+                   help="split the model over N devices; several sizes run one after another. "
+                        "On CPU, sizes above the device count re-run the benchmark with "
+                        f"XLA_FLAGS={FORCE_DEVICES}=<largest N> (set it yourself to skip that)")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters")
 
@@ -158,17 +167,32 @@ def main(argv=None) -> int:
     return run_command(parser.parse_args(argv))
 
 
+def _force_cpu_devices(count: int) -> None:
+    """Re-run this very command with the host split into `count` CPU devices: JAX reads
+    XLA_FLAGS once, when its backend starts, so the flag cannot be set in this process."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FORCE_DEVICES in flags or jax.default_backend() != "cpu":
+        return  # already forced (or real devices): make_mesh names the problem
+    env = {**os.environ, "XLA_FLAGS": f"{flags} {FORCE_DEVICES}={count}".strip()}
+    sys.stdout.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
 def run_command(args: argparse.Namespace) -> int:
+    sizes = args.tensor_parallel_size
+    if max(sizes) > len(jax.devices()):
+        _force_cpu_devices(max(sizes))
     model = args.model or str(ensure_bench_model(Path(args.bench_dir) / "model"))
-    runs = [bench_one(args, model, m) for m in args.num_adapters]
+    runs = [bench_one(args, model, m, n) for n in sizes for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":
               args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
               "rank": args.rank, "max_loras": args.max_loras, "dtype": args.dtype,
               "temperature": args.temperature, "top_p": args.top_p, "runs": runs}
     if args.compare_base:
-        base = bench_one(args, model, 0)
-        report["base"] = base
+        bases = {n: bench_one(args, model, 0, n) for n in sizes}
+        report["base"] = bases[sizes[0]] if len(sizes) == 1 else list(bases.values())
         for r in runs:
+            base = bases[r["tensor_parallel_size"]]
             r["overhead_vs_base"] = round(base["tokens_per_s"] / r["tokens_per_s"], 3)
     if args.peer_peft:
         from lora_jax.tools.peer_peft import run_peft
@@ -187,7 +211,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _print_table(runs: list[dict]) -> None:
-    cols = ("num_adapters", "tokens_per_s", "ttft_mean_ms", "step_ms_p50", "step_ms_p99",
+    cols = ("tensor_parallel_size", "num_adapters", "tokens_per_s", "ttft_mean_ms",
+            "step_ms_p50", "step_ms_p99",
             "compilations", "compilations_after_warmup", "overhead_vs_base", "speedup_vs_peft")
     print(" ".join(f"{c:>14.14}" for c in cols))
     for r in runs:

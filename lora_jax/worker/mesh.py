@@ -33,3 +33,16 @@ def make_mesh(tensor_parallel_size: int, config: LlamaConfig | None = None,
     if config is not None:
         check_divisible(config, n)
     return Mesh(np.asarray(chosen), (TP,))
+
+
+def check_mesh(mesh: Mesh, tensor_parallel_size: int, config: LlamaConfig) -> None:
+    """A mesh given by the caller: it needs a "tp" axis of tensor_parallel_size (or any size
+    when tensor_parallel_size is left at 1) that splits the model evenly."""
+    if TP not in mesh.shape:
+        raise ValueError(f"the mesh has axes {tuple(mesh.axis_names)}; tensor parallelism "
+                         f"needs one named {TP!r} (see lora_jax.worker.mesh.make_mesh)")
+    size = mesh.shape[TP]
+    if tensor_parallel_size not in (1, size):
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} differs from the mesh's "
+                         f"{TP!r} axis of {size}; give one or the other")
+    check_divisible(config, size)
