@@ -31,6 +31,11 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     # Split the model over this many devices (a "tp" mesh axis; see models.sharding).
     tensor_parallel_size: int = 1
+    # Several processes (hosts) on one mesh: jax.distributed's coordinator (process 0's
+    # HOST:PORT), the number of processes and this one's index (see lora_jax.worker.distributed).
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens",
@@ -65,6 +70,14 @@ class EngineConfig:
                              "tensor_parallel_size > 1)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    def distributed(self):
+        """The lora_jax.worker.distributed.Distributed of this config, or None (one process)."""
+        if self.num_processes == 1 and self.coordinator_address is None:
+            return None
+        from lora_jax.worker.distributed import Distributed
+
+        return Distributed(self.coordinator_address, self.num_processes, self.process_id)
 
     def should_compile_on_start(self) -> bool:
         if self.compile_on_start is not None:

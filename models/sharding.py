@@ -91,7 +91,8 @@ class TensorParallel:
                 x = self._pack_qkv(x)
             elif name == "gate_up":
                 x = self._pack_gate_up(x)
-            return jax.device_put(x, self.sharding(PARAM_AXES[name]))
+            # From the host: with several processes, a mesh spans devices of the others.
+            return jax.device_put(np.asarray(x), self.sharding(PARAM_AXES[name]))
 
         return jax.tree_util.tree_map_with_path(place, state)
 
@@ -144,7 +145,7 @@ class TensorParallel:
     def place_stacks(self, stacks: LoraStacks) -> LoraStacks:
         """Empty stacks in the checkpoint's shapes -> laid out and placed in their shards."""
         stacks = self.layout_lora(stacks)
-        return jax.device_put(stacks, self.stack_shardings(stacks))
+        return jax.device_put(jax.tree.map(np.asarray, stacks), self.stack_shardings(stacks))
 
 
 def interleave(parts: list[np.ndarray], shards: int) -> np.ndarray:

@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the folder runtime-loaded adapters must lie in")
     parser.add_argument("--allow-hub-adapters", action="store_true",
                         help="let runtime loading take Hugging Face Hub ids")
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="several processes on one mesh: process 0's address for "
+                             "jax.distributed (every process gets the same)")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0,
+                        help="0 serves HTTP; the others only run the model's steps")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
 
@@ -70,11 +76,20 @@ def run_command(args: argparse.Namespace) -> int:
         loras = parse_lora_modules(args.lora_modules)
         if loras and not args.enable_lora:
             raise ValueError("--lora-modules needs --enable-lora")
-        llm = AsyncLLM.from_options(
-            args.model, dtype=args.dtype, enable_lora=args.enable_lora,
+        options = dict(
+            dtype=args.dtype, enable_lora=args.enable_lora,
             max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
             max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size)
+            max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
+            coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+            process_id=args.process_id)
+        if args.process_id != 0:  # a follower: mirror process 0's device calls until it stops
+            from lora_jax.engine.llm_engine import LLMEngine
+            from lora_jax.worker.distributed import STOP
+
+            LLMEngine.from_options(args.model, **options).core.follow(until=(STOP,))
+            return 0
+        llm = AsyncLLM.from_options(args.model, **options)
     except (ValueError, FileNotFoundError) as exc:
         print(f"lora-jax serve: {exc}", file=sys.stderr)
         return 2

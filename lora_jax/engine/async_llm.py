@@ -15,6 +15,7 @@ from lora_jax.engine.llm_engine import LLMEngine, Prompt
 from lora_jax.outputs import RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
+from lora_jax.worker.distributed import STOP
 
 _END = object()  # queued after a request's last output, or with an exception
 
@@ -106,3 +107,4 @@ class AsyncLLM:
             self._stopped = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        self.engine.core.announce(STOP)  # several processes: the followers stop too

@@ -12,6 +12,7 @@ from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.outputs import RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import RequestOutputKind, SamplingParams
+from lora_jax.worker.distributed import DONE, STOP
 
 Prompt = str | dict[str, Any]
 
@@ -43,7 +44,18 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in the order of the prompts."""
+        """Outputs in the order of the prompts. With several processes (num_processes > 1),
+        every process calls it; process 0 gets the outputs, the others mirror its device
+        calls and get []."""
+        if self.engine.is_follower:  # another process drives: mirror its device calls
+            self.engine.follow()
+            return []
+        try:
+            return self._generate(prompts, sampling_params, lora_request, use_tqdm)
+        finally:
+            self.engine.announce(DONE)  # several processes: the followers' generate returns
+
+    def _generate(self, prompts, sampling_params, lora_request, use_tqdm):
         single = isinstance(prompts, str | dict)
         prompts = [prompts] if single else list(prompts)
         params = _per_prompt(sampling_params or SamplingParams(), len(prompts),
@@ -78,6 +90,14 @@ class LLM:
         if single and outputs[order[0]].error:
             raise ValueError(outputs[order[0]].error)
         return [outputs[rid] for rid in order]
+
+    def close(self) -> None:
+        """Several processes: every process calls it; process 0 tells the others to stop,
+        and they return once it has (no-op with one process)."""
+        if self.engine.is_follower:
+            self.engine.follow(until=(STOP,))
+        else:
+            self.engine.announce(STOP)
 
     def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
         """Register an adapter (from its path, or the given in-memory weights, replacing an

@@ -27,6 +27,8 @@ class AdapterSlots:
         self.stacks: LoraStacks = init_lora_stacks(config, num_slots, max_rank, dtype)
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, LRU first
         self._free = list(range(num_slots - 1, -1, -1))
+        # Several processes sharing the mesh: a lora_jax.worker.distributed.StepChannel.
+        self.channel = None
         if tensor_parallel is None:
             self._set = jax.jit(set_slot, donate_argnums=0)
         else:
@@ -76,4 +78,11 @@ class AdapterSlots:
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         packed = pack_adapter(self.config, adapter.modules, self.max_rank, self.dtype)
+        if self.channel is not None:  # several processes: the others fill the same slot
+            packed = self.channel.send_fill(slot, packed)
+        self.stacks = self._set(self.stacks, jnp.int32(slot), packed)
+
+    def follow(self, slot: int) -> None:
+        """Another process than 0: fill `slot` with the adapter process 0 sends."""
+        packed = self.channel.receive(pack_adapter(self.config, {}, self.max_rank, self.dtype))
         self.stacks = self._set(self.stacks, jnp.int32(slot), packed)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax.sampling_params import MAX_LOGPROBS
+from lora_jax.worker.distributed import STEP, StepChannel
 from lora_jax.worker.input_batch import (
     BatchShape,
     RowInput,
@@ -96,7 +97,7 @@ def _place(model, tp: TensorParallel, num_blocks, block_size, dtype, history):
     graphdef = nnx.graphdef(split)
     state = tp.place_state(nnx.state(model))
     kv = tp.init_kv(num_blocks, block_size, dtype)
-    history = jax.device_put(history, tp.replicated)
+    history = jax.device_put(jax.tree.map(np.asarray, history), tp.replicated)
     out = (tp.replicated, jax.tree.map(lambda x: x.sharding, kv), tp.replicated)
     return graphdef, state, kv, history, {"out_shardings": out}
 
@@ -127,6 +128,7 @@ class Runner:
                             static_argnames=("num_logprobs", "mode"),
                             donate_argnames=("kv", "history"), **shardings)
         self._programs: dict[ProgramKey, object] = {}
+        self.channel: StepChannel | None = None  # set when several processes share the mesh
         self.compiled_at_start = 0
 
     # Programs ------------------------------------------------------------------------------
@@ -169,8 +171,19 @@ class Runner:
         general = mode_of(args[-1]) != GREEDY
         key = ProgramKey(shape.tokens, general, MAX_LOGPROBS if num_logprobs else 0)
         self.compile(key, stacks)
+        if self.channel is not None:  # several processes: the others make the same call
+            args = args[:4] + tuple(self.channel.send(STEP, key, args[4:]))
         out, self.kv, self.history = self._programs[key](*args)
         return Sampled(*(np.asarray(x)[:len(rows)] for x in jax.device_get(out)))
+
+    def follow(self, key: tuple[int, int, int], stacks) -> None:
+        """Another process than 0: run the step process 0 announced with `key`, on its
+        arrays (see lora_jax.worker.distributed)."""
+        key = ProgramKey(int(key[0]), bool(key[1]), int(key[2]))
+        self.compile(key, stacks)
+        args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
+        args = args[:4] + tuple(self.channel.receive(args[4:]))
+        _, self.kv, self.history = self._programs[key](*args)
 
     def compiled_count(self) -> int:
         """How many programs the runner has compiled."""
