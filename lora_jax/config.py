@@ -30,10 +30,18 @@ class EngineConfig:
     # JAX's persistent compilation cache: None = ~/.cache/lora-jax/xla (or
     # $LORA_JAX_COMPILATION_CACHE_DIR when set), "" = off.
     compilation_cache_dir: str | None = None
+    # Split the model over this many devices (a "tp" mesh axis; see models.sharding).
+    tensor_parallel_size: int = 1
+    # Several processes (hosts) on one mesh: jax.distributed's coordinator (process 0's
+    # HOST:PORT), the number of processes and this one's index (see lora_jax.worker.distributed).
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens",
-                     "max_prefill_chunk", "max_prefill_seqs", "block_size"):
+                     "max_prefill_chunk", "max_prefill_seqs", "block_size",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -56,8 +64,21 @@ class EngineConfig:
         if self.compile_on_start not in (None, True, False):
             raise ValueError(f"compile_on_start must be True or False, got "
                              f"{self.compile_on_start!r}")
+        if self.tensor_parallel_size > 1 and self.lora_backend not in (None, "dense",
+                                                                       "reference"):
+            raise ValueError(f"lora_backend {self.lora_backend!r} does not run split over "
+                             "devices yet; use lora_backend='dense' (the default with "
+                             "tensor_parallel_size > 1)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    def distributed(self):
+        """The lora_jax.worker.distributed.Distributed of this config, or None (one process)."""
+        if self.num_processes == 1 and self.coordinator_address is None:
+            return None
+        from lora_jax.worker.distributed import Distributed
+
+        return Distributed(self.coordinator_address, self.num_processes, self.process_id)
 
     def should_compile_on_start(self) -> bool:
         if self.compile_on_start is not None:

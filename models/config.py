@@ -35,6 +35,9 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     torch_dtype: str = "float32"
+    # Tensor parallelism (models.sharding): the packed q|k|v and gate|up columns are stored
+    # shard-major for this many shards. 1 = the checkpoint's own layout.
+    packed_shards: int = 1
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",

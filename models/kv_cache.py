@@ -21,6 +21,9 @@ import jax.numpy as jnp
 
 from models.config import LlamaConfig
 
+# Logical axes of the pool's k and v (see models.sharding): split over kv heads.
+KV_AXES = ("layers", "blocks", "block", "kv_heads", "head_dim")
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import kv_cache
 from models.config import LlamaConfig
 from models.lora import LayerLora
 from models.ragged import RaggedMeta, ragged_attention, write_tokens
 from models.rope import apply_rope
-from pallas_kernels import lora_apply, lora_apply_sliced
+from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_shrink
 
 
 class LayerWeights(NamedTuple):
@@ -61,13 +62,50 @@ def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     if lora_a is None:
         return y
-    if batch.lora_dropout is not None:
-        rate = batch.lora_dropout[1]
-        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    x = _dropout(x, batch, dropout_key)
     if len(lora_bs) == 1:
         return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend)
     return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend)
+
+
+def _dropout(x: jax.Array, batch: TokenBatch, key: jax.Array | None) -> jax.Array:
+    if batch.lora_dropout is None:
+        return x
+    rate = batch.lora_dropout[1]
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: int,
+                   lora_a: jax.Array | None, lora_bs: tuple, batch: TokenBatch,
+                   dropout_key: jax.Array | None = None) -> list[jax.Array]:
+    """A packed projection (q|k|v, gate|up) -> its parts [T, w_i] in x's dtype.
+
+    shards > 1: w's columns are shard-major (see models.sharding), so the base matmul's output
+    is cut per shard, a local split when the columns are split over the shards; each part then
+    gets its own adapter expand from one shared shrink.
+    """
+    if shards == 1:
+        y = project(x, w, lora_a, lora_bs, batch, dropout_key).astype(x.dtype)
+        return jnp.split(y, np.cumsum(widths[:-1]).tolist(), axis=-1)
+    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    parts = split_packed(y, widths, shards)
+    if lora_a is not None:
+        h = lora_shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,
+                        backend=batch.lora_backend)
+        rank = h.shape[1] // len(lora_bs)
+        parts = [lora_expand(p, h[:, i * rank:(i + 1) * rank], b, batch.slot,
+                             backend=batch.lora_backend)
+                 for i, (p, b) in enumerate(zip(parts, lora_bs, strict=True))]
+    return [p.astype(x.dtype) for p in parts]
+
+
+def split_packed(y: jax.Array, widths: tuple[int, ...], shards: int) -> list[jax.Array]:
+    """y [T, sum w_i] laid out shard-major ([part 0 | part 1 | ...] of shard 0, then shard 1,
+    ...) -> the parts [T, w_i] in their own column order."""
+    cut = y.reshape(y.shape[0], shards, -1)
+    bounds = np.cumsum([w // shards for w in widths[:-1]]).tolist()
+    return [p.reshape(y.shape[0], -1) for p in jnp.split(cut, bounds, axis=-1)]
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
@@ -113,9 +151,8 @@ def decoder_layer(
             if batch.lora_dropout is not None else [None] * 4)
 
     normed = rms_norm(x, w.attn_norm, config.rms_norm_eps).reshape(b * length, d)
-    qkv = project(normed, w.qkv, *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch,
-                  keys[0]).astype(x.dtype)
-    q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
+    q, k, v = project_packed(normed, w.qkv, (h * hd, kv * hd, kv * hd), config.packed_shards,
+                             *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch, keys[0])
     q = apply_rope(q.reshape(b, length, h, hd), batch.cos, batch.sin)
     k = apply_rope(k.reshape(b, length, kv, hd), batch.cos, batch.sin)
     if batch.ragged is not None:
@@ -140,9 +177,9 @@ def decoder_layer(
     x = x + attn.astype(x.dtype).reshape(b, length, d)
 
     normed = rms_norm(x, w.mlp_norm, config.rms_norm_eps).reshape(b * length, d)
-    gate_up = project(normed, w.gate_up, *_group(lora, "gate_up_a", "gate_b", "up_b"),
-                      batch, keys[2]).astype(x.dtype)
-    gate, up = jnp.split(gate_up, 2, axis=-1)
+    inter = config.intermediate_size
+    gate, up = project_packed(normed, w.gate_up, (inter, inter), config.packed_shards,
+                              *_group(lora, "gate_up_a", "gate_b", "up_b"), batch, keys[2])
     hidden = jax.nn.silu(gate) * up
     mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch, keys[3])
     return x + mlp.astype(x.dtype).reshape(b, length, d), (k_cache, v_cache)

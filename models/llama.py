@@ -22,6 +22,15 @@ from models.lora import LoraStacks
 from models.ragged import RaggedMeta
 from models.rope import rope_cos_sin
 
+# Logical axes of every parameter, by name (models.sharding maps them to mesh axes). "qkv" and
+# "gate_up" are the packed output axes: split over tensor parallelism only in their shard-major
+# layout (LlamaConfig.packed_shards), where each shard's columns are its own q|k|v (gate|up).
+PARAM_AXES = {
+    "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "norm": ("embed",),
+    "attn_norm": ("embed",), "qkv": ("embed", "qkv"), "o": ("heads", "embed"),
+    "mlp_norm": ("embed",), "gate_up": ("embed", "gate_up"), "down": ("mlp", "embed"),
+}
+
 
 class DecoderLayer(nnx.Module):
     """One layer's weights; matrices stored [d_in, d_out], q|k|v and gate|up packed."""

@@ -75,6 +75,17 @@ class LoraStacks:
         return self.layers[i]
 
 
+# Logical axes of every field (see models.sharding): column-parallel projections keep A whole
+# and split B's output like their base weight; row-parallel ones (o, down) split A's input.
+LORA_AXES = {
+    "qkv_a": ("embed", "slots", "rank"), "q_b": ("slots", "rank", "heads"),
+    "k_b": ("slots", "rank", "kv_heads"), "v_b": ("slots", "rank", "kv_heads"),
+    "o_a": ("heads", "slots", "rank"), "o_b": ("slots", "rank", "embed"),
+    "gate_up_a": ("embed", "slots", "rank"), "gate_b": ("slots", "rank", "mlp"),
+    "up_b": ("slots", "rank", "mlp"), "down_a": ("mlp", "slots", "rank"),
+    "down_b": ("slots", "rank", "embed"),
+}
+
 SLOT_AXIS = {**{a: 1 for a in PACKED}, **{b: 0 for b in EXPAND.values()}}
 
 

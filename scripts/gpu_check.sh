@@ -73,5 +73,22 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda 
 else
   echo "serving benchmark skipped: msgspec/tqdm not importable (carry their wheels in .whl/)"
 fi
+# Tensor parallelism: TP = 1 on a one-device mesh against the unsplit path (one GPU), and the
+# serving benchmark split over every GPU when there are several. Needs msgspec like the above.
+if "$python" -c "import msgspec, tqdm" 2>/dev/null; then
+  PYTHONPATH=$PWD/tests:$PYTHONPATH JAX_DEFAULT_MATMUL_PRECISION=highest \
+    LORA_JAX_COMPILE_ON_START=0 LORA_JAX_COMPILATION_CACHE_DIR= timeout 300 \
+    "$python" -m pytest -q -p no:cacheprovider --noconftest tests/worker/test_one_device_mesh.py \
+    2>&1 | tee "$out_dir/tp_tests.log" || status=1
+  gpus=$("$python" -c "import jax; print(len(jax.devices()))")
+  if [ "$JAX_PLATFORMS" = cuda ] && [ "$gpus" -gt 1 ]; then
+    timeout 300 "$python" scripts/benchmark.py --num-adapters 8 --max-loras 8 \
+      --tensor-parallel-size 1 "$gpus" --bench-dir /tmp/lora_jax_bench \
+      --json-out "$out_dir/bench_tp.json" >"$out_dir/bench_tp.log" 2>&1 || status=1
+    head -n 4 "$out_dir/bench_tp.log"
+  fi
+else
+  echo "tensor-parallel check skipped: msgspec/tqdm not importable (carry their wheels in .whl/)"
+fi
 echo "gpu_check: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status

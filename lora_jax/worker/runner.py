@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax.sampling_params import MAX_LOGPROBS
+from lora_jax.worker.distributed import STEP, StepChannel
 from lora_jax.worker.input_batch import (
     BatchShape,
     RowInput,
@@ -26,6 +27,7 @@ from lora_jax.worker.input_batch import (
 from lora_jax.worker.sampler import History, Sampled, SamplingArrays, SamplingMode, mode_of, sample
 from models.kv_cache import init_paged_kv_cache
 from models.ragged import RaggedMeta
+from models.sharding import TensorParallel
 
 __all__ = ["RowInput", "Runner", "ProgramKey", "GREEDY", "GENERAL"]
 
@@ -95,6 +97,19 @@ def _see_prompt(history: History, tokens, meta: RaggedMeta, req: Requests) -> Hi
     return History(counts, in_prompt.at[marked, tokens].set(True, mode="drop"))
 
 
+def _place(model, tp: TensorParallel, num_blocks, block_size, dtype, history):
+    """The split model's graphdef and placed state, the KV pool in its shards, the history
+    replicated, and the step's out_shardings (the donated pool and history keep theirs, so
+    every step's outputs are the next step's inputs as compiled)."""
+    split = nnx.eval_shape(lambda: type(model)(tp.config, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(split)
+    state = tp.place_state(nnx.state(model))
+    kv = tp.init_kv(num_blocks, block_size, dtype)
+    history = jax.device_put(jax.tree.map(np.asarray, history), tp.replicated)
+    out = (tp.replicated, jax.tree.map(lambda x: x.sharding, kv), tp.replicated)
+    return graphdef, state, kv, history, {"out_shardings": out}
+
+
 class Runner:
     """Owns the model state, the KV pool and the penalty history (output counts and prompt
     marks, [rows, vocab] each: 5 bytes per row and vocabulary entry); `run` executes one
@@ -102,20 +117,31 @@ class Runner:
 
     def __init__(self, model, *, num_rows: int, max_len: int, num_blocks: int,
                  block_size: int, dtype, max_num_batched_tokens: int, max_prefill_seqs: int,
-                 lora_backend: str | None = None, attention_backend: str | None = None):
-        self.graphdef, self.state = nnx.split(model)
+                 lora_backend: str | None = None, attention_backend: str | None = None,
+                 tensor_parallel: TensorParallel | None = None):
         self.max_len, self.block_size, self.num_blocks = max_len, block_size, num_blocks
         self.ladder = ShapeLadder(max_num_batched_tokens, num_rows, max_prefill_seqs)
         self.table_pages = table_width(max_len, block_size)
-        self.config = model.config
-        self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
+        self.config, self.dtype = model.config, dtype
         vocab = model.config.vocab_size
         self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
                                jnp.zeros((num_rows, vocab), jnp.bool_))
+        self.tensor_parallel = tp = tensor_parallel
+        if tp is None:
+            self.graphdef, self.state = nnx.split(model)
+            self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
+            shardings = {}
+        else:
+            self.graphdef, self.state, self.kv, self.history, shardings = _place(
+                model, tp, num_blocks, block_size, dtype, self.history)
+            # The Pallas attention kernel has no shard_map wrapper yet: split heads take the
+            # plain-XLA path, which GSPMD partitions.
+            attention_backend = attention_backend or "xla"
         self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend,
                                               attention_backend=attention_backend),
-                            donate_argnames=("kv", "history"))
+                            donate_argnames=("kv", "history"), **shardings)
         self._programs: dict[ProgramKey, object] = {}
+        self.channel: StepChannel | None = None  # set when several processes share the mesh
         self.compiled_at_start = 0
 
     # Programs ------------------------------------------------------------------------------
@@ -162,19 +188,36 @@ class Runner:
         args = self._arguments(shape, rows, stacks, num_logprobs)
         key = ProgramKey(shape.tokens)
         self.compile(key, stacks)
+        if self.channel is not None:  # several processes: the others make the same call
+            args = args[:4] + tuple(self.channel.send(STEP, key, args[4:]))
         out, self.kv, self.history = self._programs[key](*args)
         return Sampled(*(np.asarray(x)[:len(rows)] for x in jax.device_get(out)))
 
     def recover(self) -> bool:
         """After a failed step: if the donated KV pool or history went with it, start them
-        over (zeros) and return True; False when they are intact."""
+        over (zeros, placed as before) and return True; False when they are intact."""
         lost = any(x.is_deleted() for x in (self.kv.k, self.kv.v, *self.history))
         if lost:
-            self.kv = init_paged_kv_cache(self.config, self.num_blocks, self.block_size,
-                                          self.kv.dtype)
-            self.history = History(jnp.zeros_like(self.history.output_counts),
-                                   jnp.zeros_like(self.history.in_prompt))
+            history = History(np.zeros(self.history.output_counts.shape, np.int32),
+                              np.zeros(self.history.in_prompt.shape, np.bool_))
+            tp = self.tensor_parallel
+            if tp is None:
+                self.kv = init_paged_kv_cache(self.config, self.num_blocks, self.block_size,
+                                              self.dtype)
+                self.history = History(*(jnp.asarray(x) for x in history))
+            else:
+                self.kv = tp.init_kv(self.num_blocks, self.block_size, self.dtype)
+                self.history = jax.device_put(history, tp.replicated)
         return lost
+
+    def follow(self, key: tuple[int, ...], stacks) -> None:
+        """Another process than 0: run the step process 0 announced with `key`, on its
+        arrays (see lora_jax.worker.distributed)."""
+        key = ProgramKey(int(key[0]))
+        self.compile(key, stacks)
+        args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
+        args = args[:4] + tuple(self.channel.receive(args[4:]))
+        _, self.kv, self.history = self._programs[key](*args)
 
     def compiled_count(self) -> int:
         """How many programs the runner has compiled."""

@@ -6,6 +6,7 @@ import sys
 
 import httpx
 import pytest
+from helpers.fixtures import Reference
 
 from lora_jax.cli.serve import parse_lora_modules
 from tests.entrypoints.conftest import _free_port
@@ -49,3 +50,14 @@ def test_serve_prints_its_url_and_answers(base_model, adapter_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_tensor_parallel_size_the_model_cannot_take_stops_start_up_naming_the_fix():
+    env = {**os.environ, "PYTHONPATH": os.getcwd(),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-m", "lora_jax.cli.main", "serve",
+                           Reference("gqa").model, "--tensor-parallel-size", "3", "--port",
+                           str(_free_port())], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "tensor_parallel_size 3 does not divide the model's 4 attention heads" in proc.stderr
