@@ -59,5 +59,7 @@ def test_a_tensor_parallel_size_the_model_cannot_take_stops_start_up_naming_the_
                            Reference("gqa").model, "--tensor-parallel-size", "3", "--port",
                            str(_free_port())], capture_output=True, text=True, env=env,
                           timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    # A bad value the model cannot take (not a usage error): one line, exit status 1.
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("lora-jax serve: error: ")
     assert "tensor_parallel_size 3 does not divide the model's 4 attention heads" in proc.stderr
