@@ -20,32 +20,21 @@ def _number(text: str, kind: type):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _at_least(kind: type, low, strict: bool, wanted: str):
+    def check(text: str):
+        value = _number(text, kind)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+
+    check.__name__ = wanted  # argparse names a type by it in some messages
+    return check
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
-    return value
+positive_int = _at_least(int, 1, False, "a positive integer")
+nonnegative_int = _at_least(int, 0, False, "an integer >= 0")
+positive_float = _at_least(float, 0.0, True, "a positive number")
+nonnegative_float = _at_least(float, 0.0, False, "a number >= 0")
 
 
 def fraction(text: str) -> float:

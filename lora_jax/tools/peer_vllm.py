@@ -33,18 +33,24 @@ class PeerError(RuntimeError):
 def check_interpreter(python: str) -> None:
     """PeerError unless `python` runs and finds vLLM (found, not imported: that takes seconds)."""
     code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    proc = _run(python, ["-c", code], 120, f"{python!r} did not answer within 120 s",
+                capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PeerError(f"--peer-vllm: {python!r} has no vllm (exit {proc.returncode}); "
+                        f"{VENV_HINT}")
+
+
+def _run(python: str, argv: list[str], timeout: float, too_long: str, **kwargs):
+    """subprocess.run of `python argv`, its failures to start or finish as PeerError."""
     try:
-        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+        return subprocess.run([python, *argv], timeout=timeout, **kwargs)
     except FileNotFoundError:
         raise PeerError(f"--peer-vllm: no interpreter at {python!r}; {VENV_HINT}") from None
     except (PermissionError, OSError) as e:
         raise PeerError(f"--peer-vllm: cannot run {python!r} ({e.strerror}); pass the python "
                         f"of a venv with vLLM") from None
     except subprocess.TimeoutExpired:
-        raise PeerError(f"--peer-vllm: {python!r} did not answer within 120 s") from None
-    if proc.returncode != 0:
-        raise PeerError(f"--peer-vllm: {python!r} has no vllm (exit {proc.returncode}); "
-                        f"{VENV_HINT}")
+        raise PeerError(f"--peer-vllm: {too_long}") from None
 
 
 def run_vllm(python: str, workload: dict, timeout: float = 3600.0) -> dict:
@@ -54,17 +60,9 @@ def run_vllm(python: str, workload: dict, timeout: float = 3600.0) -> dict:
         work.write_text(json.dumps(workload))
         # Not our PYTHONPATH: the peer's venv must not see lora-jax's packages.
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        try:
-            proc = subprocess.run([python, __file__, str(work), str(result)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=timeout)
-        except FileNotFoundError:
-            raise PeerError(f"--peer-vllm: no interpreter at {python!r}; {VENV_HINT}") from None
-        except (PermissionError, OSError) as e:
-            raise PeerError(f"--peer-vllm: cannot run {python!r} ({e.strerror}); pass the python "
-                            f"of a venv with vLLM") from None
-        except subprocess.TimeoutExpired:
-            raise PeerError(f"--peer-vllm: the vLLM run took over {timeout:.0f} s") from None
+        proc = _run(python, [__file__, str(work), str(result)], timeout,
+                    f"the vLLM run took over {timeout:.0f} s", env=env,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not result.is_file():
             raise PeerError(f"--peer-vllm: {python} exited with {proc.returncode}: "
                             f"{_last_error_line(proc.stdout)}")
