@@ -183,7 +183,7 @@ class Engine:
         while True:
             kind, values = self.channel.receive_header()
             if kind == STEP:
-                self.runner.follow(values[:3], self._stacks())
+                self.runner.follow(values, self._stacks())
             elif kind == FILL:
                 self.slots.follow(values[0])
             elif kind in until:
@@ -252,12 +252,15 @@ class Engine:
 
     # Adapters -----------------------------------------------------------------------------
 
-    def add_lora(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
-        """Load (or take the given in-memory) adapter into the CPU registry; reuse it when
-        known. New weights under an id already in a slot replace it there, compiling nothing."""
+    def _require_lora(self, req: LoRARequest) -> None:
         if self.slots is None:
             raise ValueError(f"adapter {req.lora_name!r} was requested but LoRA is off; "
                              "create the LLM with enable_lora=True")
+
+    def add_lora(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
+        """Load (or take the given in-memory) adapter into the CPU registry; reuse it when
+        known. New weights under an id already in a slot replace it there, compiling nothing."""
+        self._require_lora(req)
         adapter, replaced = self.adapters.register(req, adapter)
         if replaced:
             self.slots.reload(req.lora_int_id, adapter)
@@ -268,9 +271,7 @@ class Engine:
         """Load req's adapter from its path again under its id (vLLM's load_inplace): new
         weights replace the old in the CPU registry and in its slot, compiling nothing; cached
         prefixes of the old weights are never reused."""
-        if self.slots is None:
-            raise ValueError(f"adapter {req.lora_name!r} was requested but LoRA is off; "
-                             "create the LLM with enable_lora=True")
+        self._require_lora(req)
         adapter = self.adapters.reload(req)
         self.slots.reload(req.lora_int_id, adapter)
         return adapter

@@ -109,8 +109,8 @@ def table_width(max_model_len: int, block_size: int) -> int:
 
 def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_blocks: int,
           table_pages: int):
-    """-> (tokens [T], RaggedMeta, per-request columns {name: [R]}, logits_index [R],
-    seq_len [R]) as numpy arrays; requests keep the order of `rows`."""
+    """-> (tokens [T], RaggedMeta, per-request columns {name: [R]}, logits_index [R]) as
+    numpy arrays; requests keep the order of `rows`."""
     t, r, nt = shape.tokens, shape.requests, shape.tiles
     tokens = np.zeros(t, np.int32)
     positions = np.full(t, -1, np.int32)
@@ -118,7 +118,8 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
     token_req = np.full(t, r, np.int32)
     tables = np.zeros((r, table_pages), np.int32)
     logits_index = np.zeros(r, np.int32)
-    seq_len = np.ones(r, np.int32)
+    kv_lens = np.zeros(r, np.int32)  # cached tokens after this step; 0 for padding
+    query_start = np.zeros(r + 1, np.int32)  # request i owns tokens [start_i, start_i+1)
     dec_token, dec_req = np.full(r, t, np.int32), np.zeros(r, np.int32)
     tile_start, tile_len, tile_req = (np.zeros(nt, np.int32) for _ in range(3))
     cols = {name: np.full(r, pad, dtype) for name, dtype, pad in COLUMNS}
@@ -134,7 +135,8 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
         token_req[span] = i
         tables[i, :len(table)] = table[:table_pages]
         logits_index[i] = cursor + n - 1
-        seq_len[i] = row.start + n
+        query_start[i] = cursor
+        kv_lens[i] = row.start + n
         if n == 1:
             dec_token[num_dec], dec_req[num_dec] = cursor, i
             num_dec += 1
@@ -147,11 +149,8 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
         for name in cols:
             cols[name][i] = getattr(row, name)
         cursor += n
-    # The kernel's form: request i owns tokens query_start[i]:query_start[i + 1].
-    query_start = np.full(r + 1, cursor, np.int32)
-    query_start[:len(rows)] = np.cumsum([0] + [len(x.tokens) for x in rows])[:-1]
-    kv_lens = np.where(np.arange(r) < len(rows), seq_len, 0).astype(np.int32)
+    query_start[len(rows):] = cursor
     meta = RaggedMeta(positions, slot_mapping, token_req, tables, dec_token, dec_req,
                       tile_start, tile_len, tile_req, query_start, kv_lens,
                       np.array([len(rows)], np.int32))
-    return tokens, meta, cols, logits_index, seq_len
+    return tokens, meta, cols, logits_index

@@ -49,7 +49,6 @@ class Requests(NamedTuple):
     row: jax.Array  # history row
     slot: jax.Array  # adapter slot, -1 = base
     rope_scale: jax.Array
-    seq_len: jax.Array  # last position in this step + 1
     logits_index: jax.Array  # the token whose hidden state samples
     prompt: jax.Array
     fresh: jax.Array
@@ -57,13 +56,16 @@ class Requests(NamedTuple):
 
 
 def _step(graphdef, state, stacks, kv, history: History, tokens, meta: RaggedMeta,
-          req: Requests, sampling: SamplingArrays, general, want_logprobs, *,
+          req: Requests, sampling: SamplingArrays, general, want_logprobs, new_prompts, *,
           lora_backend: str | None, attention_backend: str | None):
     model = nnx.merge(graphdef, state)
-    hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, req.seq_len,
+    hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, meta.kv_lens,
                               lora_backend=lora_backend, attention_backend=attention_backend)
     logits = model.logits(hidden[req.logits_index])  # [R, V]: each request's last token
-    history = _see_prompt(history, tokens, meta, req)
+    # Only steps with prompt tokens or a sequence's first chunk touch the prompt marks (a
+    # false lax.cond costs microseconds; the marks' [R, V] row reset costs about a millisecond).
+    history = jax.lax.cond(new_prompts, lambda: _see_prompt(history, tokens, meta, req),
+                           lambda: history)
     # One program serves every batch: the sampling kind and the top logprobs are lax.conds on
     # flags the host sets per step, so a greedy batch never runs the general sampler's work.
     out = jax.lax.cond(
@@ -156,15 +158,16 @@ class Runner:
 
     def _arguments(self, shape: BatchShape, rows: list[RowInput], stacks,
                    num_logprobs: int = 0):
-        tokens, meta, cols, logits_index, seq_len = build(
+        tokens, meta, cols, logits_index = build(
             rows, shape, block_size=self.block_size, num_blocks=self.num_blocks,
             table_pages=self.table_pages)
-        req = Requests(cols["row"], cols["slot"], cols["rope_scale"], seq_len, logits_index,
+        req = Requests(cols["row"], cols["slot"], cols["rope_scale"], logits_index,
                        cols["prompt"], cols["fresh"], cols["keeps"])
         sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
         general = np.bool_(mode_of(sampling) != GREEDY)
+        new_prompts = np.bool_(cols["prompt"].any() or cols["fresh"].any())
         return (self.state, stacks, self.kv, self.history, tokens, meta, req, sampling, general,
-                np.bool_(num_logprobs > 0))
+                np.bool_(num_logprobs > 0), new_prompts)
 
     def compile(self, key: ProgramKey, stacks) -> None:
         """Compile one program (a no-op when it exists): lowering needs only shapes, so an

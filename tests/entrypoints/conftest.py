@@ -75,3 +75,19 @@ def server(base_model, adapter_dir):
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
             "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="package")
+def client(server):
+    """The official openai client against the test server."""
+    import openai
+
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="package")
+def reference(base_model, server):
+    """The same model and adapter offline: what the server's answers must equal."""
+    from lora_jax import LLM
+
+    return LLM(base_model, max_num_seqs=2, enable_lora=True, max_loras=1)

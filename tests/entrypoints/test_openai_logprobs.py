@@ -5,7 +5,7 @@ import asyncio
 import openai
 import pytest
 
-from lora_jax import LLM, SamplingParams
+from lora_jax import SamplingParams
 from lora_jax.tokenizer import TextTokenizer
 
 K = 3
@@ -13,14 +13,9 @@ ARGS = {"temperature": 0.0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def offline(base_model, server):
+def offline(reference):
     """Greedy outputs of LLM.generate with K logprobs, per (prompt, adapter)."""
-    llm = LLM(base_model, max_num_seqs=2, enable_lora=True, max_loras=1)
+    llm = reference
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=K)
 
     def run(prompt, lora=None):

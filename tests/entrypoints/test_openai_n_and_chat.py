@@ -6,24 +6,13 @@ import json
 from collections import defaultdict
 
 import openai
-import pytest
 
-from lora_jax import LLM, SamplingParams
+from lora_jax import SamplingParams
 from lora_jax.entrypoints.openai.serving_chat import load_chat_template, special_tokens
 from lora_jax.tokenizer import TextTokenizer
 from lora_jax.tools.tiny import char_tokenizer
 
 SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 11, "max_tokens": 7, "n": 3}
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def reference(base_model, server):
-    return LLM(base_model, max_num_seqs=2, enable_lora=True, max_loras=1)
 
 
 def _offline(llm, prompt, lora=None, **kw):

@@ -4,22 +4,12 @@ import httpx
 import openai
 import pytest
 
-from lora_jax import LLM, SamplingParams
+from lora_jax import SamplingParams
 from lora_jax.entrypoints.openai.protocol import ChatRequest
 from lora_jax.entrypoints.openai.serving_chat import ServingChat
 from tests.entrypoints.conftest import TEMPLATE
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def reference(base_model, server):
-    return LLM(base_model, max_num_seqs=2, enable_lora=True, max_loras=1)
 
 
 def _ref(llm, prompt, lora=None):
