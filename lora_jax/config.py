@@ -25,6 +25,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # the pool's size in blocks (tests); else from the bytes
     kv_cache_memory_bytes: int | None = None  # default: min(4 GiB, max_num_seqs full rows)
     enable_prefix_caching: bool = True
+    # Overlap host and device: the next step is scheduled and dispatched before the host
+    # reads the previous step's tokens (vLLM's async scheduling). LLMEngine.step() then
+    # reports each step's outputs one call later.
+    async_scheduling: bool = True
     # Compile every program before serving (default: on, unless $LORA_JAX_COMPILE_ON_START=0).
     compile_on_start: bool | None = None
     # JAX's persistent compilation cache: None = ~/.cache/lora-jax/xla (or
@@ -55,9 +59,9 @@ class EngineConfig:
                              f"({self.max_loras})")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be True or False, got "
-                             f"{self.enable_prefix_caching!r}")
+        for name in ("enable_prefix_caching", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_prefill_chunk & (self.max_prefill_chunk - 1):
             raise ValueError(f"max_prefill_chunk must be a power of two (it is a shape bucket), "
                              f"got {self.max_prefill_chunk}")

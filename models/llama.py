@@ -26,7 +26,7 @@ from models.rope import rope_cos_sin
 # "gate_up" are the packed output axes: split over tensor parallelism only in their shard-major
 # layout (LlamaConfig.packed_shards), where each shard's columns are its own q|k|v (gate|up).
 PARAM_AXES = {
-    "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "norm": ("embed",),
+    "embed": ("vocab", "embed"), "lm_head": ("vocab", "embed"), "norm": ("embed",),
     "attn_norm": ("embed",), "qkv": ("embed", "qkv"), "o": ("heads", "embed"),
     "mlp_norm": ("embed",), "gate_up": ("embed", "gate_up"), "down": ("mlp", "embed"),
 }
@@ -55,7 +55,8 @@ class Llama(nnx.Module):
     """A Llama causal LM. Random weights from `rngs`; use `load_llama` for a checkpoint.
 
     Params: embed [V, D]; layers (a list of DecoderLayer, [d_in, d_out]); norm [D];
-    lm_head [D, V], or None when tied to the embedding.
+    lm_head [V, D] (Hugging Face's layout, as the embedding: XLA:CPU's matmul reads weights
+    stored output-major about twice as fast at decode sizes), or None when tied to the embedding.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype="float32", rngs: nnx.Rngs):
@@ -66,8 +67,9 @@ class Llama(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, self.dtype, rngs)
                                 for _ in range(config.num_hidden_layers)])
         self.norm = nnx.Param(jnp.ones((d,), self.dtype))
-        self.lm_head = (None if config.tie_word_embeddings else
-                        nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d, v), self.dtype)))
+        # Drawn [D, V] and stored transposed: the same initial values as the [D, V] layout had.
+        self.lm_head = (None if config.tie_word_embeddings else nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (d, v), self.dtype).T))
 
     def __call__(
         self,
@@ -170,11 +172,8 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
-        if self.lm_head is None:
-            return jnp.einsum("...d,vd->...v", hidden, self.embed[...],
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...],
-                          preferred_element_type=jnp.float32)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return jnp.einsum("...d,vd->...v", hidden, head[...], preferred_element_type=jnp.float32)
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs) -> tuple[jax.Array, KVCache]:

@@ -168,5 +168,5 @@ def load_llama(folder: str | Path, dtype: str = "auto") -> Llama:
         model.embed.set_value(jnp.asarray(reader.get("model.embed_tokens.weight")).astype(dtype))
         model.norm.set_value(jnp.asarray(reader.get("model.norm.weight")).astype(dtype))
         if model.lm_head is not None:
-            model.lm_head.set_value(jnp.asarray(reader.get("lm_head.weight")).T.astype(dtype))
+            model.lm_head.set_value(jnp.asarray(reader.get("lm_head.weight")).astype(dtype))
     return model

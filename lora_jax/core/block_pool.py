@@ -144,6 +144,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     hashes: list[BlockHash] = field(default_factory=list)
+    prefix: list[BlockHash] = field(default_factory=list)  # see computed_prefix
 
 
 class KVCacheManager:
@@ -168,7 +169,13 @@ class KVCacheManager:
         usable = hash_blocks(tokens[:len(tokens) - 1], self.pool.block_size, cache_key)
         table.blocks = self.pool.match_prefix(usable)
         table.hashes = usable[:len(table.blocks)]
+        table.prefix = usable
         return len(table.blocks) * self.pool.block_size
+
+    def prefix_hashes(self, request_id: str) -> list[BlockHash]:
+        """The hashes of every full block of the tokens computed_prefix was given (all but
+        the last token), cached or not."""
+        return self.tables[request_id].prefix
 
     def allocate(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Blocks so that the request's table covers `num_tokens` positions; None (and nothing

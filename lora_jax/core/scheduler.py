@@ -9,14 +9,25 @@ since they keep a slot), with at most max_prefill_seqs chunks in a step. When a 
 sequence needs a block and none is free, the most recently admitted sequence not yet scheduled
 this step is preempted: its blocks are freed, it keeps its row (its sampling history) and goes
 to the front of the queue, and it is recomputed from its tokens later; nothing is admitted in
-a step that preempted.
+a step that preempted. A waiting sequence whose next block another sequence computes in the
+same step waits one step, and then finds it in the prefix cache.
+
+A step is padded to its token bucket (a power of two), so a big step just past a bucket would
+pay for nearly twice its tokens: when the prefill chunks can give up the excess (at most half
+the lower bucket, itself at least FILL_FROM tokens), the last chunks are shortened to fill the
+lower bucket exactly, and the rest of their tokens go in the next step. Smaller steps are
+left alone: there a step's fixed cost outweighs the padding, and a prompt would wait a step.
 """
 
 from collections import deque
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lora_jax.core.block_pool import KVCacheManager
+from lora_jax.core.buckets import bucket_below
+
+# The smallest bucket a step is trimmed down to (see fill_bucket).
+FILL_FROM = 256
 
 
 @dataclass(eq=False)
@@ -33,6 +44,11 @@ class Sequence:
     row: int | None = None
     num_preemptions: int = 0
     started: bool = False  # scheduled at least once (its row's history belongs to it)
+    # Sampled tokens still on the device (the engine runs a step ahead of the host): they
+    # count as tokens, their KV is written by the next step; output_ids gets them later.
+    num_pending: int = 0
+    # The pending tokens reach the sequence's length limit: it is not scheduled again.
+    final_pending: bool = False
 
     @property
     def key(self) -> str:
@@ -40,11 +56,12 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
+        """The tokens the host knows (pending ones excluded)."""
         return self.prompt_ids + self.output_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
 
     @property
     def prefilling(self) -> bool:
@@ -81,9 +98,31 @@ class Batch:
         return bool(self.decodes or self.prefills)
 
 
+def fill_bucket(num_decodes: int, prefills: list[PrefillChunk]) -> list[PrefillChunk]:
+    """Shorten the last chunks so that the step's tokens fill the bucket below them exactly,
+    when they can give up the excess, it is at most half that bucket and that bucket holds at
+    least FILL_FROM tokens; else unchanged."""
+    total = num_decodes + sum(c.length for c in prefills)
+    lower = bucket_below(total)
+    excess = total - lower
+    if lower < FILL_FROM or excess == 0 or excess > lower // 2:
+        return prefills
+    if sum(c.length - 1 for c in prefills) < excess:
+        return prefills
+    trimmed = list(prefills)
+    for i in range(len(trimmed) - 1, -1, -1):
+        cut = min(excess, trimmed[i].length - 1)
+        trimmed[i] = replace(trimmed[i], length=trimmed[i].length - cut)
+        excess -= cut
+        if not excess:
+            break
+    return trimmed
+
+
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int,
-                 max_prefill_chunk: int, kv: KVCacheManager, max_prefill_seqs: int = 16):
+                 max_prefill_chunk: int, kv: KVCacheManager, max_prefill_seqs: int = 16,
+                 fill_buckets: bool = True):
         if max_num_batched_tokens <= max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed "
                              f"max_num_seqs ({max_num_seqs}) so prefills can make progress")
@@ -91,6 +130,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_chunk = max_prefill_chunk
         self.max_prefill_seqs = max_prefill_seqs
+        self.fill_buckets = fill_buckets
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -116,7 +156,8 @@ class Scheduler:
         decodes, prefills, preempted = [], [], []
         for want_decode in (True, False):
             for seq in list(self.running):
-                if seq.seq_id in scheduled or seq.prefilling == want_decode:
+                if (seq.seq_id in scheduled or seq.prefilling == want_decode
+                        or seq.final_pending):
                     continue
                 if not want_decode and len(prefills) >= self.max_prefill_seqs:
                     break
@@ -134,6 +175,8 @@ class Scheduler:
                     prefills.append(PrefillChunk(seq, seq.num_cached, length))
         if not preempted:
             prefills += self._admit(budget, self.max_prefill_seqs - len(prefills))
+        if self.fill_buckets:
+            prefills = fill_bucket(len(decodes), prefills)
         return Batch(decodes, prefills, preempted)
 
     def _allocate(self, seq: Sequence, length: int, scheduled: set[int],
@@ -164,6 +207,7 @@ class Scheduler:
     def _admit(self, budget: int, max_chunks: int) -> list[PrefillChunk]:
         held = self.adapters_in_use() | self.pinned
         admitted, chunks = [], []
+        computing: set = set()  # hashes of the full blocks this step's chunks compute
         for seq in self.waiting:
             if budget <= 0 or len(chunks) >= max_chunks or (
                     seq.row is None and not self.free_rows):
@@ -171,8 +215,17 @@ class Scheduler:
             if seq.adapter is not None and seq.adapter not in held:
                 if len(held) >= self.max_loras:
                     continue  # later requests with a held adapter may still go
+            hashes: list = []
             if seq.use_prefix_cache:
                 seq.num_cached = self.kv.computed_prefix(seq.key, seq.tokens, seq.cache_key)
+                hashes = self.kv.prefix_hashes(seq.key)
+                first = seq.num_cached // self.kv.pool.block_size
+                if first < len(hashes) and hashes[first] in computing:
+                    # Another sequence computes this prefix in this very step: wait one step
+                    # and reuse it from the cache rather than compute it twice.
+                    self.kv.free(seq.key)
+                    seq.num_cached = 0
+                    continue
             length = min(seq.num_tokens - seq.num_cached, self.max_prefill_chunk, budget)
             if self.kv.allocate(seq.key, seq.num_cached + length) is None:
                 self.kv.free(seq.key)  # give back the prefix it matched; it waits
@@ -184,6 +237,8 @@ class Scheduler:
                 seq.row = self.free_rows.pop()
             admitted.append(seq)
             chunks.append(PrefillChunk(seq, seq.num_cached, length))
+            size = self.kv.pool.block_size
+            computing.update(hashes[seq.num_cached // size:(seq.num_cached + length) // size])
             budget -= length
         for seq in admitted:
             self.waiting.remove(seq)

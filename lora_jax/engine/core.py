@@ -9,7 +9,7 @@ import numpy as np
 
 from lora_jax.config import EngineConfig
 from lora_jax.core.block_pool import BlockPool, KVCacheManager
-from lora_jax.core.scheduler import Scheduler, Sequence
+from lora_jax.core.scheduler import Batch, Scheduler, Sequence
 from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.lora.registry import AdapterRegistry
 from lora_jax.lora.slots import AdapterSlots
@@ -20,7 +20,7 @@ from lora_jax.tokenizer import TextStream, TextTokenizer
 from lora_jax.worker.compilation import CompileReport, compile_all, enable_persistent_cache
 from lora_jax.worker.distributed import DONE, FILL, STEP, STOP, StepChannel
 from lora_jax.worker.mesh import check_mesh, make_mesh
-from lora_jax.worker.runner import RowInput, Runner
+from lora_jax.worker.runner import Pending, RowInput, Runner
 from models import load_llama
 from models.kv_cache import kv_bytes_per_token
 from models.sharding import TensorParallel
@@ -107,6 +107,16 @@ class _Request:
                              metrics=self.metrics)
 
 
+@dataclass
+class _InFlight:
+    """A dispatched step: its batch, its samples on the device, and the row of each sequence
+    that samples in it (seq_id -> row)."""
+
+    batch: Batch
+    pending: Pending
+    rows: dict[int, int]
+
+
 class Engine:
     """Holds the model, the KV cache, the adapter slots and the scheduler; `step` runs one batch."""
 
@@ -161,6 +171,7 @@ class Engine:
             served_path=self.model_path,
             capacity=config.max_cpu_loras or max(config.max_loras, 8))
         self._owner: dict[int, tuple[_Request, int]] = {}
+        self._inflight: _InFlight | None = None  # the dispatched step not yet read
         self._requests: dict[str, _Request] = {}
         self._next_seq = 0
         self._rng = np.random.default_rng(config.seed)
@@ -365,7 +376,11 @@ class Engine:
             self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests wait, run, or have tokens still on the device (aborted ones do not count:
+        an in-flight step whose requests all ended is read and dropped by the next step)."""
+        flight = self._inflight
+        return self.scheduler.has_unfinished() or (flight is not None and any(
+            s.seq_id in self._owner for s in flight.batch.seqs()))
 
     def abort_request(self, request_ids) -> None:
         """Stop requests now (unknown or finished ids are ignored): their cache rows and the
@@ -381,38 +396,97 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return what it reports: each request in its output kind (finished
-        requests always, running ones for CUMULATIVE and DELTA)."""
+        requests always, running ones for CUMULATIVE and DELTA).
+
+        With async_scheduling (the default) the host runs one step ahead of its results: the
+        next batch is scheduled and dispatched while the device still computes the previous
+        one, whose tokens are read (stop checks, text, outputs) only afterwards. A decode
+        whose last token is still on the device takes it there. A sequence that turns out to
+        have stopped drops what the next step computed for it, so no output changes."""
         batch = self.scheduler.schedule()
-        if not batch:
-            return self._fail_unschedulable()
-        self._touched: dict[str, _Request] = {}
+        if not batch and self._inflight is None:
+            return self._fail_unschedulable() if self.scheduler.has_unfinished() else []
+        outputs: list[RequestOutput] = []
+        dispatched = self._dispatch(batch, outputs) if batch else None
+        if self._inflight is not None:
+            outputs += self._process(self._inflight)
+        self._inflight = dispatched
+        if not self.config.async_scheduling and dispatched is not None:
+            self._inflight = None
+            outputs += self._process(dispatched)
+        return outputs
+
+    def _dispatch(self, batch: Batch, outputs: list[RequestOutput]) -> _InFlight | None:
+        """Start the batch on the device and account for its tokens (None if it failed: its
+        requests' errors go to outputs)."""
         if self.slots is not None:
             needed = {s.adapter: self._owner[s.seq_id][0].adapter for s in batch.seqs()
                       if s.adapter is not None}
             held = self.scheduler.adapters_in_use() | self.scheduler.pinned
             self.slots.activate(needed, keep=held)
-        done: list[Sequence] = []
+        previous = self._inflight.rows if self._inflight is not None else {}
         # One ragged step: decodes first, then prefill chunks (a recompute is a chunk too).
-        rows = [self._row(s, [s.tokens[s.num_cached]], s.num_cached) for s in batch.decodes]
+        rows = []
+        for seq in batch.decodes:
+            if seq.num_cached < len(seq.tokens):
+                rows.append(self._row(seq, [seq.tokens[seq.num_cached]], seq.num_cached))
+            else:  # its token is the in-flight step's sample, still on the device
+                rows.append(self._row(seq, [0], seq.num_cached, src=previous[seq.seq_id]))
         rows += [self._row(c.seq, c.seq.tokens[c.start:c.start + c.length], c.start,
                            prompt=not c.seq.output_ids, keeps=c.completes_prompt)
                  for c in batch.prefills]
         try:
-            out = self.runner.run(rows, self._stacks(), self._num_logprobs(batch.seqs()))
+            pending = self.runner.dispatch(rows, self._stacks(), self._num_logprobs(batch.seqs()))
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the engine
-            return self._fail_step(batch, err)
+            outputs += self._fail_step(batch, err)
+            return None
+        sampled: dict[int, int] = {}
         for i, seq in enumerate(batch.decodes):
             seq.num_cached += 1
-            self._append(seq, i, out, done)
+            sampled[seq.seq_id] = i
         for i, chunk in enumerate(batch.prefills, start=len(batch.decodes)):
             chunk.seq.num_cached += chunk.length
             if chunk.completes_prompt:
-                self._append(chunk.seq, i, out, done)
+                sampled[chunk.seq.seq_id] = i
         for seq in batch.seqs():
             seq.started = True
-            if seq.use_prefix_cache:
-                self.kv.cache_full_blocks(seq.key, seq.tokens[:seq.num_cached], seq.cache_key)
+            # Blocks this step fills are reusable at once: any step that reads them runs
+            # after this one on the device.
+            self._cache_blocks(seq)
+            if seq.seq_id in sampled:
+                seq.num_pending += 1
+                req = self._owner[seq.seq_id][0]
+                outs = len(seq.output_ids) + seq.num_pending
+                seq.final_pending = (outs >= req.params.max_tokens
+                                     or len(seq.prompt_ids) + outs >= req.max_len)
+        return _InFlight(batch, pending, sampled)
+
+    def _process(self, flight: _InFlight) -> list[RequestOutput]:
+        """Read a dispatched step's tokens and report them. Sequences that ended since it was
+        dispatched (a stop seen in the step before, an abort) drop theirs."""
+        try:
+            out = self.runner.collect(flight.pending)
+        except Exception as err:  # noqa: BLE001 - as in _dispatch
+            # Its blocks were offered for reuse at dispatch; the failure may have left them
+            # unwritten.
+            self.kv.pool.reset_prefix_cache()
+            return self._fail_step(flight.batch, err)
+        self._touched: dict[str, _Request] = {}
+        done: list[Sequence] = []
+        for seq in flight.batch.seqs():
+            if seq.seq_id not in self._owner:
+                continue
+            if seq.seq_id in flight.rows:
+                seq.num_pending -= 1
+                self._append(seq, flight.rows[seq.seq_id], out, done)
+            self._cache_blocks(seq)
         return self._finish(done)
+
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Offer a running sequence's full blocks whose tokens the host knows for reuse."""
+        if seq.use_prefix_cache and seq in self.scheduler.running:
+            known = min(seq.num_cached, len(seq.tokens))
+            self.kv.cache_full_blocks(seq.key, seq.tokens[:known], seq.cache_key)
 
     def _stacks(self):
         return self.slots.stacks if self.slots is not None else None
@@ -423,14 +497,15 @@ class Engine:
         return MAX_LOGPROBS if wanted else 0
 
     def _row(self, seq: Sequence, tokens: list[int], start: int, *, prompt: bool = False,
-             keeps: bool = True) -> RowInput:
+             keeps: bool = True, src: int = -1) -> RowInput:
         req, i = self._owner[seq.seq_id]
         p = req.params
         slot = self.slots.slot_of(seq.adapter) if seq.adapter is not None else -1
         return RowInput(tokens, start, seq.row, self.scheduler.block_table(seq), slot,
                         req.rope_scale, p.temperature, p.top_k, p.top_p, p.min_p, req.seeds[i],
-                        len(seq.output_ids), p.presence_penalty, p.frequency_penalty,
-                        p.repetition_penalty, prompt, not seq.started, keeps)
+                        len(seq.output_ids) + seq.num_pending, p.presence_penalty,
+                        p.frequency_penalty, p.repetition_penalty, prompt, not seq.started,
+                        keeps, src)
 
     def _append(self, seq: Sequence, i: int, out, done: list[Sequence]) -> None:
         req, index = self._owner[seq.seq_id]

@@ -99,7 +99,7 @@ def save_llama(model: Llama, folder: str | Path, tokenizer: Tokenizer | None = N
     tensors = {"model.embed_tokens.weight": host["embed"][...],
                "model.norm.weight": host["norm"][...]}
     if model.lm_head is not None:
-        tensors["lm_head.weight"] = host["lm_head"][...].T
+        tensors["lm_head.weight"] = host["lm_head"][...]
     packed = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
               "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
     for i in range(config.num_hidden_layers):

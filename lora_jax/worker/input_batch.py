@@ -9,15 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_jax.core.buckets import MIN_TOKENS, bucket
 from models.ragged import TILE, RaggedMeta, chunk_pages
 
-# The smallest token bucket: a few padded tokens cost little next to another program.
-MIN_TOKENS = 8
-
-
-def bucket(n: int, smallest: int = 1) -> int:
-    """The power of two >= max(n, smallest): the padded size a batch dimension compiles at."""
-    return max(smallest, 1 << max(0, n - 1).bit_length())
+__all__ = ["MIN_TOKENS", "bucket", "RowInput", "BatchShape", "ShapeLadder", "build", "table_width"]
 
 
 @dataclass
@@ -43,6 +38,7 @@ class RowInput:
     prompt: bool = False  # the tokens are prompt tokens (a prefill chunk) to mark as seen
     fresh: bool = False  # the sequence's first chunk: its row's history starts over
     keeps: bool = True  # the sampled token is kept (not a chunk before the prompt's last)
+    src: int = -1  # >= 0: the first token is the previous step's sample of that row (on device)
 
 
 # The per-request arrays: (RowInput field, dtype, value in a padding entry). Padding entries
@@ -109,10 +105,12 @@ def table_width(max_model_len: int, block_size: int) -> int:
 
 def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_blocks: int,
           table_pages: int):
-    """-> (tokens [T], RaggedMeta, per-request columns {name: [R]}, logits_index [R]) as
-    numpy arrays; requests keep the order of `rows`."""
+    """-> (tokens [T], src [T], RaggedMeta, per-request columns {name: [R]}, logits_index [R])
+    as numpy arrays; requests keep the order of `rows`. src: -1, or the previous step's row
+    whose sampled token this token is."""
     t, r, nt = shape.tokens, shape.requests, shape.tiles
     tokens = np.zeros(t, np.int32)
+    src = np.full(t, -1, np.int32)
     positions = np.full(t, -1, np.int32)
     slot_mapping = np.full(t, num_blocks * block_size, np.int32)
     token_req = np.full(t, r, np.int32)
@@ -130,6 +128,7 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
         pos = np.arange(row.start, row.start + n, dtype=np.int32)
         table = np.asarray(row.block_table, np.int32)
         tokens[span] = row.tokens
+        src[cursor] = row.src
         positions[span] = pos
         slot_mapping[span] = table[pos // block_size] * block_size + pos % block_size
         token_req[span] = i
@@ -153,4 +152,4 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
     meta = RaggedMeta(positions, slot_mapping, token_req, tables, dec_token, dec_req,
                       tile_start, tile_len, tile_req, query_start, kv_lens,
                       np.array([len(rows)], np.int32))
-    return tokens, meta, cols, logits_index
+    return tokens, src, meta, cols, logits_index

@@ -29,7 +29,7 @@ from models.kv_cache import init_paged_kv_cache
 from models.ragged import RaggedMeta
 from models.sharding import TensorParallel
 
-__all__ = ["RowInput", "Runner", "ProgramKey", "GREEDY", "GENERAL"]
+__all__ = ["RowInput", "Runner", "Pending", "ProgramKey", "GREEDY", "GENERAL"]
 
 # Two sampling kinds, chosen per step: greedy rows without penalties only, or the general
 # sampler (any mix of temperature, filters, seeds and penalties; greedy rows included).
@@ -41,6 +41,13 @@ class ProgramKey(NamedTuple):
     """One compiled program: the token bucket (sampling kinds and logprobs are flags)."""
 
     tokens: int
+
+
+class Pending(NamedTuple):
+    """A dispatched step: its samples still on the device, and how many rows are real."""
+
+    out: Sampled
+    num_rows: int
 
 
 class Requests(NamedTuple):
@@ -55,10 +62,13 @@ class Requests(NamedTuple):
     keeps: jax.Array
 
 
-def _step(graphdef, state, stacks, kv, history: History, tokens, meta: RaggedMeta,
+def _step(graphdef, state, stacks, kv, history: History, carry, tokens, src, meta: RaggedMeta,
           req: Requests, sampling: SamplingArrays, general, want_logprobs, new_prompts, *,
           lora_backend: str | None, attention_backend: str | None):
     model = nnx.merge(graphdef, state)
+    # A token sampled by the previous step, not yet seen by the host, is read on the device:
+    # src indexes that step's sampled tokens (carry), -1 = the host's token.
+    tokens = jnp.where(src >= 0, carry[jnp.maximum(src, 0)], tokens)
     hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, meta.kv_lens,
                               lora_backend=lora_backend, attention_backend=attention_backend)
     logits = model.logits(hidden[req.logits_index])  # [R, V]: each request's last token
@@ -79,7 +89,8 @@ def _step(graphdef, state, stacks, kv, history: History, tokens, meta: RaggedMet
     kept = jnp.where(req.keeps, req.row, history.output_counts.shape[0])
     history = History(history.output_counts.at[kept, out.tokens].add(1, mode="drop"),
                       history.in_prompt)
-    return Sampled(out.tokens, out.logprob, top_ids, top_lp), kv, history
+    carry = jnp.pad(out.tokens, (0, carry.shape[0] - out.tokens.shape[0]))
+    return Sampled(out.tokens, out.logprob, top_ids, top_lp), kv, history, carry
 
 
 def _top_logprobs(logits):
@@ -108,7 +119,7 @@ def _place(model, tp: TensorParallel, num_blocks, block_size, dtype, history):
     state = tp.place_state(nnx.state(model))
     kv = tp.init_kv(num_blocks, block_size, dtype)
     history = jax.device_put(jax.tree.map(np.asarray, history), tp.replicated)
-    out = (tp.replicated, jax.tree.map(lambda x: x.sharding, kv), tp.replicated)
+    out = (tp.replicated, jax.tree.map(lambda x: x.sharding, kv), tp.replicated, tp.replicated)
     return graphdef, state, kv, history, {"out_shardings": out}
 
 
@@ -142,6 +153,11 @@ class Runner:
         self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend,
                                               attention_backend=attention_backend),
                             donate_argnames=("kv", "history"), **shardings)
+        # The last step's sampled tokens, padded to max_num_seqs, kept on the device for the
+        # next step (see Pending).
+        self.carry = jnp.zeros((num_rows,), jnp.int32)
+        if tp is not None:
+            self.carry = jax.device_put(np.zeros((num_rows,), np.int32), tp.replicated)
         self._programs: dict[ProgramKey, object] = {}
         self.channel: StepChannel | None = None  # set when several processes share the mesh
         self.compiled_at_start = 0
@@ -158,7 +174,7 @@ class Runner:
 
     def _arguments(self, shape: BatchShape, rows: list[RowInput], stacks,
                    num_logprobs: int = 0):
-        tokens, meta, cols, logits_index = build(
+        tokens, src, meta, cols, logits_index = build(
             rows, shape, block_size=self.block_size, num_blocks=self.num_blocks,
             table_pages=self.table_pages)
         req = Requests(cols["row"], cols["slot"], cols["rope_scale"], logits_index,
@@ -166,8 +182,8 @@ class Runner:
         sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
         general = np.bool_(mode_of(sampling) != GREEDY)
         new_prompts = np.bool_(cols["prompt"].any() or cols["fresh"].any())
-        return (self.state, stacks, self.kv, self.history, tokens, meta, req, sampling, general,
-                np.bool_(num_logprobs > 0), new_prompts)
+        return (self.state, stacks, self.kv, self.history, self.carry, tokens, src, meta, req,
+                sampling, general, np.bool_(num_logprobs > 0), new_prompts)
 
     def compile(self, key: ProgramKey, stacks) -> None:
         """Compile one program (a no-op when it exists): lowering needs only shapes, so an
@@ -185,16 +201,27 @@ class Runner:
 
     # Running -------------------------------------------------------------------------------
 
-    def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
-        """Sample one token per request (for the last of its tokens); returns host arrays."""
+    def dispatch(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Pending:
+        """Start one step: sample one token per request (for the last of its tokens). Returns
+        at once, with the step running on the device; `collect` waits for its tokens. A row's
+        `src` takes its token from the previous step's samples, on the device."""
         shape = self.ladder.fit(rows)
         args = self._arguments(shape, rows, stacks, num_logprobs)
         key = ProgramKey(shape.tokens)
         self.compile(key, stacks)
         if self.channel is not None:  # several processes: the others make the same call
-            args = args[:4] + tuple(self.channel.send(STEP, key, args[4:]))
-        out, self.kv, self.history = self._programs[key](*args)
-        return Sampled(*(np.asarray(x)[:len(rows)] for x in jax.device_get(out)))
+            args = args[:5] + tuple(self.channel.send(STEP, key, args[5:]))
+        out, self.kv, self.history, self.carry = self._programs[key](*args)
+        return Pending(out, len(rows))
+
+    @staticmethod
+    def collect(pending: Pending) -> Sampled:
+        """Wait for a dispatched step; its samples as host arrays, one entry per row."""
+        return Sampled(*(np.asarray(x)[:pending.num_rows] for x in jax.device_get(pending.out)))
+
+    def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
+        """dispatch, then collect: one step's samples as host arrays."""
+        return self.collect(self.dispatch(rows, stacks, num_logprobs))
 
     def recover(self) -> bool:
         """After a failed step: if the donated KV pool or history went with it, start them
@@ -219,8 +246,8 @@ class Runner:
         key = ProgramKey(int(key[0]))
         self.compile(key, stacks)
         args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
-        args = args[:4] + tuple(self.channel.receive(args[4:]))
-        _, self.kv, self.history = self._programs[key](*args)
+        args = args[:5] + tuple(self.channel.receive(args[5:]))
+        _, self.kv, self.history, self.carry = self._programs[key](*args)
 
     def compiled_count(self) -> int:
         """How many programs the runner has compiled."""

@@ -4,15 +4,18 @@ import sys
 import pytest
 
 from lora_jax.core.block_pool import BlockPool, KVCacheManager
-from lora_jax.core.scheduler import Scheduler, Sequence
+from lora_jax.core.scheduler import PrefillChunk, Scheduler, Sequence, fill_bucket
 
 
 def _seq(i, prompt_len=4, adapter=None):
-    return Sequence(i, list(range(prompt_len)), adapter)
+    # Prompts differ from one sequence to the next (equal ones would share a prefix).
+    return Sequence(i, list(range(100 * i, 100 * i + prompt_len)), adapter)
 
 
 def _sched(num_blocks=64, block_size=4, **kw):
-    opts = dict(max_num_seqs=4, max_loras=2, max_num_batched_tokens=16, max_prefill_chunk=8)
+    # These tests count tokens against the budget; filling token buckets has its own tests.
+    opts = dict(max_num_seqs=4, max_loras=2, max_num_batched_tokens=16, max_prefill_chunk=8,
+                fill_buckets=False)
     kv = KVCacheManager(BlockPool(num_blocks, block_size))
     return Scheduler(**(opts | kw), kv=kv)
 
@@ -116,3 +119,68 @@ def test_a_preempting_step_admits_nothing_new():
     batch = sched.schedule()
     assert batch.preempted == [seqs[1]] and not batch.prefills
     assert list(sched.waiting) == [seqs[1], seqs[2]]
+
+
+def _chunks(*lengths):
+    return [PrefillChunk(_seq(i, prompt_len=n), 0, n) for i, n in enumerate(lengths)]
+
+
+def test_a_step_just_past_a_bucket_gives_its_last_chunks_tokens_to_the_next_step():
+    # 16 decodes + 16 chunks of 64 = 1040 tokens would run padded to 2048; 1024 fill 1024.
+    trimmed = fill_bucket(16, _chunks(*[64] * 16))
+    assert 16 + sum(c.length for c in trimmed) == 1024
+    assert [c.length for c in trimmed] == [64] * 15 + [48]
+    # The excess comes from the last chunks first, each keeping at least one token.
+    assert [c.length for c in fill_bucket(0, _chunks(200, 60, 30))] == [200, 55, 1]
+
+
+def test_steps_on_a_bucket_or_far_past_one_are_left_alone():
+    for decodes, lengths in [(0, [256, 256]), (4, [508]), (0, [200, 200]), (3, [2])]:
+        chunks = _chunks(*lengths)
+        assert fill_bucket(decodes, chunks) == chunks
+    # 270 decodes + 2 short chunks (14 tokens past 256) cannot give up enough: unchanged.
+    chunks = _chunks(2, 2)
+    assert fill_bucket(270, chunks) == chunks
+    # Below FILL_FROM a step is never trimmed: its fixed cost outweighs the padding.
+    chunks = _chunks(100, 100)
+    assert fill_bucket(0, chunks) == chunks
+
+
+def test_the_scheduler_fills_the_bucket_and_the_rest_follows_next_step():
+    sched = _sched(num_blocks=128, max_num_seqs=8, max_num_batched_tokens=512,
+                   max_prefill_chunk=512, fill_buckets=True)
+    for i in range(3):
+        sched.add(_seq(i, prompt_len=120))
+    batch = sched.schedule()  # 360 tokens -> 256
+    assert [(c.seq.seq_id, c.start, c.length) for c in batch.prefills] == [
+        (0, 0, 120), (1, 0, 120), (2, 0, 16)]
+    _decode_all(sched, batch)
+    batch = sched.schedule()
+    assert [s.seq_id for s in batch.decodes] == [0, 1]
+    assert [(c.seq.seq_id, c.start, c.length) for c in batch.prefills] == [(2, 16, 104)]
+
+
+def test_a_prefix_computed_in_this_step_is_reused_next_step_not_computed_twice():
+    sched = _sched(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                   max_prefill_chunk=16)
+    shared = list(range(12))
+    seqs = [Sequence(i, shared + [50 + i, 60 + i], None) for i in range(3)]
+    other = Sequence(3, list(range(200, 214)), None)
+    for seq in seqs + [other]:
+        sched.add(seq)
+    batch = sched.schedule()
+    # The later sharers wait: the first computes the 3 shared blocks; an unrelated prompt goes.
+    assert [c.seq.seq_id for c in batch.prefills] == [0, 3]
+    _decode_all(sched, batch)
+    for chunk in batch.prefills:
+        sched.kv.cache_full_blocks(chunk.seq.key, chunk.seq.tokens[:chunk.seq.num_cached],
+                                   chunk.seq.cache_key)
+    batch = sched.schedule()
+    assert [(c.seq.seq_id, c.start, c.length) for c in batch.prefills] == [(1, 12, 2), (2, 12, 2)]
+    # Another adapter's request never waits for (nor shares) the base model's blocks.
+    sched2 = _sched(num_blocks=32, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                    max_prefill_chunk=16)
+    a, b = Sequence(0, shared + [1], None), Sequence(1, shared + [1], 7, cache_key="adapter 7")
+    sched2.add(a)
+    sched2.add(b)
+    assert [c.seq.seq_id for c in sched2.schedule().prefills] == [0, 1]

@@ -9,15 +9,15 @@ from lora_jax.engine.llm_engine import LLMEngine
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
-def _engine(ref):
+def _engine(ref, async_scheduling=True):
     llm = LLM(ref.model, enable_lora=True, max_loras=2, max_lora_rank=4, max_num_seqs=8,
-              max_model_len=64, max_num_batched_tokens=16)
+              max_model_len=64, max_num_batched_tokens=16, async_scheduling=async_scheduling)
     return llm, llm.llm_engine
 
 
 def _drive(engine: LLMEngine, requests, fail_on_step: int, lose_device_state: bool):
     """Add `requests` (id -> (prompt, lora)) one step apart, fail step `fail_on_step`."""
-    runner, real_run, calls = engine.core.runner, engine.core.runner.run, []
+    runner, real_run, calls = engine.core.runner, engine.core.runner.dispatch, []
 
     def flaky_run(*args, **kwargs):
         calls.append(1)
@@ -27,7 +27,7 @@ def _drive(engine: LLMEngine, requests, fail_on_step: int, lose_device_state: bo
             raise RuntimeError("device fault")
         return real_run(*args, **kwargs)
 
-    runner.run = flaky_run
+    runner.dispatch = flaky_run
     finals, pending = {}, list(requests.items())
     try:
         while pending or engine.has_unfinished_requests():
@@ -38,19 +38,20 @@ def _drive(engine: LLMEngine, requests, fail_on_step: int, lose_device_state: bo
                 if out.finished:
                     finals[out.request_id] = out
     finally:
-        runner.run = real_run
+        runner.dispatch = real_run
     return finals
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("lose_device_state", [False, True], ids=["state_kept", "state_lost"])
-def test_a_failed_step_fails_only_its_requests(lose_device_state):
+def test_a_failed_step_fails_only_its_requests(lose_device_state, async_scheduling):
     ref = Reference("gqa")
     lora = LoRARequest("all_r4", 1, ref.adapter_path("all_r4"))
     requests = {f"r{i}": ({"prompt_token_ids": ref.prompt(i % 3)}, lora if i % 2 else None)
                 for i in range(5)}
     _, clean_engine = _engine(ref)
     clean = _drive(clean_engine, requests, fail_on_step=-1, lose_device_state=False)
-    _, engine = _engine(ref)
+    _, engine = _engine(ref, async_scheduling)
     got = _drive(engine, requests, fail_on_step=3, lose_device_state=lose_device_state)
     failed = {rid for rid, out in got.items() if out.error}
     assert failed and failed != set(requests)

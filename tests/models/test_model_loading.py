@@ -33,7 +33,7 @@ def test_weights_are_transposed_to_in_out_and_packed_q_k_v(tmp_path):
     np.testing.assert_array_equal(qkv[:, 96:], tensors["model.layers.1.self_attn.v_proj.weight"].T)
     gate_up = np.asarray(model.layers[0].gate_up[...])
     np.testing.assert_array_equal(gate_up[:, 96:], tensors["model.layers.0.mlp.up_proj.weight"].T)
-    np.testing.assert_array_equal(np.asarray(model.lm_head[...]), tensors["lm_head.weight"].T)
+    np.testing.assert_array_equal(np.asarray(model.lm_head[...]), tensors["lm_head.weight"])
 
 
 def test_tied_embeddings_have_no_lm_head_and_a_stray_copy_is_ignored(tmp_path):
