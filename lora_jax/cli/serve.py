@@ -26,6 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--max-model-len", type=positive_int, default=None)
     parser.add_argument("--max-num-seqs", type=positive_int, default=32)
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
+                        help="tokens in one step (decodes and prefill chunks)")
+    parser.add_argument("--block-size", type=positive_int, default=16,
+                        help="tokens per KV cache block (a power of two)")
+    parser.add_argument("--kv-cache-memory-bytes", type=positive_int, default=None,
+                        help="the KV cache pool's size (default: what max-num-seqs "
+                             "full-length sequences need, at most 4 GiB on CPU)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True, help="reuse cached KV of shared prompt prefixes")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=True, help="overlap the host's work with the device's")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                         help="split the model over this many devices (on CPU, set XLA_FLAGS="
                              "--xla_force_host_platform_device_count=N to have N)")
@@ -81,6 +93,21 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--lora-modules needs --enable-lora")
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig options the command line sets."""
+    return dict(
+        dtype=args.dtype, enable_lora=args.enable_lora,
+        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enable_prefix_caching=args.enable_prefix_caching,
+        async_scheduling=args.async_scheduling, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model and every adapter (a bad one stops start-up, saying which), then serve."""
     check_model_folder(args.model)
@@ -90,13 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from lora_jax.entrypoints.openai.server import build_app
 
     loras = args.lora_requests
-    options = dict(
-        dtype=args.dtype, enable_lora=args.enable_lora,
-        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-        max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
-        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-        process_id=args.process_id)
+    options = engine_options(args)
     if args.process_id != 0:  # a follower: mirror process 0's device calls until it stops
         from lora_jax.engine.llm_engine import LLMEngine
         from lora_jax.worker.distributed import STOP
