@@ -19,14 +19,14 @@ from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_shri
 
 
 class LayerWeights(NamedTuple):
-    """One layer's weights, matrices [d_in, d_out]: qkv = [q | k | v], gate_up = [gate | up]."""
+    """One layer's weights, matrices [d_out, d_in]: qkv = [q | k | v], gate_up = [gate | up]."""
 
     attn_norm: jax.Array  # [D]
-    qkv: jax.Array  # [D, (H + 2 * KV) * head_dim]
-    o: jax.Array  # [H * head_dim, D]
+    qkv: jax.Array  # [(H + 2 * KV) * head_dim, D]
+    o: jax.Array  # [D, H * head_dim]
     mlp_norm: jax.Array  # [D]
-    gate_up: jax.Array  # [D, 2 * I]
-    down: jax.Array  # [I, D]
+    gate_up: jax.Array  # [2 * I, D]
+    down: jax.Array  # [D, I]
 
 
 class TokenBatch(NamedTuple):
@@ -54,18 +54,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple,
             batch: TokenBatch, dropout_key: jax.Array | None = None) -> jax.Array:
-    """x [T, d_in] @ w [d_in, d_out] plus each token's adapter term -> [T, d_out] float32.
+    """x [T, d_in] @ w [d_out, d_in]^T plus each token's adapter term -> [T, d_out] float32.
 
     lora_a [S, d_in, n*R] and n expand matrices [S, R, w_i] summing to d_out; None = no LoRA.
     With batch.lora_dropout the adapter sees x through dropout, as PEFT's lora_dropout does.
     """
-    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    y = matmul(x, w)
     if lora_a is None:
         return y
     x = _dropout(x, batch, dropout_key)
     if len(lora_bs) == 1:
         return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend)
     return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [T, d_in], w [d_out, d_in] -> x @ w.T [T, d_out] float32."""
+    return jnp.einsum("ti,oi->to", x, w, preferred_element_type=jnp.float32)
 
 
 def _dropout(x: jax.Array, batch: TokenBatch, key: jax.Array | None) -> jax.Array:
@@ -88,7 +93,7 @@ def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: 
     if shards == 1:
         y = project(x, w, lora_a, lora_bs, batch, dropout_key).astype(x.dtype)
         return jnp.split(y, np.cumsum(widths[:-1]).tolist(), axis=-1)
-    y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    y = matmul(x, w)
     parts = split_packed(y, widths, shards)
     if lora_a is not None:
         h = lora_shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,

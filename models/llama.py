@@ -24,28 +24,34 @@ from models.rope import rope_cos_sin
 
 # Logical axes of every parameter, by name (models.sharding maps them to mesh axes). "qkv" and
 # "gate_up" are the packed output axes: split over tensor parallelism only in their shard-major
-# layout (LlamaConfig.packed_shards), where each shard's columns are its own q|k|v (gate|up).
+# layout (LlamaConfig.packed_shards), where each shard's rows are its own q|k|v (gate|up).
 PARAM_AXES = {
     "embed": ("vocab", "embed"), "lm_head": ("vocab", "embed"), "norm": ("embed",),
-    "attn_norm": ("embed",), "qkv": ("embed", "qkv"), "o": ("heads", "embed"),
-    "mlp_norm": ("embed",), "gate_up": ("embed", "gate_up"), "down": ("mlp", "embed"),
+    "attn_norm": ("embed",), "qkv": ("qkv", "embed"), "o": ("embed", "heads"),
+    "mlp_norm": ("embed",), "gate_up": ("gate_up", "embed"), "down": ("embed", "mlp"),
 }
 
 
 class DecoderLayer(nnx.Module):
-    """One layer's weights; matrices stored [d_in, d_out], q|k|v and gate|up packed."""
+    """One layer's weights; matrices stored [d_out, d_in] as Hugging Face stores them (XLA:CPU's
+    matmuls read weights stored output-major 1.2-2x faster at decode sizes: a bench-model
+    decode step in bfloat16 went from 55 to 47 ms), q|k|v and gate|up packed."""
 
     def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
         d, i = config.hidden_size, config.intermediate_size
         q = config.num_attention_heads * config.head_dim
         kv = config.num_key_value_heads * config.head_dim
-        init = nnx.initializers.normal(0.02)
+        normal = nnx.initializers.normal(0.02)
+
+        def init(d_in: int, d_out: int) -> nnx.Param:  # drawn [d_in, d_out], as always
+            return nnx.Param(normal(rngs.params(), (d_in, d_out), dtype).T)
+
         self.attn_norm = nnx.Param(jnp.ones((d,), dtype))
-        self.qkv = nnx.Param(init(rngs.params(), (d, q + 2 * kv), dtype))
-        self.o = nnx.Param(init(rngs.params(), (q, d), dtype))
+        self.qkv = init(d, q + 2 * kv)
+        self.o = init(q, d)
         self.mlp_norm = nnx.Param(jnp.ones((d,), dtype))
-        self.gate_up = nnx.Param(init(rngs.params(), (d, 2 * i), dtype))
-        self.down = nnx.Param(init(rngs.params(), (i, d), dtype))
+        self.gate_up = init(d, 2 * i)
+        self.down = init(i, d)
 
     def weights(self) -> LayerWeights:
         return LayerWeights(*(getattr(self, name)[...] for name in LayerWeights._fields))
@@ -54,7 +60,7 @@ class DecoderLayer(nnx.Module):
 class Llama(nnx.Module):
     """A Llama causal LM. Random weights from `rngs`; use `load_llama` for a checkpoint.
 
-    Params: embed [V, D]; layers (a list of DecoderLayer, [d_in, d_out]); norm [D];
+    Params: embed [V, D]; layers (a list of DecoderLayer, [d_out, d_in]); norm [D];
     lm_head [V, D] (Hugging Face's layout, as the embedding: XLA:CPU's matmul reads weights
     stored output-major about twice as fast at decode sizes), or None when tied to the embedding.
     """

@@ -132,10 +132,10 @@ def _check_names_and_shapes(reader: _Reader, config: LlamaConfig, folder: Path) 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _place(param: jax.Array, tensor: jax.Array, offset: jax.Array) -> jax.Array:
-    """HF tensor [d_out, d_in] (or a [D] norm) -> param[:, offset:] as [d_in, d_out]."""
+    """HF tensor [d_out, d_in] (or a [D] norm) -> param[offset:] (rows: packed outputs)."""
     if tensor.ndim == 1:
         return tensor.astype(param.dtype)
-    return jax.lax.dynamic_update_slice(param, tensor.T.astype(param.dtype), (0, offset))
+    return jax.lax.dynamic_update_slice(param, tensor.astype(param.dtype), (offset, 0))
 
 
 def _packed(reader: _Reader, layer: int, param: str, shape, dtype) -> jax.Array:

@@ -97,15 +97,16 @@ class TensorParallel:
         return jax.tree_util.tree_map_with_path(place, state)
 
     def _pack_qkv(self, w) -> np.ndarray:
+        """[q | k | v rows, D] -> shard-major rows, kv heads repeated as the mesh needs."""
         c, n = self.base_config, self.size
-        w = np.asarray(w)
+        w = np.asarray(w).T
         q, k, v = np.split(w, [c.num_attention_heads * c.head_dim,
                                (c.num_attention_heads + c.num_key_value_heads) * c.head_dim], -1)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        return interleave([q, k, v], n)
+        return interleave([q, k, v], n).T
 
     def _pack_gate_up(self, w) -> np.ndarray:
-        return interleave(np.split(np.asarray(w), 2, axis=-1), self.size)
+        return interleave(np.split(np.asarray(w).T, 2, axis=-1), self.size).T
 
     def _repeat_kv(self, w):
         """[..., KV * hd] -> [..., KV * repeat * hd]: each kv head `repeat` times, in place."""

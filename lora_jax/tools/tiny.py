@@ -110,7 +110,7 @@ def save_llama(model: Llama, folder: str | Path, tokenizer: Tokenizer | None = N
             weight, start = layers[i][param][...], 0
             for name in names:
                 width = proj[name][1]
-                tensors[f"{prefix}{parent}.{name}.weight"] = weight[:, start:start + width].T
+                tensors[f"{prefix}{parent}.{name}.weight"] = weight[start:start + width]
                 start += width
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

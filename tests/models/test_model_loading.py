@@ -25,14 +25,14 @@ def test_single_file_and_sharded_checkpoints_load_the_same_weights(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_weights_are_transposed_to_in_out_and_packed_q_k_v(tmp_path):
+def test_weights_keep_the_hf_out_in_layout_and_pack_q_k_v(tmp_path):
     tensors = random_tensors(tiny_config())
     model = load_llama(write_checkpoint(tmp_path, tensors=tensors))
-    qkv = np.asarray(model.layers[1].qkv[...])  # layer 1: [D, q | k | v]
-    np.testing.assert_array_equal(qkv[:, :64], tensors["model.layers.1.self_attn.q_proj.weight"].T)
-    np.testing.assert_array_equal(qkv[:, 96:], tensors["model.layers.1.self_attn.v_proj.weight"].T)
+    qkv = np.asarray(model.layers[1].qkv[...])  # layer 1: [q | k | v, D] as HF stores them
+    np.testing.assert_array_equal(qkv[:64], tensors["model.layers.1.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(qkv[96:], tensors["model.layers.1.self_attn.v_proj.weight"])
     gate_up = np.asarray(model.layers[0].gate_up[...])
-    np.testing.assert_array_equal(gate_up[:, 96:], tensors["model.layers.0.mlp.up_proj.weight"].T)
+    np.testing.assert_array_equal(gate_up[96:], tensors["model.layers.0.mlp.up_proj.weight"])
     np.testing.assert_array_equal(np.asarray(model.lm_head[...]), tensors["lm_head.weight"])
 
 

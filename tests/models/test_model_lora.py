@@ -94,7 +94,8 @@ def test_a_q_and_v_only_adapter_in_the_packed_qkv_equals_separate_projections():
          for name, width in (("q", 64), ("k", 32), ("v", 32))}
     slot = jnp.array([1, -1, 1, 0, 1], jnp.int32)
     batch = TokenBatch(None, None, None, None, slot, None)
-    packed = project(x, jnp.concatenate([w["q"], w["k"], w["v"]], axis=1), layer.qkv_a,
+    # The model stores weights [d_out, d_in]: the packed q|k|v matrix is the three transposed.
+    packed = project(x, jnp.concatenate([w["q"], w["k"], w["v"]], axis=1).T, layer.qkv_a,
                      (layer.q_b, layer.k_b, layer.v_b), batch)
     q, k, v = np.split(np.asarray(packed), [64, 96], axis=1)
 
@@ -103,7 +104,7 @@ def test_a_q_and_v_only_adapter_in_the_packed_qkv_equals_separate_projections():
         single = jnp.stack([jnp.zeros_like(jnp.asarray(a)), jnp.asarray(a)], 1)  # slot 1 only
         return np.asarray(lora_apply(y, x, single, jnp.stack([jnp.zeros_like(b), b]), slot))
 
-    np.testing.assert_array_equal(k, np.asarray(jnp.dot(x, w["k"])))
+    np.testing.assert_allclose(k, np.asarray(jnp.dot(x, w["k"])), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(q, separate("q", lora["q_proj"].a[0], lora["q_proj"].b[0]),
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(v, separate("v", lora["v_proj"].a[0], lora["v_proj"].b[0]),

@@ -56,7 +56,7 @@ def test_split_model_logprobs_match_one_device_within_1e_4(churn):
 # The global shape of each array, and the axis tensor parallelism splits (None = replicated).
 # gqa: D 32, 4 heads and 2 kv heads of 8, I 64, V 128, 2 slots of rank 8; at tp 4 the two kv
 # heads are repeated to four, so k and v columns, the pool and k_b grow to 4 heads.
-SPLITS = {"qkv": 1, "o": 0, "gate_up": 1, "down": 0, "embed": None, "kv_k": 3,
+SPLITS = {"qkv": 0, "o": 1, "gate_up": 0, "down": 1, "embed": None, "kv_k": 3,
           "lora_qkv_a": None, "lora_q_b": 2, "lora_k_b": 2, "lora_o_a": 0, "lora_o_b": None,
           "lora_gate_b": 2, "lora_down_a": 0}
 
@@ -65,7 +65,7 @@ SPLITS = {"qkv": 1, "o": 0, "gate_up": 1, "down": 0, "embed": None, "kv_k": 3,
 def test_each_device_holds_only_its_shard_of_the_weights_lora_stacks_and_kv_pool(churn, size):
     shards = churn[str(size)]["shards"]
     kv_heads = max(2, size)
-    assert shards["qkv"]["global"] == [32, (4 + 2 * kv_heads) * 8]
+    assert shards["qkv"]["global"] == [(4 + 2 * kv_heads) * 8, 32]
     assert shards["kv_k"]["global"] == [2, 10, 8, kv_heads, 8]
     for name, axis in SPLITS.items():
         whole = shards[name]["global"]
