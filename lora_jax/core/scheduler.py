@@ -212,6 +212,8 @@ class Scheduler:
             if budget <= 0 or len(chunks) >= max_chunks or (
                     seq.row is None and not self.free_rows):
                 break
+            if seq.num_pending:
+                continue  # preempted with tokens still on the device: recomputed once read
             if seq.adapter is not None and seq.adapter not in held:
                 if len(held) >= self.max_loras:
                     continue  # later requests with a held adapter may still go

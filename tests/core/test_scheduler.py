@@ -184,3 +184,18 @@ def test_a_prefix_computed_in_this_step_is_reused_next_step_not_computed_twice()
     sched2.add(a)
     sched2.add(b)
     assert [c.seq.seq_id for c in sched2.schedule().prefills] == [0, 1]
+
+
+def test_a_waiting_sequence_with_tokens_still_on_the_device_is_not_admitted():
+    sched = _sched()
+    held, other = _seq(0), _seq(1)
+    held.num_pending = 1  # preempted while its last sample was in flight
+    sched.add(held)
+    sched.add(other)
+    batch = sched.schedule()
+    assert [c.seq for c in batch.prefills] == [other]
+    _decode_all(sched, batch)
+    held.output_ids.append(7)  # the engine read it
+    held.num_pending = 0
+    batch = sched.schedule()
+    assert batch.decodes == [other] and [c.seq for c in batch.prefills] == [held]

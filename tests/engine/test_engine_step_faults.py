@@ -15,9 +15,13 @@ def _engine(ref, async_scheduling=True):
     return llm, llm.llm_engine
 
 
-def _drive(engine: LLMEngine, requests, fail_on_step: int, lose_device_state: bool):
-    """Add `requests` (id -> (prompt, lora)) one step apart, fail step `fail_on_step`."""
-    runner, real_run, calls = engine.core.runner, engine.core.runner.dispatch, []
+def _drive(engine: LLMEngine, requests, fail_on_step: int, lose_device_state: bool,
+           where: str = "dispatch"):
+    """Add `requests` (id -> (prompt, lora)) one step apart, fail step `fail_on_step` when it
+    is dispatched, or when its tokens are read (`where="collect"`: a fault the device reports
+    late)."""
+    runner, calls = engine.core.runner, []
+    real_run = getattr(runner, where)
 
     def flaky_run(*args, **kwargs):
         calls.append(1)
@@ -27,7 +31,7 @@ def _drive(engine: LLMEngine, requests, fail_on_step: int, lose_device_state: bo
             raise RuntimeError("device fault")
         return real_run(*args, **kwargs)
 
-    runner.dispatch = flaky_run
+    setattr(runner, where, flaky_run)
     finals, pending = {}, list(requests.items())
     try:
         while pending or engine.has_unfinished_requests():
@@ -38,13 +42,14 @@ def _drive(engine: LLMEngine, requests, fail_on_step: int, lose_device_state: bo
                 if out.finished:
                     finals[out.request_id] = out
     finally:
-        runner.dispatch = real_run
+        setattr(runner, where, real_run)
     return finals
 
 
+@pytest.mark.parametrize("where", ["dispatch", "collect"])
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("lose_device_state", [False, True], ids=["state_kept", "state_lost"])
-def test_a_failed_step_fails_only_its_requests(lose_device_state, async_scheduling):
+def test_a_failed_step_fails_only_its_requests(lose_device_state, async_scheduling, where):
     ref = Reference("gqa")
     lora = LoRARequest("all_r4", 1, ref.adapter_path("all_r4"))
     requests = {f"r{i}": ({"prompt_token_ids": ref.prompt(i % 3)}, lora if i % 2 else None)
@@ -52,7 +57,8 @@ def test_a_failed_step_fails_only_its_requests(lose_device_state, async_scheduli
     _, clean_engine = _engine(ref)
     clean = _drive(clean_engine, requests, fail_on_step=-1, lose_device_state=False)
     _, engine = _engine(ref, async_scheduling)
-    got = _drive(engine, requests, fail_on_step=3, lose_device_state=lose_device_state)
+    got = _drive(engine, requests, fail_on_step=3, lose_device_state=lose_device_state,
+                 where=where)
     failed = {rid for rid, out in got.items() if out.error}
     assert failed and failed != set(requests)
     for rid in failed:
