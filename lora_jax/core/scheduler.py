@@ -39,6 +39,7 @@ class Sequence:
     adapter: int | None  # lora_int_id, None for the base model
     cache_key: Hashable = None  # prefix-cache key: adapter identity and RoPE scale
     use_prefix_cache: bool = True
+    max_output: int | None = None  # outputs it may have (max_tokens, the length left); None: any
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys and values are in the sequence's blocks
     row: int | None = None
@@ -47,8 +48,6 @@ class Sequence:
     # Sampled tokens still on the device (the engine runs a step ahead of the host): they
     # count as tokens, their KV is written by the next step; output_ids gets them later.
     num_pending: int = 0
-    # The pending tokens reach the sequence's length limit: it is not scheduled again.
-    final_pending: bool = False
 
     @property
     def key(self) -> str:
@@ -62,6 +61,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def at_limit(self) -> bool:
+        """Its outputs, pending ones included, reach max_output: nothing more to schedule."""
+        return self.max_output is not None and (
+            len(self.output_ids) + self.num_pending >= self.max_output)
 
     @property
     def prefilling(self) -> bool:
@@ -157,7 +162,7 @@ class Scheduler:
         for want_decode in (True, False):
             for seq in list(self.running):
                 if (seq.seq_id in scheduled or seq.prefilling == want_decode
-                        or seq.final_pending):
+                        or seq.at_limit):
                     continue
                 if not want_decode and len(prefills) >= self.max_prefill_seqs:
                     break

@@ -54,7 +54,6 @@ class _Request:
     lora_request: LoRARequest | None
     adapter: LoRAAdapter | None
     rope_scale: float
-    max_len: int  # prompt + output never pass this
     seeds: list[int]
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
     seqs: list[Sequence] = field(default_factory=list)
@@ -359,13 +358,14 @@ class Engine:
         seeds = [(params.seed + i) % 2**32 if params.seed is not None
                  else int(self._rng.integers(2**32)) for i in range(params.n)]
         req = _Request(request_id, prompt, prompt_ids, params, lora_request, adapter, rope_scale,
-                       max_len, seeds)
+                       seeds)
         self._requests[request_id] = req
         identity = (None if adapter is None
                     else self._adapter_identity(lora_request.lora_int_id, adapter))
         for i in range(params.n):
             seq = Sequence(self._next_seq, prompt_ids, lora_request and lora_request.lora_int_id,
                            cache_key=(identity, rope_scale),
+                           max_output=min(params.max_tokens, max_len - len(prompt_ids)),
                            # Repetition marks the whole prompt as seen: it computes it all.
                            use_prefix_cache=params.repetition_penalty == 1.0)
             self._next_seq += 1
@@ -405,7 +405,7 @@ class Engine:
         have stopped drops what the next step computed for it, so no output changes."""
         batch = self.scheduler.schedule()
         if not batch and self._inflight is None:
-            return self._fail_unschedulable() if self.scheduler.has_unfinished() else []
+            return self._fail_unschedulable()
         outputs: list[RequestOutput] = []
         dispatched = self._dispatch(batch, outputs) if batch else None
         if self._inflight is not None:
@@ -443,22 +443,18 @@ class Engine:
         sampled: dict[int, int] = {}
         for i, seq in enumerate(batch.decodes):
             seq.num_cached += 1
+            seq.num_pending += 1
             sampled[seq.seq_id] = i
         for i, chunk in enumerate(batch.prefills, start=len(batch.decodes)):
             chunk.seq.num_cached += chunk.length
             if chunk.completes_prompt:
+                chunk.seq.num_pending += 1
                 sampled[chunk.seq.seq_id] = i
         for seq in batch.seqs():
             seq.started = True
             # Blocks this step fills are reusable at once: any step that reads them runs
             # after this one on the device.
             self._cache_blocks(seq)
-            if seq.seq_id in sampled:
-                seq.num_pending += 1
-                req = self._owner[seq.seq_id][0]
-                outs = len(seq.output_ids) + seq.num_pending
-                seq.final_pending = (outs >= req.params.max_tokens
-                                     or len(seq.prompt_ids) + outs >= req.max_len)
         return _InFlight(batch, pending, sampled)
 
     def _process(self, flight: _InFlight) -> list[RequestOutput]:
@@ -534,8 +530,7 @@ class Engine:
         elif p.stop_strings and stream is not None and self._hit_stop_string(
                 comp, p, stream, piece):
             comp.finish_reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or (
-                len(seq.prompt_ids) + len(seq.output_ids) >= req.max_len):
+        elif len(seq.output_ids) >= seq.max_output:
             comp.finish_reason = "length"
         if comp.finish_reason is not None:
             done.append(seq)

@@ -3,8 +3,9 @@
 The step is a pure function of (model state, adapter stacks, KV cache, penalty history, batch
 arrays): the model is split once with nnx.split and merged inside jit, the KV cache and the
 history are donated, and sampling runs in the same program, so the host reads back only token
-ids (and logprobs if asked). Programs are compiled ahead of time, one per (token bucket,
-sampling kind, logprobs), by `compile_all` (see lora_jax/worker/compilation.py).
+ids (and logprobs if asked). Programs are compiled ahead of time, one per token bucket, by
+`compile_all` (see lora_jax/worker/compilation.py). `dispatch` starts a step and returns at
+once; `collect` reads its tokens, so the engine can start the next step first.
 """
 
 import functools
@@ -218,10 +219,6 @@ class Runner:
     def collect(pending: Pending) -> Sampled:
         """Wait for a dispatched step; its samples as host arrays, one entry per row."""
         return Sampled(*(np.asarray(x)[:pending.num_rows] for x in jax.device_get(pending.out)))
-
-    def run(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Sampled:
-        """dispatch, then collect: one step's samples as host arrays."""
-        return self.collect(self.dispatch(rows, stacks, num_logprobs))
 
     def recover(self) -> bool:
         """After a failed step: if the donated KV pool or history went with it, start them

@@ -199,3 +199,15 @@ def test_a_waiting_sequence_with_tokens_still_on_the_device_is_not_admitted():
     held.num_pending = 0
     batch = sched.schedule()
     assert batch.decodes == [other] and [c.seq for c in batch.prefills] == [held]
+
+
+def test_a_sequence_whose_pending_tokens_reach_its_limit_is_not_scheduled_again():
+    sched = _sched()
+    seq = Sequence(0, [1, 2, 3], None, max_output=2)
+    sched.add(seq)
+    _decode_all(sched, sched.schedule())  # prompt done, first output known
+    seq.num_cached, seq.num_pending = 4, 1  # its second output is still on the device
+    assert seq.at_limit and not sched.schedule()
+    seq.output_ids.append(9)  # read: the engine finishes it on length
+    seq.num_pending = 0
+    assert seq.at_limit and len(seq.output_ids) == seq.max_output
