@@ -20,12 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                         help="adapters to serve: name=path, or JSON "
                              '{"name": ..., "path": ..., "base_model_name": ...}')
-    parser.add_argument("--max-loras", type=positive_int, default=1)
-    parser.add_argument("--max-cpu-loras", type=positive_int, default=None)
-    parser.add_argument("--max-lora-rank", type=positive_int, default=16)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--max-model-len", type=positive_int, default=None)
-    parser.add_argument("--max-num-seqs", type=positive_int, default=32)
+    parser.add_argument("--max-loras", type=positive_int, default=1,
+                        help="adapter slots on the device: distinct adapters in one step")
+    parser.add_argument("--max-cpu-loras", type=positive_int, default=None,
+                        help="adapters kept loaded in host memory (default: max(max-loras, 8))")
+    parser.add_argument("--max-lora-rank", type=positive_int, default=16,
+                        help="the largest adapter rank served; higher ranks are refused")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="compute dtype (auto: the checkpoint's)")
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="tokens per sequence, prompt and output (default: the model's "
+                             "max_position_embeddings)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=32,
+                        help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                         help="tokens in one step (decodes and prefill chunks)")
     parser.add_argument("--block-size", type=positive_int, default=16,
@@ -37,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=True, help="reuse cached KV of shared prompt prefixes")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=True, help="overlap the host's work with the device's")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the samples of requests that give none")
     parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                         help="split the model over this many devices (on CPU, set XLA_FLAGS="
                              "--xla_force_host_platform_device_count=N to have N)")
@@ -53,11 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                         help="several processes on one mesh: process 0's address for "
                              "jax.distributed (every process gets the same)")
-    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="processes (hosts) that serve one model together")
     parser.add_argument("--process-id", type=int, default=0,
                         help="0 serves HTTP; the others only run the model's steps")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=port, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds")
+    parser.add_argument("--port", type=port, default=8000, help="HTTP port")
 
 
 def parse_lora_modules(items: list[str]) -> list[LoRARequest]:

@@ -4,12 +4,12 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 import msgspec
-from tqdm.auto import tqdm
 
 from lora_jax.config import EngineConfig
 from lora_jax.engine.llm_engine import LLMEngine, parse_prompt
 from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.outputs import RequestOutput
+from lora_jax.progress import progress_bar
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import RequestOutputKind, SamplingParams
 from lora_jax.worker.distributed import DONE, STOP
@@ -79,7 +79,8 @@ class LLM:
                     raise
                 outputs[request_id] = RequestOutput(request_id, text, list(ids or []), [], True,
                                                     lora, error=f"{type(err).__name__}: {err}")
-        bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm or len(prompts) < 2)
+        bar = progress_bar(total=len(prompts), desc="generate",
+                           disable=not use_tqdm or len(prompts) < 2)
         bar.update(len(outputs))
         while self.llm_engine.has_unfinished_requests():
             for out in self.llm_engine.step():

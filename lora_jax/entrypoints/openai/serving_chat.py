@@ -75,7 +75,7 @@ class ServingChat:
         if self.template is None:
             raise APIError("this model has no chat template (none in its tokenizer_config.json "
                            "or chat_template.jinja); start the server with --chat-template "
-                           "FILE, or use /v1/completions", param="messages")
+                           "FILE_OR_STRING, or use /v1/completions", param="messages")
         return self.template.render(messages=req.messages,
                                     add_generation_prompt=req.add_generation_prompt,
                                     **self.specials)
