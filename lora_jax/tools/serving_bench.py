@@ -136,7 +136,7 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
               tensor_parallel_size=tensor_parallel_size)
-    config = llm.engine.model.config
+    config = llm.engine.model_config
     for i in range(num_adapters):
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
                      random_adapter(config, args.rank, seed=i))
@@ -145,8 +145,8 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
     run(llm, prompts, loras, args.output_len, **sampling)  # warm-up: compiles every bucket
     compiles, compile_s = counter.count, counter.seconds
     # The timed run starts with an empty prefix cache: the warm-up's prompts must not help it.
-    llm.engine.kv.pool.reset_prefix_cache()
-    hits_before = llm.engine.stats()["prefix_cache_hits"]
+    llm.engine.reset_prefix_cache()
+    hits_before = llm.engine.stats().prefix_cache_hits
     result = run(llm, prompts, loras, args.output_len, **sampling)
     counter.close()
     stats = jax.devices()[0].memory_stats() or {}
@@ -155,7 +155,7 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use"),
             "start_up": llm.engine.compile_stats(),
-            "prefix_cache_hits": llm.engine.stats()["prefix_cache_hits"] - hits_before}
+            "prefix_cache_hits": llm.engine.stats().prefix_cache_hits - hits_before}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

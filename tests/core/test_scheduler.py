@@ -46,7 +46,7 @@ def test_a_step_never_holds_more_distinct_adapters_than_max_loras():
 
 def test_pinned_adapters_count_against_max_loras():
     sched = _sched()
-    sched.pinned.add(9)
+    sched.pin(9)
     sched.add(_seq(0, adapter=1))
     sched.add(_seq(1, adapter=2))
     assert [c.seq.seq_id for c in sched.schedule().prefills] == [0]

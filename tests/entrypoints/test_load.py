@@ -142,4 +142,4 @@ async def _drive(url: str, llm: AsyncLLM, root: Path):
         metrics = scrape((await http.get("/metrics")).text)
         assert value(metrics, "lora_jax:request_success_total", model_name="a5",
                      finished_reason="abort") == 4
-        return got, bad_results, llm.stats()["kv_blocks_used"]
+        return got, bad_results, llm.stats().kv_blocks_used

@@ -5,6 +5,7 @@ the outputs (token ids, logprobs), engine stats, compile stats and the shard sha
 split arrays. A subprocess because the device count must be set before JAX is imported.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -56,7 +57,7 @@ def run(size: int, spec: dict) -> dict:
                                                             strict=True)],
                         "reference": ref.greedy(name, j)[:spec["max_tokens"]]}
                        for (name, j), o in zip(cases, outs, strict=True)])
-    result = {"rounds": rounds, "stats": llm.engine.stats(),
+    result = {"rounds": rounds, "stats": dataclasses.asdict(llm.engine.stats()),
               "compile": llm.engine.compile_stats()}
     if size > 1:
         result["shards"] = shard_shapes(llm)
