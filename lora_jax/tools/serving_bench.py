@@ -5,7 +5,6 @@ the model is any Hugging Face folder, or a generated bench model with random wei
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -17,56 +16,16 @@ import jax
 import numpy as np
 
 from lora_jax.entrypoints.llm import LLM
-from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights, save_adapter
+from lora_jax.lora.adapters import save_adapter
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
 from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
 from lora_jax.tools.serving_client_bench import add_client_arguments
 from lora_jax.tools.serving_client_bench import run_command as run_client_bench
+from lora_jax.tools.workload import SHAPES, ensure_bench_model, random_adapter, workload
 from lora_jax.worker.mesh import FORCE_DEVICES
-from models import Llama, LlamaConfig
+from models import LlamaConfig
 from models.loading import resolve_dtype
-
-BENCH_CONFIG = LlamaConfig(
-    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-    num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=2048,
-    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-
-
-# Llama-3-8B's shapes (random weights) for the GPU benchmark.
-LLAMA3_8B_CONFIG = LlamaConfig(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
-SHAPES = {"bench": BENCH_CONFIG, "llama3-8b": LLAMA3_8B_CONFIG}
-
-
-def ensure_bench_model(folder: Path, shape: str = "bench", num_layers: int | None = None,
-                       dtype: str = "float32") -> Path:
-    """A bench model (random weights, `shape`'s config) as a Hugging Face folder, written
-    once."""
-    if not (folder / "config.json").is_file():
-        from flax import nnx
-
-        from lora_jax.tools.tiny import save_llama
-
-        config = SHAPES[shape]
-        if num_layers:
-            config = dataclasses.replace(config, num_hidden_layers=num_layers)
-        save_llama(Llama(config, dtype=dtype, rngs=nnx.Rngs(0)), folder)
-    return folder
-
-
-def random_adapter(config: LlamaConfig, rank: int, seed: int) -> LoRAAdapter:
-    """An in-memory adapter on all seven projections with random, non-zero A and B."""
-    rng = np.random.default_rng(seed)
-    layers, modules = config.num_hidden_layers, {}
-    for proj in PROJECTIONS:
-        d_in, d_out = config.projection_shapes()[proj]
-        modules[proj] = LoRAWeights(
-            (rng.standard_normal((layers, d_in, rank)) / np.sqrt(d_in)).astype(np.float32),
-            (rng.standard_normal((layers, rank, d_out)) * 0.01).astype(np.float32))
-    return LoRAAdapter(name=f"bench-{seed}", modules=modules, path=f"memory://bench-{seed}")
 
 
 class CompileCounter:
@@ -85,18 +44,6 @@ class CompileCounter:
 
     def close(self):
         jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
-def workload(args, num_adapters: int, vocab: int):
-    """(prompts, lora requests): requests cycle over the adapters (and the base model first,
-    with --include-base); no adapters means all base."""
-    rng = np.random.default_rng(args.seed)
-    shared = rng.integers(3, vocab, args.shared_prefix).tolist()  # one prefix for every request
-    prompts = [{"prompt_token_ids": shared + rng.integers(3, vocab, args.prompt_len).tolist()}
-               for _ in range(args.num_requests)]
-    groups = [None] * (args.include_base or not num_adapters) + [
-        LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}") for i in range(num_adapters)]
-    return prompts, [groups[i % len(groups)] for i in range(args.num_requests)]
 
 
 def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
