@@ -54,9 +54,9 @@ def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
                             ignore_eos=True, seed=0 if temperature else None)
     start = time.perf_counter()
     for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
-        engine.add_request(f"bench-{i}", None, prompt["prompt_token_ids"], params, lora)
+        engine.add_request(f"bench-{i}", prompt, params, lora)
     steps, outputs = [], []
-    while engine.has_unfinished():
+    while engine.has_unfinished_requests():
         t = time.perf_counter()
         outputs += engine.step()
         steps.append(time.perf_counter() - t)

@@ -172,8 +172,9 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
                 num_tiles += 1
         for name, _, _ in ROW_COLUMNS:
             cols[name][i] = getattr(row, name)
+        sampling = row.sampling
         for name, _, _ in SAMPLING_COLUMNS:
-            cols[name][i] = getattr(row.sampling, name)
+            cols[name][i] = getattr(sampling, name)
         cursor += n
     query_start[len(rows):] = cursor
     meta = RaggedMeta(positions=positions, slot_mapping=slot_mapping, token_req=token_req,
