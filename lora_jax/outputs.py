@@ -46,3 +46,20 @@ class RequestOutput:
     lora_request: LoRARequest | None = None
     error: str | None = None
     metrics: RequestMetrics | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's counters and gauges at one moment (for metrics and benchmarks)."""
+
+    num_running: int  # sequences running
+    num_waiting: int  # sequences waiting to start
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int  # prompt blocks looked up in the prefix cache
+    prefix_cache_hits: int  # of those, found cached
+    num_preemptions: int  # sequences preempted (recomputed later)
+    running_adapters: list[int]  # lora_int_ids of running sequences
+    waiting_adapters: list[int]  # lora_int_ids of waiting sequences
+    max_loras: int
+    adapter_slot_loads: int  # adapters written into a device slot (swaps in and reloads)

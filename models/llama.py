@@ -2,9 +2,8 @@
 
 Why not stacked layers under lax.scan: the dot thunks of XLA:CPU need each layer's weights as a
 buffer of their own, so a scan (or any slice of a stacked parameter) copies every layer's weights
-before its matmuls, on every step. On the bench model that copy cost a quarter of a decode step
-(187 ms scanned vs 116 ms unrolled, 32 rows, float32). Unrolled layers compile a little slower,
-once per shape bucket (a decode step of the bench model: 1.2 s against 0.8 s scanned).
+before its matmuls, on every step (the README's design measurements give the cost). Unrolled
+layers compile a little slower, once per shape bucket.
 
 Jit it the way Flax's performance guide recommends: `graphdef, state = nnx.split(model)` once,
 then `nnx.merge(graphdef, state)` inside your own jax.jit (or jit `forward`, graphdef static).
@@ -34,8 +33,8 @@ PARAM_AXES = {
 
 class DecoderLayer(nnx.Module):
     """One layer's weights; matrices stored [d_out, d_in] as Hugging Face stores them (XLA:CPU's
-    matmuls read weights stored output-major 1.2-2x faster at decode sizes: a bench-model
-    decode step in bfloat16 went from 55 to 47 ms), q|k|v and gate|up packed."""
+    matmuls read weights stored output-major faster at decode sizes; see the README's design
+    measurements), q|k|v and gate|up packed."""
 
     def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
         d, i = config.hidden_size, config.intermediate_size

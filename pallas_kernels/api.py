@@ -6,16 +6,13 @@ backend:
   "pallas_interpret"  the same kernels in Pallas interpret mode: any platform, for tests.
   "dense"             plain JAX, one matmul over all slots then a per-token select (dense.py).
   "reference"         plain JAX per-token gather: the definition every backend must equal.
-None picks "pallas" on GPU and "dense" elsewhere. Measured with scripts/bench_kernels.py
---reduced on this project's 2-core CPU machine (float32, lora_apply, D_in = D_out = 1024,
-R = 16, best of the rounds), dense against reference: decode T=32, S=8: 84 vs 155 us (1.8x);
-T=256, S=32: 6.2x; prefill T=1024, S=4: 27x; T=1 < S: 1.3x (dense then uses the per-token
-gather itself). The reference materializes T gathered copies of the adapters ([D, T, R] and
-[T, R, D_out]); dense reads each adapter once and runs two plain matmuls (the slot-interleaved
-a [D_in, S, R] is already the [D_in, S*R] matrix of the first), at S times the minimal FLOPs
-(jax.lax.ragged_dot and a sort-into-blocks batched matmul were measured slower on XLA:CPU).
-In the whole bench model (scripts/bench_model.py: 8 layers, 32 rows, 8 adapters of rank 16 on
-all seven projections) a decode step with adapters costs 1.07x the step without.
+None picks "pallas" on GPU and "dense" elsewhere: on XLA:CPU dense beats the reference at
+every measured size (scripts/bench_kernels.py; the README's design measurements). The reference
+materializes T gathered copies of the adapters ([D, T, R] and [T, R, D_out]); dense reads each
+adapter once and runs two plain matmuls (the slot-interleaved a [D_in, S, R] is already the
+[D_in, S*R] matrix of the first), at S times the minimal FLOPs (jax.lax.ragged_dot and a
+sort-into-blocks batched matmul were measured slower on XLA:CPU). With T=1 < S dense uses the
+per-token gather itself.
 
 pattern ("gather" | "grouped" | None) and block_sizes (BlockSizes) tune the Pallas backends
 and are ignored by the others. A slot of -1 means no adapter: that token gets exactly y back;

@@ -88,7 +88,7 @@ def _add(y: jax.Array, deltas: list[jax.Array], slot: jax.Array) -> jax.Array:
 
     Slice by slice, then side by side: XLA fuses each add into what the model does with its
     slice next (the split of q|k|v or gate|up undoes the concatenation), where adding one
-    concatenated delta to y materializes both (about 6 ms of a 1024-token gate|up, bf16).
+    concatenated delta to y materializes both.
     """
     starts = np.cumsum([0] + [d.shape[-1] for d in deltas])
     valid = slot[:, None] >= 0

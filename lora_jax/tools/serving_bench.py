@@ -5,7 +5,6 @@ the model is any Hugging Face folder, or a generated bench model with random wei
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -17,56 +16,16 @@ import jax
 import numpy as np
 
 from lora_jax.entrypoints.llm import LLM
-from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights, save_adapter
+from lora_jax.lora.adapters import save_adapter
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
 from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
 from lora_jax.tools.serving_client_bench import add_client_arguments
 from lora_jax.tools.serving_client_bench import run_command as run_client_bench
+from lora_jax.tools.workload import SHAPES, ensure_bench_model, random_adapter, workload
 from lora_jax.worker.mesh import FORCE_DEVICES
-from models import Llama, LlamaConfig
+from models import LlamaConfig
 from models.loading import resolve_dtype
-
-BENCH_CONFIG = LlamaConfig(
-    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-    num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=2048,
-    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-
-
-# Llama-3-8B's shapes (random weights) for the GPU benchmark.
-LLAMA3_8B_CONFIG = LlamaConfig(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
-SHAPES = {"bench": BENCH_CONFIG, "llama3-8b": LLAMA3_8B_CONFIG}
-
-
-def ensure_bench_model(folder: Path, shape: str = "bench", num_layers: int | None = None,
-                       dtype: str = "float32") -> Path:
-    """A bench model (random weights, `shape`'s config) as a Hugging Face folder, written
-    once."""
-    if not (folder / "config.json").is_file():
-        from flax import nnx
-
-        from lora_jax.tools.tiny import save_llama
-
-        config = SHAPES[shape]
-        if num_layers:
-            config = dataclasses.replace(config, num_hidden_layers=num_layers)
-        save_llama(Llama(config, dtype=dtype, rngs=nnx.Rngs(0)), folder)
-    return folder
-
-
-def random_adapter(config: LlamaConfig, rank: int, seed: int) -> LoRAAdapter:
-    """An in-memory adapter on all seven projections with random, non-zero A and B."""
-    rng = np.random.default_rng(seed)
-    layers, modules = config.num_hidden_layers, {}
-    for proj in PROJECTIONS:
-        d_in, d_out = config.projection_shapes()[proj]
-        modules[proj] = LoRAWeights(
-            (rng.standard_normal((layers, d_in, rank)) / np.sqrt(d_in)).astype(np.float32),
-            (rng.standard_normal((layers, rank, d_out)) * 0.01).astype(np.float32))
-    return LoRAAdapter(name=f"bench-{seed}", modules=modules, path=f"memory://bench-{seed}")
 
 
 class CompileCounter:
@@ -87,18 +46,6 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
-def workload(args, num_adapters: int, vocab: int):
-    """(prompts, lora requests): requests cycle over the adapters (and the base model first,
-    with --include-base); no adapters means all base."""
-    rng = np.random.default_rng(args.seed)
-    shared = rng.integers(3, vocab, args.shared_prefix).tolist()  # one prefix for every request
-    prompts = [{"prompt_token_ids": shared + rng.integers(3, vocab, args.prompt_len).tolist()}
-               for _ in range(args.num_requests)]
-    groups = [None] * (args.include_base or not num_adapters) + [
-        LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}") for i in range(num_adapters)]
-    return prompts, [groups[i % len(groups)] for i in range(args.num_requests)]
-
-
 def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
         top_p: float = 1.0) -> dict:
     """Drive the engine step by step; return throughput and latency figures."""
@@ -107,9 +54,9 @@ def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
                             ignore_eos=True, seed=0 if temperature else None)
     start = time.perf_counter()
     for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
-        engine.add_request(f"bench-{i}", None, prompt["prompt_token_ids"], params, lora)
+        engine.add_request(f"bench-{i}", prompt, params, lora)
     steps, outputs = [], []
-    while engine.has_unfinished():
+    while engine.has_unfinished_requests():
         t = time.perf_counter()
         outputs += engine.step()
         steps.append(time.perf_counter() - t)
@@ -136,7 +83,7 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
               tensor_parallel_size=tensor_parallel_size)
-    config = llm.engine.model.config
+    config = llm.engine.model_config
     for i in range(num_adapters):
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
                      random_adapter(config, args.rank, seed=i))
@@ -145,8 +92,8 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
     run(llm, prompts, loras, args.output_len, **sampling)  # warm-up: compiles every bucket
     compiles, compile_s = counter.count, counter.seconds
     # The timed run starts with an empty prefix cache: the warm-up's prompts must not help it.
-    llm.engine.kv.pool.reset_prefix_cache()
-    hits_before = llm.engine.stats()["prefix_cache_hits"]
+    llm.engine.reset_prefix_cache()
+    hits_before = llm.engine.stats().prefix_cache_hits
     result = run(llm, prompts, loras, args.output_len, **sampling)
     counter.close()
     stats = jax.devices()[0].memory_stats() or {}
@@ -155,7 +102,7 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use"),
             "start_up": llm.engine.compile_stats(),
-            "prefix_cache_hits": llm.engine.stats()["prefix_cache_hits"] - hits_before}
+            "prefix_cache_hits": llm.engine.stats().prefix_cache_hits - hits_before}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

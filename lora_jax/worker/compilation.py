@@ -1,10 +1,10 @@
 """Every program the engine runs, compiled before the first request.
 
 The set is small and fixed (see Runner.program_keys): one program per token bucket (powers of
-two from 8 to max_num_batched_tokens) x {greedy, general sampling} x {no logprobs, top
-MAX_LOGPROBS}, plus the slot-fill update of the adapter stacks. Context lengths, adapters,
-ranks, long-context scaling and batch mix are all arguments, never shapes, so after start-up no
-workload compiles anything.
+two from 8 to max_num_batched_tokens), plus the slot-fill update of the adapter stacks. The
+sampling kind (greedy or general) and the top logprobs are flags inside each program. Context
+lengths, adapters, ranks, long-context scaling and batch mix are all arguments, never shapes,
+so after start-up no workload compiles anything.
 
 JAX's persistent compilation cache (under ~/.cache/lora-jax/xla, or $XDG_CACHE_HOME/lora-jax/
 xla) keeps the compiled programs on disk, so the next start with the same model shapes loads

@@ -83,7 +83,7 @@ def test_async_scheduling_gives_the_outputs_of_one_step_at_a_time(num_kv_blocks)
     assert any(c.finish_reason == "stop" and len(c.token_ids) < params[i].max_tokens
                for i, o in enumerate(expected) for c in o.outputs)
     if num_kv_blocks:
-        assert sync.engine.stats()["num_preemptions"] > 0
+        assert sync.engine.stats().num_preemptions > 0
 
 
 def test_a_step_is_dispatched_before_the_previous_steps_tokens_are_read():

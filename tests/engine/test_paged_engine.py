@@ -29,9 +29,9 @@ def test_preemption_under_a_small_pool_gives_the_unpreempted_outputs(base, param
     roomy = LLM(base, max_num_seqs=4).generate(PROMPTS, params, use_tqdm=False)
     small = LLM(base, max_num_seqs=4, num_kv_blocks=12, block_size=4)
     tight = small.generate(PROMPTS, params, use_tqdm=False)
-    assert small.engine.stats()["num_preemptions"] > 0
+    assert small.engine.stats().num_preemptions > 0
     assert _ids(tight) == _ids(roomy)
-    assert small.engine.stats()["kv_blocks_used"] == 0  # every block back once done
+    assert small.engine.stats().kv_blocks_used == 0  # every block back once done
 
 
 def test_a_shared_prefix_is_computed_once_and_changes_no_output(base):
@@ -42,10 +42,10 @@ def test_a_shared_prefix_is_computed_once_and_changes_no_output(base):
     first = cached.generate(prompts[:1], params, use_tqdm=False)
     rest = cached.generate(prompts[1:], params, use_tqdm=False)
     stats = cached.engine.stats()
-    assert stats["prefix_cache_hits"] >= 2 * 4  # the 4 prefix blocks, for both later requests
+    assert stats.prefix_cache_hits >= 2 * 4  # the 4 prefix blocks, for both later requests
     plain = LLM(base, max_num_seqs=4, block_size=8, enable_prefix_caching=False)
     assert _ids(first + rest) == _ids(plain.generate(prompts, params, use_tqdm=False))
-    assert plain.engine.stats()["prefix_cache_hits"] == 0
+    assert plain.engine.stats().prefix_cache_hits == 0
 
 
 def test_the_pool_is_the_bytes_asked_for_whatever_max_num_seqs_and_max_model_len(base):
@@ -78,7 +78,7 @@ def test_the_ragged_attention_kernel_serves_what_the_cpu_path_serves(base, backe
                                                                   use_tqdm=False)
     kernel = LLM(base, attention_backend=backend, **options)
     got = kernel.generate(prompts, params, use_tqdm=False)
-    assert kernel.engine.stats()["num_preemptions"] > 0
+    assert kernel.engine.stats().num_preemptions > 0
     assert _ids(got) == _ids(want)
     for a, b in zip(got, want, strict=True):
         assert abs(a.outputs[0].cumulative_logprob - b.outputs[0].cumulative_logprob) < 1e-4

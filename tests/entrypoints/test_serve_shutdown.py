@@ -6,9 +6,7 @@ import time
 
 import httpx
 import pytest
-
-from tests.entrypoints.conftest import TEMPLATE, _free_port
-from tests.entrypoints.test_serve_cli import _serve
+from helpers.server import TEMPLATE, free_port, serve_cli
 
 
 def _wait_ready(proc, port: int) -> str:
@@ -23,8 +21,8 @@ def _wait_ready(proc, port: int) -> str:
 def test_a_signal_mid_stream_stops_the_server_cleanly(base_model, tmp_path, sig):
     template = tmp_path / "chat.jinja"
     template.write_text(TEMPLATE)
-    port = _free_port()
-    proc = _serve(base_model, "--served-model-name", "tiny", "--chat-template", str(template),
+    port = free_port()
+    proc = serve_cli(base_model, "--served-model-name", "tiny", "--chat-template", str(template),
                   "--port", str(port))
     try:
         url = _wait_ready(proc, port)

@@ -5,6 +5,7 @@ the outputs (token ids, logprobs), engine stats, compile stats and the shard sha
 split arrays. A subprocess because the device count must be set before JAX is imported.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,12 +25,12 @@ def _shards(array) -> dict:
 
 
 def shard_shapes(llm: LLM) -> dict:
-    engine = llm.engine
+    engine = llm.engine.core
     layer0 = engine.runner.state["layers"][0]
     out = {name: _shards(layer0[name].get_value()) for name in ("qkv", "o", "gate_up", "down")}
     out["embed"] = _shards(engine.runner.state["embed"].get_value())
     out["kv_k"] = _shards(engine.runner.kv.k)
-    lora = engine.slots.stacks.layers[0]
+    lora = engine.adapters.stacks.layers[0]
     for name in ("qkv_a", "q_b", "k_b", "o_a", "o_b", "gate_b", "down_a"):
         out[f"lora_{name}"] = _shards(getattr(lora, name))
     return out
@@ -56,7 +57,7 @@ def run(size: int, spec: dict) -> dict:
                                                             strict=True)],
                         "reference": ref.greedy(name, j)[:spec["max_tokens"]]}
                        for (name, j), o in zip(cases, outs, strict=True)])
-    result = {"rounds": rounds, "stats": llm.engine.stats(),
+    result = {"rounds": rounds, "stats": dataclasses.asdict(llm.engine.stats()),
               "compile": llm.engine.compile_stats()}
     if size > 1:
         result["shards"] = shard_shapes(llm)

@@ -113,26 +113,26 @@ class _EngineGauges(Collector):
             return CounterMetricFamily(P + name, doc, value=value)
 
         yield gauge("num_requests_running", "Sequences running in the engine",
-                    s["num_running"])
-        yield gauge("num_requests_waiting", "Sequences waiting to start", s["num_waiting"])
+                    s.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to start", s.num_waiting)
         info = GaugeMetricFamily(P + "lora_requests_info", "Adapters of running and waiting "
                                  "requests (value: the time of this reading)",
                                  labels=["running_lora_adapters", "waiting_lora_adapters",
                                          "max_lora"])
-        info.add_metric([self._names(s["running_adapters"]), self._names(s["waiting_adapters"]),
-                         str(s["max_loras"])], time.time())
+        info.add_metric([self._names(s.running_adapters), self._names(s.waiting_adapters),
+                         str(s.max_loras)], time.time())
         yield info
-        yield gauge("kv_blocks_used", "KV cache blocks held by requests", s["kv_blocks_used"])
-        yield gauge("kv_blocks_total", "KV cache blocks in the pool", s["kv_blocks_total"])
+        yield gauge("kv_blocks_used", "KV cache blocks held by requests", s.kv_blocks_used)
+        yield gauge("kv_blocks_total", "KV cache blocks in the pool", s.kv_blocks_total)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)",
-                    s["kv_blocks_used"] / max(1, s["kv_blocks_total"]))
+                    s.kv_blocks_used / max(1, s.kv_blocks_total))
         yield counter("prefix_cache_queries", "Prompt blocks looked up in the prefix cache",
-                      s["prefix_cache_queries"])
+                      s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt blocks found in the prefix cache",
-                      s["prefix_cache_hits"])
+                      s.prefix_cache_hits)
         yield gauge("prefix_cache_hit_rate", "Prefix cache hits over queries, since start",
-                    s["prefix_cache_hits"] / max(1, s["prefix_cache_queries"]))
+                    s.prefix_cache_hits / max(1, s.prefix_cache_queries))
         yield counter("num_preemptions", "Sequences preempted (recomputed later)",
-                      s["num_preemptions"])
+                      s.num_preemptions)
         yield counter("lora_slot_loads", "Adapters written into a device slot (swaps)",
-                      s["adapter_slot_loads"])
+                      s.adapter_slot_loads)

@@ -49,7 +49,7 @@ def build_app(llm: AsyncLLM, args: SimpleNamespace) -> FastAPI:
     models = ServingModels(name, getattr(args, "lora_requests", None), args.model,
                            llm.engine.max_model_len)
     completions = ServingCompletions(llm, models)
-    tok, config = llm.engine.get_tokenizer(), llm.engine.core.model.config
+    tok, config = llm.engine.get_tokenizer(), llm.engine.model_config
     chat = ServingChat(llm, models,
                        load_chat_template(args.model, getattr(args, "chat_template", None)),
                        special_tokens(args.model, tok, config.bos_token_id, config.eos_token_id))
