@@ -2,6 +2,7 @@
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,11 +70,14 @@ class _Request:
         that could still begin one are held back, so no text reported is ever taken back."""
         if tokenizer is None or isinstance(comp.stop_reason, str):
             return comp.text  # none, or already cut at the stop string
+        if comp.finished():
+            # The whole decode, as without a stream: a stream holds back the bytes of an
+            # unfinished character, which the final text shows (as U+FFFD).
+            comp.text = tokenizer.decode(comp.token_ids)
+            return comp.text
         stream = self.streams.get(comp.index)
         text = stream.text if stream is not None else tokenizer.decode(comp.token_ids)
-        if comp.finished():
-            comp.text = text
-        elif self.params.stop_strings:
+        if self.params.stop_strings:
             text = text[:max(0, len(text) - max(map(len, self.params.stop_strings)) + 1)]
         return text
 
@@ -174,7 +178,8 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._next_seq = 0
         self._rng = np.random.default_rng(config.seed)
-        self._adapter_versions: dict[int, tuple[LoRAAdapter, int]] = {}
+        self._adapter_versions: dict[int, tuple[weakref.ref, int]] = {}
+        self._last_version = 0
         self.compile_report: CompileReport | None = None
         cache_dir = enable_persistent_cache(config.cache_dir())
         if config.should_compile_on_start():
@@ -255,9 +260,13 @@ class Engine:
         """(id, version): the version changes whenever new weights take the id, so KV cached
         under old weights is never reused."""
         known = self._adapter_versions.get(lora_id)
-        if known is None or known[0] is not adapter:
-            version = 1 + max((v for _, v in self._adapter_versions.values()), default=0)
-            self._adapter_versions[lora_id] = known = (adapter, version)
+        if known is None or known[0]() is not adapter:
+            # Weak references and a counter: an adapter dropped from the registry (unloaded,
+            # or evicted) is not kept alive here, and no version is handed out twice.
+            self._adapter_versions = {i: v for i, v in self._adapter_versions.items()
+                                      if v[0]() is not None}
+            self._last_version += 1
+            self._adapter_versions[lora_id] = known = (weakref.ref(adapter), self._last_version)
         return lora_id, known[1]
 
     # Adapters -----------------------------------------------------------------------------

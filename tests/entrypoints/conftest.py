@@ -1,14 +1,11 @@
 """Shared fixtures: a tiny checkpoint with a char tokenizer, and a tiny PEFT adapter."""
 
-import contextlib
-import socket
-import threading
-import time
 from types import SimpleNamespace
 
 import pytest
 from helpers.checkpoints import write_checkpoint
 from helpers.peft import TinyShapes, make_adapter
+from helpers.server import TEMPLATE, serve_in_thread
 
 from lora_jax.tools.tiny import char_tokenizer, config_dict, tiny_config
 
@@ -26,37 +23,6 @@ def adapter_dir(tmp_path_factory):
                             shapes=TinyShapes(2, 64, 32, 96)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_in_thread(llm, args):
-    """build_app(llm, args) under uvicorn in a background thread on a free port; yields its
-    base url, and stops it (not the engine) afterwards."""
-    import uvicorn
-
-    from lora_jax.entrypoints.openai.server import build_app
-
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(llm, args), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="package")
 def server(base_model, adapter_dir):
     """A running server (uvicorn in a background thread) on a free port; stopped afterwards.
@@ -71,10 +37,6 @@ def server(base_model, adapter_dir):
     with serve_in_thread(llm, args) as url:
         yield url, llm, lora
     llm.shutdown()
-
-
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
-            "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="package")

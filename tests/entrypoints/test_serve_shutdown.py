@@ -6,16 +6,7 @@ import time
 
 import httpx
 import pytest
-
-from tests.entrypoints.conftest import TEMPLATE, _free_port
-from tests.entrypoints.test_serve_cli import _serve
-
-
-def _wait_ready(proc, port: int) -> str:
-    line = proc.stdout.readline()
-    assert f"http://127.0.0.1:{port}/v1" in line, (line, proc.stderr.read()
-                                                   if proc.poll() is not None else "")
-    return f"http://127.0.0.1:{port}"
+from helpers.server import TEMPLATE, free_port, serve_process, wait_ready
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM,
@@ -23,11 +14,11 @@ def _wait_ready(proc, port: int) -> str:
 def test_a_signal_mid_stream_stops_the_server_cleanly(base_model, tmp_path, sig):
     template = tmp_path / "chat.jinja"
     template.write_text(TEMPLATE)
-    port = _free_port()
-    proc = _serve(base_model, "--served-model-name", "tiny", "--chat-template", str(template),
-                  "--port", str(port))
+    port = free_port()
+    proc = serve_process(base_model, "--served-model-name", "tiny", "--chat-template",
+                         str(template), "--port", str(port))
     try:
-        url = _wait_ready(proc, port)
+        url = wait_ready(proc, port)
         chat = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert chat.status_code == 200
