@@ -300,3 +300,40 @@ def test_10_a_safe_name_loads_and_unloads(hard):
     assert hard[1].post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
     metrics = hard[1].get("/metrics").text
     assert name not in metrics  # its series went with it
+
+
+# logit_bias and min_tokens as vLLM applies them. The compiled sampler does not take them yet
+# (SamplingParams._check_wired refuses them); these turn green once it does.
+
+WIRING = "device side of logit_bias / min_tokens wired by lead"
+
+
+def _first_token(hard, text: str) -> int:
+    return hard[1].post("/tokenize", json={"prompt": text}).json()["tokens"][-1]
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_logit_bias_of_100_makes_greedy_pick_the_token(hard):
+    target = "z" if not hard[2].startswith("z") else "q"
+    r = hard[1].post("/v1/completions", json={
+        **GREEDY, "logit_bias": {str(_first_token(hard, target)): 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == target * GREEDY["max_tokens"]
+    r = hard[1].post("/v1/completions", json={
+        **GREEDY, "logit_bias": {str(_first_token(hard, hard[2][0])): -100}})
+    assert r.status_code == 200 and not r.json()["choices"][0]["text"].startswith(hard[2][0])
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_min_tokens_holds_off_stop_tokens_and_eos(hard):
+    stop = _first_token(hard, hard[2][0])  # greedy's first token
+    body = {**GREEDY, "stop_token_ids": [stop], "max_tokens": 6}
+    r = hard[1].post("/v1/completions", json=body)
+    assert r.json()["usage"]["completion_tokens"] == 1  # stopped at once without min_tokens
+    r = hard[1].post("/v1/completions", json={**body, "min_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 3
+    eos = {**GREEDY, "ignore_eos": False, "logit_bias": {"2": 100}, "min_tokens": 4}
+    r = hard[1].post("/v1/completions", json=eos)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
