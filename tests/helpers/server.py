@@ -80,3 +80,31 @@ class Throttle:
 
     def on_abort(self, request_id):
         pass
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def adapter_churn(url: str, paths: list[str], rounds: int, model_prefix: str = "c") -> None:
+    """Load each adapter (a distinct name and folder), complete one token with it, unload it;
+    `rounds` times over `paths`."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for r in range(rounds):
+            for i, path in enumerate(paths):
+                name = f"{model_prefix}{r}-{i}"
+                got = http.post("/v1/load_lora_adapter", json={"lora_name": name,
+                                                               "lora_path": path})
+                assert got.status_code == 200, got.text
+                got = http.post("/v1/completions", json={"model": name, "prompt": "hi",
+                                                         "max_tokens": 1})
+                assert got.status_code == 200, got.text
+                got = http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+                assert got.status_code == 200, got.text
