@@ -125,7 +125,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
         if ids is not None and (not isinstance(ids, list | tuple) or any(
                 isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
                 for t in ids)):
-            raise ValueError(f"stop_token_ids must be a list of token ids (integers >= 0), "
+            raise ValueError(f"stop_token_ids must be a list of integers >= 0 (token ids), "
                              f"got {ids!r:.80}")
 
     @property
