@@ -3,13 +3,20 @@
 import argparse
 import contextlib
 import json
+import os
 import signal
+import sys
+import threading
+import time
 
 from lora_jax.cli.errors import CommandError
 from lora_jax.cli.options import check_model_folder, port, positive_int
+from lora_jax.entrypoints.openai import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES
 from lora_jax.request import LoRARequest
 
 GRACE_S = 5  # seconds running requests get to finish after SIGTERM / Ctrl-C
+# After the grace period, how long stopping the engine may take before the process ends anyway.
+STOP_S = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--xla_force_host_platform_device_count=N to have N)")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health, "
+                             "/version and /metrics")
+    parser.add_argument("--max-n", type=positive_int, default=DEFAULT_MAX_N,
+                        help="the most choices one request may ask for (prompts x n)")
+    parser.add_argument("--max-request-bytes", type=positive_int,
+                        default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="the largest request body; larger ones get 413 unread")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="logprob tokens as 'token_id:N' unless a request says otherwise")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     parser.add_argument("--lora-root", default=None,
@@ -148,31 +164,51 @@ def run(args: argparse.Namespace) -> int:
     # them (their requests are aborted), stop the engine and exit 0.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=GRACE_S)
-    url = f"http://{args.host}:{args.port}/v1"
     name = args.served_model_name or args.model
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:  # the socket is bound: clients may connect from here on
-                print(f"lora-jax: serving {name} at {url}", flush=True)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # uvicorn's own re-raises the signal after shutting down (exit status -15, or a
-            # KeyboardInterrupt traceback); a requested shutdown that went well exits 0.
-            handled = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    server = Server(config)
+    server = _make_server(config, f"lora-jax: serving {name} at "
+                                  f"http://{args.host}:{args.port}/v1")
     try:
         server.run()
     finally:
         llm.shutdown()
     print("lora-jax: stopped", flush=True)
     return 0
+
+
+def _make_server(config, banner: str):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # the socket is bound: clients may connect from here on
+                print(banner, flush=True)
+
+        def stop(self, sig, frame):
+            if not self.should_exit:  # the first signal: a deadline for the whole stop
+                threading.Thread(target=_exit_after, args=(GRACE_S + STOP_S,), daemon=True,
+                                 name="lora-jax-stop-deadline").start()
+            self.handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal after shutting down (exit status -15, or a
+            # KeyboardInterrupt traceback); a requested shutdown that went well exits 0.
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.stop) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+def _exit_after(seconds: float) -> None:
+    """Whatever still runs (an engine call that does not return, a worker thread the
+    interpreter would wait for at exit), the process ends `seconds` after the signal."""
+    time.sleep(seconds)
+    print(f"lora-jax: not stopped {seconds} s after the signal; exiting now", file=sys.stderr,
+          flush=True)
+    os._exit(1)

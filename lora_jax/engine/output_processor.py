@@ -67,11 +67,14 @@ class RequestState:
         that could still begin one are held back, so no text reported is ever taken back."""
         if tokenizer is None or isinstance(comp.stop_reason, str):
             return comp.text  # none, or already cut at the stop string
+        if comp.finished():
+            # The whole decode, as without a stream: a stream holds back the bytes of an
+            # unfinished character, which the final text shows (as U+FFFD).
+            comp.text = tokenizer.decode(comp.token_ids)
+            return comp.text
         stream = self.streams.get(comp.index)
         text = stream.text if stream is not None else tokenizer.decode(comp.token_ids)
-        if comp.finished():
-            comp.text = text
-        elif self.new.params.stop_strings:
+        if self.new.params.stop_strings:
             stops = self.new.params.stop_strings
             text = text[:max(0, len(text) - max(map(len, stops)) + 1)]
         return text

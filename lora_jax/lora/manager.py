@@ -10,6 +10,7 @@ An adapter's identity for the prefix cache is (lora_int_id, version): the versio
 whenever new weights take the id, so KV computed under the old weights is never reused.
 """
 
+import weakref
 from pathlib import Path
 
 from lora_jax.core.scheduler import Batch, Scheduler
@@ -31,7 +32,8 @@ class AdapterManager:
         self.registry = AdapterRegistry(model_config, max_lora_rank=max_lora_rank,
                                         served=served, served_path=served_path,
                                         capacity=capacity)
-        self._versions: dict[int, tuple[LoRAAdapter, int]] = {}
+        self._versions: dict[int, tuple[weakref.ref, int]] = {}
+        self._last_version = 0
 
     @property
     def stacks(self):
@@ -92,9 +94,12 @@ class AdapterManager:
         """(id, version): the version changes whenever new weights take the id, so KV cached
         under old weights is never reused."""
         known = self._versions.get(lora_id)
-        if known is None or known[0] is not adapter:
-            version = 1 + max((v for _, v in self._versions.values()), default=0)
-            self._versions[lora_id] = known = (adapter, version)
+        if known is None or known[0]() is not adapter:
+            # Weak references and a counter: an adapter dropped from the registry (unloaded,
+            # or evicted) is not kept alive here, and no version is handed out twice.
+            self._versions = {i: v for i, v in self._versions.items() if v[0]() is not None}
+            self._last_version += 1
+            self._versions[lora_id] = known = (weakref.ref(adapter), self._last_version)
         return lora_id, known[1]
 
     def activate(self, batch: Batch) -> None:

@@ -7,7 +7,7 @@ import sys
 import httpx
 import pytest
 from helpers.fixtures import Reference
-from helpers.server import free_port, serve_cli
+from helpers.server import free_port, serve_process
 
 from lora_jax.cli.serve import parse_lora_modules
 
@@ -23,8 +23,8 @@ def test_lora_modules_parse_both_forms_and_name_bad_ones():
 
 
 def test_a_bad_adapter_stops_start_up_with_its_reason(base_model, tmp_path):
-    proc = serve_cli(base_model, "--enable-lora", "--lora-modules", f"bad={tmp_path / 'missing'}",
-                  "--port", str(free_port()))
+    proc = serve_process(base_model, "--enable-lora", "--lora-modules",
+                         f"bad={tmp_path / 'missing'}", "--port", str(free_port()))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -34,7 +34,7 @@ def test_a_bad_adapter_stops_start_up_with_its_reason(base_model, tmp_path):
 @pytest.mark.slow
 def test_serve_prints_its_url_and_answers(base_model, adapter_dir):
     port = free_port()
-    proc = serve_cli(base_model, "--served-model-name", "tiny", "--enable-lora",
+    proc = serve_process(base_model, "--served-model-name", "tiny", "--enable-lora",
                   "--lora-modules", f"sql={adapter_dir}", "--port", str(port))
     try:
         line = proc.stdout.readline()
