@@ -15,12 +15,13 @@ from safetensors.numpy import load_file, save_file
 
 from lora_jax.lora.coverage import (
     PARENT,
+    SERVED,
     check_coverage_config,
     check_tensors,
     module_name,
     unserved_targets,
 )
-from models.config import PROJECTIONS
+from models.config import FUSED, PROJECTIONS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,6 +36,7 @@ class BaseShapes(Protocol):
     """What adapter validation needs of the base model (models.LlamaConfig provides it)."""
 
     num_hidden_layers: int
+    # Optional: the family's LoRA-targetable module names (default: Llama's seven).
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]: ...
 
@@ -134,7 +136,7 @@ def read_adapter_config(folder: Path, name: str) -> dict[str, Any]:
     unserved = unserved_targets(config)
     if unserved:
         raise ValueError(f"adapter {name!r}: target module(s) {unserved} are not served; "
-                         f"lora-jax serves {list(PROJECTIONS)}")
+                         f"lora-jax serves {list(SERVED)}")
     return config
 
 
@@ -184,29 +186,73 @@ def load_adapter(
         raise ValueError(f"adapter {name!r}: {WEIGHTS_NAME} holds no LoRA weights")
     num_layers = base.num_hidden_layers if base is not None else 1 + max(
         i for per_layer in layers.values() for i in per_layer)
-    covered = check_tensors(layers, config, num_layers, name)
-    shapes = base.projection_shapes() if base is not None else {}
+    if base is not None:
+        names = getattr(base, "peft_modules", PROJECTIONS)
+    else:  # no base to ask: the file's own names tell the family
+        names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if set(layers) & set(
+            FUSED) else PROJECTIONS
+    covered = check_tensors(layers, config, num_layers, name, names)
+    shapes = _module_shapes(base.projection_shapes()) if base is not None else {}
     modules = {
         proj: _stack_module(proj, per_layer, config, num_layers, shapes.get(proj), name)
         for proj, per_layer in layers.items()
     }
-    adapter = LoRAAdapter(name=name, modules=modules, path=str(folder),
+    adapter = LoRAAdapter(name=name, modules=_unfuse(modules, shapes), path=str(folder),
                           base_model_name=config.get("base_model_name_or_path"), config=config,
-                          layers={p: tuple(sorted(i for i, q in covered if q == p))
-                                  for p in modules})
+                          layers=_unfuse_layers(covered, modules))
     if max_lora_rank is not None and adapter.rank > max_lora_rank:
         raise ValueError(f"adapter {name!r} has rank {adapter.rank}, above max_lora_rank="
                          f"{max_lora_rank}; raise max_lora_rank or use a smaller adapter")
     return adapter
 
 
+def _module_shapes(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Projection shapes plus the fused modules' (d_in, sum of their parts' d_out)."""
+    fused = {f: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts))
+             for f, parts in FUSED.items()}
+    return {**shapes, **fused}
+
+
+def _unfuse(modules: dict[str, LoRAWeights],
+            shapes: dict[str, tuple[int, int]]) -> dict[str, LoRAWeights]:
+    """A fused module's weights (Phi-3's qkv_proj: B covers q|k|v) -> one entry per projection,
+    each with the shared A and its own columns of B: the same product, in our packed form."""
+    out = {}
+    for proj, w in modules.items():
+        if proj not in FUSED:
+            out[proj] = w
+            continue
+        parts = FUSED[proj]
+        if shapes:
+            widths = [shapes[p][1] for p in parts]
+        else:  # no base: gate|up halve; q|k|v cannot be split without head counts
+            if proj == "qkv_proj":
+                raise ValueError("a fused qkv_proj adapter needs the base model's shapes to "
+                                 "split q|k|v; pass base=")
+            widths = [w.b.shape[-1] // 2] * 2
+        cuts = np.cumsum(widths[:-1]).tolist()
+        for part, b in zip(parts, np.split(w.b, cuts, axis=-1), strict=True):
+            out[part] = LoRAWeights(w.a, np.ascontiguousarray(b))
+    return out
+
+
+def _unfuse_layers(covered: set[tuple[int, str]],
+                   modules: dict[str, LoRAWeights]) -> dict[str, tuple[int, ...]]:
+    layers = {}
+    for proj in modules:
+        ids = tuple(sorted(i for i, q in covered if q == proj))
+        for part in FUSED.get(proj, (proj,)):
+            layers[part] = ids
+    return layers
+
+
 def _group_by_module(tensors: dict[str, np.ndarray], name: str) -> dict[str, dict[int, dict]]:
     layers: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
-        if match is None or match.group(2) not in PROJECTIONS:
+        if match is None or match.group(2) not in SERVED:
             raise ValueError(f"adapter {name!r}: tensor {key!r} targets a module lora-jax does "
-                             f"not serve; only LoRA on {list(PROJECTIONS)} is supported")
+                             f"not serve; only LoRA on {list(SERVED)} is supported")
         layer, proj, side = int(match.group(1)), match.group(2), match.group(3)
         value = value.astype(np.float32)  # bf16/fp16 adapters are served from float32 stacks
         if not np.all(np.isfinite(value)):
