@@ -7,7 +7,12 @@ windowed layers mask real keys; a small block size and token budget make prompts
 chunks over a cached prefix, and the second round of the same prompts hits the prefix cache.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +33,7 @@ from models import (
     set_slot,
 )
 
+TESTS = Path(__file__).resolve().parents[1]
 FAMILIES = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # bfloat16 greedy is compared up to the first step where the reference's top-1/top-2 gap is
 # under this: bfloat16 moves these random tiny models' logits by up to about 0.2 (measured:
@@ -122,3 +128,28 @@ def test_phi3_prompt_past_the_original_context_uses_the_long_factors_as_transfor
             jnp.asarray([slot], jnp.int32))
         np.testing.assert_allclose(np.asarray(model.logits(hidden))[0],
                                    ref.expected[f"logits_long_{name}"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_every_family_split_over_two_devices_equals_peft():
+    """TP=2 on forced CPU devices (a subprocess: the device count is set before JAX starts):
+    q|k|v biases split with their columns, q/k and Gemma's extra norms replicated."""
+    script = TESTS / "helpers" / "tensor_parallel_run.py"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS),
+                                         env.get("PYTHONPATH", "")])
+    spec = {"sizes": [2], "variants": list(FAMILIES), "num_kv_blocks": 64, "max_tokens": 8,
+            "compile_on_start": False, "rounds": 1}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for family in FAMILIES:
+        ref = Reference(family)
+        for out in result[family]["rounds"][0]:
+            name, j = out["case"]
+            assert out["tokens"] == out["reference"], (family, name, j)
+            want = ref.greedy_logprobs(name, j)
+            got = np.asarray(out["logprobs"])
+            np.testing.assert_allclose(got, want[np.arange(len(got)), out["tokens"]],
+                                       atol=1e-4, rtol=0, err_msg=f"{family} {name} {j}")
