@@ -142,7 +142,8 @@ class Llama(nnx.Module):
         batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend, lora_dropout,
                            kv_window, kv_cache.dtype,
                            local_rope=_local_rope(config, positions, rope_scale))
-        return self._layers(self._embed(tokens), kv_cache, lora, batch)
+        x, cache = self._layers(self._embed(tokens), kv_cache, lora, batch)
+        return self._final_norm(x), cache
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0)
@@ -156,8 +157,10 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_lora = None if lora is None else lora.layer(i)
             x, cache = decoder_layer(config, x, cache, i, layer.weights(), layer_lora, batch)
-        return (rms_norm(x, self.norm[...], config.rms_norm_eps, config.norm_offset),
-                KVCache(*cache, dtype=kv_cache.dtype))
+        return x, KVCache(*cache, dtype=kv_cache.dtype)
+
+    def _final_norm(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.norm[...], self.config.rms_norm_eps, self.config.norm_offset)
 
     def ragged(
         self,
@@ -197,8 +200,8 @@ class Llama(nnx.Module):
                            attention_backend=attention_backend,
                            local_rope=None if local is None else (local[0][:, 0][None],
                                                                   local[1][:, 0][None]))
-        hidden, cache = self._layers(self._embed(tokens)[None], kv_cache, lora, batch)
-        return hidden[0], cache
+        x, cache = self._layers(self._embed(tokens)[None], kv_cache, lora, batch)
+        return self._final_norm(x[0]), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
