@@ -191,6 +191,11 @@ def load_adapter(
     else:  # no base to ask: the file's own names tell the family
         names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if set(layers) & set(
             FUSED) else PROJECTIONS
+    foreign = sorted(set(layers) - set(names))
+    if foreign:
+        raise ValueError(f"adapter {name!r} has LoRA weights for {foreign}, modules the base "
+                         f"model does not have (its linear layers: {list(names)}); was it "
+                         "trained for another model family?")
     covered = check_tensors(layers, config, num_layers, name, names)
     shapes = _module_shapes(base.projection_shapes()) if base is not None else {}
     modules = {

@@ -153,3 +153,21 @@ def test_every_family_split_over_two_devices_equals_peft():
             got = np.asarray(out["logprobs"])
             np.testing.assert_allclose(got, want[np.arange(len(got)), out["tokens"]],
                                        atol=1e-4, rtol=0, err_msg=f"{family} {name} {j}")
+
+
+def test_phi3_fused_qkv_adapter_loads_as_one_a_and_split_b():
+    phi = LlamaConfig.from_pretrained(Reference("phi3").model)
+    adapter = load_adapter(Reference("phi3").adapter_path("qv"), base=phi)
+    q, k, v = (adapter.modules[p] for p in ("q_proj", "k_proj", "v_proj"))
+    assert np.array_equal(q.a, k.a) and np.array_equal(q.a, v.a)
+    widths = [w.b.shape[-1] for w in (q, k, v)]
+    assert widths == [phi.projection_shapes()[p][1] for p in ("q_proj", "k_proj", "v_proj")]
+    assert adapter.layers["v_proj"] == (0, 1)
+
+
+@pytest.mark.parametrize(("adapter_family", "base_family"), [("phi3", "mistral"),
+                                                             ("mistral", "phi3")])
+def test_adapter_for_another_family_is_refused_naming_the_modules(adapter_family, base_family):
+    base = LlamaConfig.from_pretrained(Reference(base_family).model)
+    with pytest.raises(ValueError, match="another model family"):
+        load_adapter(Reference(adapter_family).adapter_path("qv"), base=base)
