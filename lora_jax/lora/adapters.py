@@ -300,17 +300,23 @@ def save_adapter(
     lora_alpha: float | None = None,
     use_rslora: bool = False,
     base_model_name_or_path: str | None = None,
+    base: BaseShapes | None = None,
 ) -> Path:
     """Write `adapter` in the PEFT format (adapter_config.json + adapter_model.safetensors).
 
     The loaded B has its scaling folded in; with lora_alpha=None the config states alpha = r for
     every module so PEFT's scaling is 1. With lora_alpha given, B is divided by that scaling.
+    base: a family with fused modules (Phi-3) gets its q/k/v (gate/up) written as one qkv_proj
+    (gate_up_proj) module: A stacked over the parts, B block-diagonal, the same product.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rank = adapter.rank
+    modules = adapter.modules
+    if base is not None and "qkv_proj" in getattr(base, "peft_modules", ()):
+        modules = fuse_modules(modules, base.projection_shapes())
+    rank = max(w.rank for w in modules.values())
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
-    for proj, w in adapter.modules.items():
+    for proj, w in modules.items():
         alpha = w.rank if lora_alpha is None else lora_alpha
         scale = alpha / (math.sqrt(w.rank) if use_rslora else w.rank)
         if w.rank != rank:
@@ -324,7 +330,7 @@ def save_adapter(
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
         "lora_alpha": rank if lora_alpha is None else lora_alpha,
-        "target_modules": sorted(adapter.modules), "use_rslora": use_rslora,
+        "target_modules": sorted(modules), "use_rslora": use_rslora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "lora_dropout": 0.0,
         "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path or adapter.base_model_name,
@@ -333,3 +339,28 @@ def save_adapter(
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     return folder
+
+
+def fuse_modules(modules: dict[str, LoRAWeights],
+                 shapes: dict[str, tuple[int, int]]) -> dict[str, LoRAWeights]:
+    """Per-projection weights -> a fused module per FUSED group that has any of its parts:
+    a = the parts' A side by side [L, D_in, sum r], b block-diagonal [L, sum r, sum D_out]
+    (a part the adapter lacks adds no rank and zero columns)."""
+    out = {p: w for p, w in modules.items() if not any(p in parts for parts in FUSED.values())}
+    for fused, parts in FUSED.items():
+        present = [p for p in parts if p in modules]
+        if not present:
+            continue
+        layers = modules[present[0]].a.shape[0]
+        a = np.concatenate([modules[p].a for p in present], axis=-1)
+        b = np.zeros((layers, a.shape[-1], sum(shapes[p][1] for p in parts)), np.float32)
+        row = col = 0
+        for p in parts:
+            width = shapes[p][1]
+            if p in modules:
+                r = modules[p].rank
+                b[:, row:row + r, col:col + width] = modules[p].b
+                row += r
+            col += width
+        out[fused] = LoRAWeights(a, b)
+    return out

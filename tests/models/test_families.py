@@ -22,7 +22,7 @@ from flax import nnx
 from helpers.fixtures import Reference
 
 from lora_jax import LLM, LoRARequest, SamplingParams
-from lora_jax.lora.adapters import load_adapter
+from lora_jax.lora.adapters import load_adapter, save_adapter
 from models import (
     LlamaConfig,
     forward,
@@ -171,3 +171,22 @@ def test_adapter_for_another_family_is_refused_naming_the_modules(adapter_family
     base = LlamaConfig.from_pretrained(Reference(base_family).model)
     with pytest.raises(ValueError, match="another model family"):
         load_adapter(Reference(adapter_family).adapter_path("qv"), base=base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_adapter_reloads_with_the_same_product_for_every_family(family, tmp_path):
+    """save_adapter with the base: Phi-3's q/k/v and gate/up are written as the fused PEFT
+    modules (A stacked, B block-diagonal), the others by their own names; reloading gives the
+    same A @ B for every projection and layer."""
+    ref = Reference(family)
+    base = LlamaConfig.from_pretrained(ref.model)
+    adapter = load_adapter(ref.adapter_path("all_rslora"), base=base)
+    folder = save_adapter(adapter, tmp_path / "saved", lora_alpha=8, use_rslora=True, base=base)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert set(saved["target_modules"]) == set(base.peft_modules)
+    reloaded = load_adapter(str(folder), base=base)
+    assert set(reloaded.modules) == set(adapter.modules) == set(base.projection_shapes())
+    for proj, w in adapter.modules.items():
+        again = reloaded.modules[proj]
+        np.testing.assert_allclose(again.a @ again.b, w.a @ w.b, atol=1e-5, rtol=0,
+                                   err_msg=f"{family} {proj}")
