@@ -16,6 +16,8 @@ how the model splits is decided here, in one table, and nowhere else. Megatron's
   query heads read: the sharded model is an ordinary GQA model with tp kv heads.
 - LoRA: column-parallel projections keep A whole and split B's output; row-parallel ones
   split A's input (the [T, slots * R] shrink result is all-reduced, small) and keep B whole.
+- Family weights (models.families): q|k|v biases split with their columns, in the same
+  shard-major layout; q/k norms and Gemma's extra norms replicated.
 - Embedding, lm_head and norms replicated: the sampler needs whole logits rows anyway, and
   the vocabularies served here are small next to the layers.
 """
@@ -89,6 +91,8 @@ class TensorParallel:
             name = next(k.key for k in reversed(path) if isinstance(getattr(k, "key", None), str))
             if name == "qkv":
                 x = self._pack_qkv(x)
+            elif name == "qkv_bias":  # split with its columns: the same layout as qkv's rows
+                x = self._pack_qkv(np.asarray(x)[:, None])[:, 0]
             elif name == "gate_up":
                 x = self._pack_gate_up(x)
             # From the host: with several processes, a mesh spans devices of the others.

@@ -61,6 +61,10 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda 
   LORA_JAX_TEST_BACKEND=pallas timeout 300 "$python" -m pytest -q -p no:cacheprovider \
     tests/engine/test_paged_engine.py -k ragged_attention_kernel \
     2>&1 | tee "$out_dir/engine_kernel_tests.log" || status=1
+  # The windowed, soft-capped kernel (Gemma 2, Mistral, Qwen2, Phi-3 sliding layers) through
+  # the engine on GPU (the kernel is the default there) against transformers + PEFT.
+  timeout 300 "$python" -m pytest -q -p no:cacheprovider tests/models/test_families.py \
+    -k float32 2>&1 | tee "$out_dir/families_kernel_tests.log" || status=1
   # End to end on Llama-3-8B's layer shapes (random weights; 8 of its 32 layers to fit the
   # device budget: every layer is the same work): 64 requests over 32 rank-16 adapters through
   # 8 slots, bf16, against the same engine without LoRA. Start-up compile counts are in the JSON.

@@ -54,7 +54,7 @@ def _lora_case(pattern: str, backward: bool):
     return build
 
 
-def _attention_case(dtype, shape):
+def _attention_case(dtype, shape, **extra):
     tokens, heads, kv_heads, dim, block_size, num_seqs, max_blocks = shape
     pages = jax.ShapeDtypeStruct((num_seqs * max_blocks, block_size, kv_heads, dim), dtype)
 
@@ -62,7 +62,7 @@ def _attention_case(dtype, shape):
         return jax.ShapeDtypeStruct(s, jnp.int32)
     args = (jax.ShapeDtypeStruct((tokens, heads, dim), dtype), pages, pages, ints(num_seqs),
             ints(num_seqs, max_blocks), ints(num_seqs + 1), ints(1))
-    return functools.partial(ragged_paged_attention, backend="pallas"), args
+    return functools.partial(ragged_paged_attention, backend="pallas", **extra), args
 
 
 # (T, D_in, D_out, S, R): Llama-3-8B q / down (decode, prefill); Llama-3-70B per-shard (TP=8).
@@ -75,6 +75,14 @@ ATTENTION_SHAPES = [(64, 32, 8, 128, 16, 64, 128), (512, 32, 8, 128, 16, 64, 128
 CASES = [(f"lora_{p}_{d}", _lora_case(p, d == "bwd"), LORA_SHAPES, LORA_SMALL)
          for p in ("gather", "grouped") for d in ("fwd", "bwd")]
 CASES.append(("ragged_paged_attention", _attention_case, ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
+# Sliding layers (Mistral, Qwen2, Gemma 3, Phi-3): a window, its mask and its skipped chunks;
+# Gemma 2's add the attention soft-cap.
+CASES.append(("ragged_paged_attention_windowed",
+              functools.partial(_attention_case, sliding_window=4096),
+              ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
+CASES.append(("ragged_paged_attention_windowed_softcap",
+              functools.partial(_attention_case, sliding_window=4096, soft_cap=50.0),
+              ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 

@@ -306,7 +306,8 @@ class LoRATrainer:
         """Each adapter as a PEFT folder folder/<name> (adapter_config.json + safetensors)."""
         return [save_adapter(adapter, Path(folder) / spec.name, lora_alpha=spec.alpha,
                              use_rslora=spec.use_rslora,
-                             base_model_name_or_path=base_model_name_or_path)
+                             base_model_name_or_path=base_model_name_or_path,
+                             base=self.model_config)
                 for spec, adapter in zip(self.specs, self.adapters(), strict=True)]
 
     def _by_name(self, values: np.ndarray) -> dict[str, float]:

@@ -37,7 +37,7 @@ def shard_shapes(llm: LLM) -> dict:
 
 
 def run(size: int, spec: dict) -> dict:
-    ref = Reference("gqa")
+    ref = Reference(spec.get("variant", "gqa"))
     llm = LLM(ref.model, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
               tensor_parallel_size=size, num_kv_blocks=spec["num_kv_blocks"], block_size=8,
               max_num_batched_tokens=32, max_model_len=64,
@@ -75,6 +75,10 @@ def error_of(size: int) -> str | None:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if "variants" in spec:  # one size, several fixture variants (the model families)
+        print(json.dumps({v: run(spec["sizes"][0], {**spec, "variant": v})
+                          for v in spec["variants"]}))
+        return
     out = {str(size): run(size, spec) for size in spec["sizes"]}
     out["errors"] = {str(size): error_of(size) for size in spec.get("errors", [])}
     print(json.dumps(out))
