@@ -17,7 +17,7 @@ from flax import nnx
 
 from models.config import LlamaConfig
 from models.kv_cache import KVCache
-from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm
+from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm, with_lora_meta
 from models.lora import LoraStacks
 from models.ragged import RaggedMeta
 from models.rope import rope_cos_sin
@@ -124,6 +124,8 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(config, positions, rope_scale)
         batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend, lora_dropout,
                            kv_window, kv_cache.dtype)
+        if lora is not None:
+            batch = with_lora_meta(batch, lora.num_slots)
         x = jnp.take(self.embed[...], tokens, axis=0)
 
         cache = (kv_cache.k, kv_cache.v)
@@ -168,6 +170,8 @@ class Llama(nnx.Module):
         batch = TokenBatch(meta.positions[None], None, cos[:, 0][None], sin[:, 0][None], slot,
                            lora_backend, kv_dtype=kv_cache.dtype, ragged=meta,
                            attention_backend=attention_backend)
+        if lora is not None:
+            batch = with_lora_meta(batch, lora.num_slots)
         x = jnp.take(self.embed[...], tokens, axis=0)[None]
         cache = (kv_cache.k, kv_cache.v)
         for i, layer in enumerate(self.layers):
