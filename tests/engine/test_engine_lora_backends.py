@@ -9,7 +9,6 @@ from helpers.checkpoints import tiny_config, write_checkpoint
 from helpers.peft import TinyShapes, make_adapter
 
 from lora_jax import LLM, LoRARequest, SamplingParams
-from pallas_kernels import default_backend
 
 SHAPES = TinyShapes(hidden_size=64, kv_size=32, intermediate_size=96)
 MODULES = [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -41,14 +40,10 @@ def _generate(served, backend):
     return llm.generate(prompts, params, reqs, use_tqdm=False)
 
 
-def test_tiled_is_the_cpu_default():
-    assert default_backend() == "tiled"
-
-
 @pytest.mark.slow
-def test_the_default_tiled_backend_serves_the_dense_backends_tokens(served):
+def test_the_tiled_backend_serves_the_dense_backends_tokens(served):
     want = _generate(served, "dense")
-    got = _generate(served, None)
+    got = _generate(served, "tiled")
     # The adapters change what is generated (each adapter request is followed by the same
     # prompt on the base model): the comparison below is a real one.
     changed = [want[i].outputs[0].token_ids != want[i + 1].outputs[0].token_ids
