@@ -4,8 +4,8 @@ adapters it uses, never the number of slots.
 The dense backend multiplies every token by every slot. Here the step's slot ids are looked at
 once (step_meta, built once per step and read by every layer, as vLLM's punica wrapper does),
 and each LoRA site runs one of a few static branches (lax.switch on an index the metadata holds):
-  compact K (a step with at most K <= COMPACT_MAX distinct adapters, K in 1, 2, 4): gather those
-          K adapters and run the dense form over them alone ([T, D] @ [D, K*R]);
+  compact K (a step with at most K <= COMPACT_MAX distinct adapters, K in COMPACT_LADDER): gather
+          those K adapters, run the dense form over them alone ([T, D] @ [D, K*R]);
   tiles n (more adapters): the tokens sorted by slot into tiles of tile_rows(T) rows, each run of
           one adapter padded to whole tiles (pallas_kernels.grouping), the first n tiles
           multiplied by their own gathered adapter (a batched [n, tm, D] @ [n, D, R]). The
@@ -25,9 +25,10 @@ import jax.numpy as jnp
 from pallas_kernels import dense, grouping
 from pallas_kernels.blocks import cdiv
 
-# Steps with at most this many distinct adapters take the compact branches.
-COMPACT_MAX = 4
-COMPACT_LADDER = (1, 2, 4)
+# Steps with at most this many distinct adapters take the compact branches (its FLOPs grow with
+# K: scripts/bench_kernels.py --forms shows tiles win from a few adapters on).
+COMPACT_MAX = 2
+COMPACT_LADDER = (1, 2)
 MAX_TILE_ROWS = 32
 
 
