@@ -7,8 +7,9 @@ and turns the work into two ordinary matmuls, which XLA's CPU backend runs well:
           slot-interleaved for this) -> [T, S, R], keep slot[t]'s row;
   expand: one-hot-masked h [T, S*R] @ b reshaped [S*R, D_out] (a free reshape).
 It spends S times the minimal FLOPs, which pays off while S*R stays small next to D (decode); see
-scripts/bench_kernels.py and the api docstring for the measurement. With fewer tokens than slots
-the per-token gather reads fewer adapter bytes than all S slots, so that case uses it instead.
+scripts/bench_kernels.py --forms against the tiled backend, whose cost does not grow with S.
+With fewer tokens than slots the per-token gather reads fewer adapter bytes than all S slots,
+so that case uses it instead.
 Reference: pallas_kernels.reference.
 """
 
