@@ -25,10 +25,11 @@ import jax.numpy as jnp
 from pallas_kernels import dense, grouping
 from pallas_kernels.blocks import cdiv
 
-# Steps with at most this many distinct adapters take the compact branches (its FLOPs grow with
-# K: scripts/bench_kernels.py --forms shows tiles win from a few adapters on).
-COMPACT_MAX = 2
-COMPACT_LADDER = (1, 2)
+# Steps with at most this many distinct adapters take the compact branches (their FLOPs grow
+# with K: scripts/bench_kernels.py --forms shows tiles win from a few adapters on, and every
+# branch adds to the step's compile time).
+COMPACT_MAX = 1
+COMPACT_LADDER = (1,)
 MAX_TILE_ROWS = 32
 
 

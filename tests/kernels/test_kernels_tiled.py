@@ -48,7 +48,7 @@ def _low_rank(a, bs, num_slots: int, rank: int, rng):
     return jnp.asarray(a), tuple(jnp.asarray(b) for b in bs)
 
 
-# (T, S, distinct): compact branches (1, 2 adapters), tile branches (3 to T adapters), slots
+# (T, S, distinct): the compact branch (1 adapter), tile branches (2 to T adapters), slots
 # in the hundreds, fewer tokens than slots, one token.
 CASES = [(8, 64, 1), (8, 256, 2), (8, 256, 3), (8, 256, 7), (40, 64, 5), (40, 64, 30),
          (64, 256, 48), (130, 8, 8), (300, 256, 17), (1, 256, 1)]
