@@ -15,7 +15,7 @@ from models.config import LlamaConfig
 from models.lora import LayerLora
 from models.ragged import AttnSpec, RaggedMeta, ragged_attention, write_tokens
 from models.rope import apply_rope
-from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_shrink
+from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_meta, lora_shrink
 
 
 class LayerWeights(NamedTuple):
@@ -50,6 +50,15 @@ class TokenBatch(NamedTuple):
     ragged: RaggedMeta | None = None  # a ragged batch (B = 1, L = T tokens) over the paged pool
     attention_backend: str | None = None  # static: see models.ragged.ragged_attention
     local_rope: tuple[jax.Array, jax.Array] | None = None  # sliding layers' (cos, sin)
+    lora_meta: object = None  # the step's LoRA metadata (pallas_kernels.lora_meta), built once
+
+
+def with_lora_meta(batch: TokenBatch, num_slots: int) -> TokenBatch:
+    """The batch with its LoRA metadata: the tokens grouped by slot once per step, read by
+    every layer's shrink and expand (not regrouped at each of them)."""
+    if batch.slot is None:
+        return batch
+    return batch._replace(lora_meta=lora_meta(batch.slot, num_slots, backend=batch.lora_backend))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool = False) -> jax.Array:
@@ -79,8 +88,10 @@ def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple
         return y
     x = _dropout(x, batch, dropout_key)
     if len(lora_bs) == 1:
-        return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend)
-    return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend)
+        return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend,
+                          meta=batch.lora_meta)
+    return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend,
+                             meta=batch.lora_meta)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -116,10 +127,10 @@ def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: 
     parts = split_packed(y, widths, shards)
     if lora_a is not None:
         h = lora_shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,
-                        backend=batch.lora_backend)
+                        backend=batch.lora_backend, meta=batch.lora_meta)
         rank = h.shape[1] // len(lora_bs)
         parts = [lora_expand(p, h[:, i * rank:(i + 1) * rank], b, batch.slot,
-                             backend=batch.lora_backend)
+                             backend=batch.lora_backend, meta=batch.lora_meta)
                  for i, (p, b) in enumerate(zip(parts, lora_bs, strict=True))]
     return [p.astype(x.dtype) for p in parts]
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from models.config import LlamaConfig
 from models.kv_cache import KVCache
-from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm
+from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm, with_lora_meta
 from models.lora import LoraStacks
 from models.ragged import RaggedMeta
 from models.rope import rope_cos_sin
@@ -141,6 +141,8 @@ class Llama(nnx.Module):
         batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend, lora_dropout,
                            kv_window, kv_cache.dtype,
                            local_rope=_local_rope(config, positions, rope_scale))
+        if lora is not None:
+            batch = with_lora_meta(batch, lora.num_slots)
         x, cache = self._layers(self._embed(tokens), kv_cache, lora, batch)
         return self._final_norm(x), cache
 
@@ -199,6 +201,8 @@ class Llama(nnx.Module):
                            attention_backend=attention_backend,
                            local_rope=None if local is None else (local[0][:, 0][None],
                                                                   local[1][:, 0][None]))
+        if lora is not None:
+            batch = with_lora_meta(batch, lora.num_slots)
         x, cache = self._layers(self._embed(tokens)[None], kv_cache, lora, batch)
         return self._final_norm(x[0]), cache
 

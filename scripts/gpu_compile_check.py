@@ -66,9 +66,14 @@ def _attention_case(dtype, shape, **extra):
 
 
 # (T, D_in, D_out, S, R): Llama-3-8B q / down (decode, prefill); Llama-3-70B per-shard (TP=8).
+# Then max_loras 64 and 256 at rank 16 on the bench model (hidden 1024, mlp 2816) and
+# Llama-3-8B: the slot count only sizes the stacks each program indexes (a_ref[:, slot] loads one
+# slot's tile), so registers, shared memory and the grid must not change with it.
 LORA_SHAPES = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64), (8, 14336, 4096, 64, 8),
                (512, 8192, 1024, 4, 32), (32, 3584, 8192, 32, 16)]
-LORA_SMALL = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64)]
+LORA_SHAPES += [(t, d_in, d_out, s, 16) for s in (8, 64, 256) for t in (64, 1024)
+                for d_in, d_out in ((1024, 1024), (2816, 1024), (4096, 4096), (14336, 4096))]
+LORA_SMALL = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64), (64, 4096, 4096, 256, 16)]
 # (T, H, KV, d, block_size, S, MB): Llama-3-8B, 64 decode rows and a 512-token prefill mix over
 # 2048-token block tables. The tiles depend on G, d, block_size and dtype, not on T or S.
 ATTENTION_SHAPES = [(64, 32, 8, 128, 16, 64, 128), (512, 32, 8, 128, 16, 64, 128)]

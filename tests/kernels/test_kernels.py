@@ -47,7 +47,7 @@ CASES = [
 DTYPE_CASES = [(jnp.float32, case) for case in CASES] + [
     (jnp.bfloat16, case) for case in (CASES[0], CASES[2], CASES[3], CASES[5])
 ]
-IMPLS = ["gather", "grouped", "dense", "reference"]
+IMPLS = ["gather", "grouped", "tiled", "dense", "reference"]
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
@@ -134,7 +134,7 @@ def test_apply_in_float16(impl, rng):
     assert_close(out, expand64(y, shrink64(x, a, slot), (b,), slot), jnp.float16)
 
 
-@pytest.mark.parametrize("impl", ["gather", "grouped", "dense"])
+@pytest.mark.parametrize("impl", ["gather", "grouped", "tiled", "dense"])
 @pytest.mark.parametrize("widths", [(32,), (32, 16, 16)], ids=["single", "qkv"])
 def test_gradients_match_jax_grad_of_reference(impl, widths, rng):
     tokens, d_in, num_slots, rank = 10, 32, 4, 8

@@ -83,8 +83,8 @@ def test_poisoned_launch_shows_elements_a_kernel_never_writes():
     np.testing.assert_array_equal(np.isnan(np.asarray(out)), [False] * 4 + [True] * 4)
 
 
-def test_default_backend_is_dense_off_gpu():
-    expected = "pallas" if jax.default_backend() == "gpu" else "dense"
+def test_default_backend_is_tiled_off_gpu():
+    expected = "pallas" if jax.default_backend() == "gpu" else "tiled"
     assert pk.default_backend() == expected
 
 
