@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                         help="adapters to serve: name=path, or JSON "
                              '{"name": ..., "path": ..., "base_model_name": ...}')
+    _add_engine_arguments(parser.add_argument_group("engine"))
+    _add_server_arguments(parser.add_argument_group("HTTP server"))
+
+
+def _add_engine_arguments(parser) -> None:
     parser.add_argument("--max-loras", type=positive_int, default=1,
                         help="adapter slots on the device: distinct adapters in one step")
     parser.add_argument("--max-cpu-loras", type=positive_int, default=None,
@@ -56,6 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                         help="split the model over this many devices (on CPU, set XLA_FLAGS="
                              "--xla_force_host_platform_device_count=N to have N)")
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="several processes on one mesh: process 0's address for "
+                             "jax.distributed (every process gets the same)")
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="processes (hosts) that serve one model together")
+    parser.add_argument("--process-id", type=int, default=0,
+                        help="0 serves HTTP; the others only run the model's steps")
+
+
+def _add_server_arguments(parser) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself)")
     parser.add_argument("--api-key", default=None,
@@ -74,13 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the folder runtime-loaded adapters must lie in")
     parser.add_argument("--allow-hub-adapters", action="store_true",
                         help="let runtime loading take Hugging Face Hub ids")
-    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                        help="several processes on one mesh: process 0's address for "
-                             "jax.distributed (every process gets the same)")
-    parser.add_argument("--num-processes", type=int, default=1,
-                        help="processes (hosts) that serve one model together")
-    parser.add_argument("--process-id", type=int, default=0,
-                        help="0 serves HTTP; the others only run the model's steps")
     parser.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds")
     parser.add_argument("--port", type=port, default=8000, help="HTTP port")
 
