@@ -19,19 +19,12 @@ from helpers.kernels import (
     f64,
     normal,
     random_slots,
-    seeded_rng,
     shrink64,
     stacks,
 )
 
 import pallas_kernels as pk
 from pallas_kernels import pallas_backend
-
-
-@pytest.fixture
-def rng(request):
-    return seeded_rng(request)
-
 
 # (T, D_in, D_out, S, R, slots): odd sizes, S in {1, 4, 16}, R in {1, 8, 16, 64}, all slot kinds,
 # fewer tokens than slots.

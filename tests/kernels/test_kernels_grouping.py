@@ -10,18 +10,12 @@ from helpers.kernels import (
     PALLAS_BACKEND,
     normal,
     random_slots,
-    seeded_rng,
     stacks,
 )
 from jax.experimental import pallas as pl
 
 import pallas_kernels as pk
 from pallas_kernels import blocks, grouping
-
-
-@pytest.fixture
-def rng(request):
-    return seeded_rng(request)
 
 
 @pytest.mark.parametrize(

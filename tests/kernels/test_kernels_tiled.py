@@ -13,18 +13,12 @@ from helpers.kernels import (
     assert_close,
     expand64,
     normal,
-    seeded_rng,
     shrink64,
     stacks,
 )
 
 import pallas_kernels as pk
 from pallas_kernels import tiled
-
-
-@pytest.fixture
-def rng(request):
-    return seeded_rng(request)
 
 
 def _slots(rng, tokens: int, num_slots: int, distinct: int) -> np.ndarray:
