@@ -86,7 +86,10 @@ def test_logprobs_are_the_models_not_the_biased_ones(llm):
 
 def test_too_many_held_ids_and_bias_ids_past_the_vocabulary_are_refused(llm):
     with pytest.raises(ValueError, match="min_tokens holds off at most 64 token ids"):
-        llm.generate(["hello"], greedy(min_tokens=1, stop_token_ids=list(range(3, 70))),
+        llm.generate("hello", greedy(min_tokens=1, stop_token_ids=list(range(3, 70))),
                      use_tqdm=False)
     with pytest.raises(ValueError, match=r"logit_bias token ids \[128\] are outside"):
-        llm.generate(["hello"], greedy(logit_bias={128: 1}), use_tqdm=False)
+        llm.generate("hello", greedy(logit_bias={128: 1}), use_tqdm=False)
+    # 64 held ids fit.
+    assert llm.generate("hello", greedy(min_tokens=1, stop_token_ids=list(range(3, 67))),
+                        use_tqdm=False)[0].outputs[0].token_ids
