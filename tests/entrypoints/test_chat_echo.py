@@ -5,6 +5,8 @@ client, against LLM.generate for the generated part."""
 import pytest
 
 from lora_jax import SamplingParams
+from lora_jax.entrypoints.openai.protocol import ChatRequest
+from lora_jax.entrypoints.openai.serving_chat import ServingChat
 
 USER = {"role": "user", "content": "hi"}
 PARTIAL = {"role": "assistant", "content": "The ans"}
@@ -46,8 +48,12 @@ def test_streamed_echo_comes_first_once_per_choice(client, reference):
     assert [texts[0], texts[1]] == ["The ans" + w for w in want]
 
 
-def test_echo_joins_text_parts_of_a_list_content(client, reference):
+def test_echo_joins_the_text_parts_of_a_list_content():
+    # The test template would render the list itself (too long for the tiny model): the echo
+    # alone, as the server computes it.
     parts = {"role": "assistant", "content": [{"type": "text", "text": "a"},
+                                              {"type": "image_url", "image_url": {"url": "x"}},
                                               {"type": "text", "text": "b"}]}
-    got = _chat(client, [USER, parts], add_generation_prompt=False)
-    assert got.choices[0].message.content.startswith("a\nb")
+    req = ChatRequest(model="tiny", messages=[USER, parts], echo=True)
+    assert ServingChat.echo(req) == "a\nb"
+    assert ServingChat.echo(req.model_copy(update={"echo": False})) == ""
