@@ -121,6 +121,8 @@ class ChatRequest(_Sampling):
     top_logprobs: LogprobCount | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     add_generation_prompt: StrictBool = True
+    # Extra variables for the chat template (vLLM's field), e.g. {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):
