@@ -43,6 +43,7 @@ def family_client(request, tmp_path_factory):
         llm.shutdown()
 
 
+@pytest.mark.slow
 def test_family_completions_through_the_server_equal_peft(family_client):
     family, client = family_client
     ref = Reference(family)
