@@ -123,6 +123,9 @@ class ChatRequest(_Sampling):
     add_generation_prompt: StrictBool = True
     # Extra variables for the chat template (vLLM's field), e.g. {"enable_thinking": false}.
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: the reply starts with the last message's content when that message has the
+    # reply's role (continuing an assistant message; see ServingChat.echo).
+    echo: StrictBool = False
 
 
 class TokenizeRequest(BaseModel):
