@@ -34,6 +34,11 @@ _LAYER_SOURCES = {
 }
 
 
+def layer_tensor(layer: int, source: str) -> str:
+    """The checkpoint's name of layer `layer`'s tensor `source` (a _LAYER_SOURCES entry)."""
+    return f"model.layers.{layer}.{source}.weight"
+
+
 def resolve_dtype(dtype, config: LlamaConfig) -> str:
     """"auto" -> the checkpoint's torch_dtype; ValueError for dtypes we do not compute in."""
     if dtype == "auto":
@@ -142,7 +147,7 @@ def _packed(reader: _Reader, layer: int, param: str, shape, dtype) -> jax.Array:
     """One layer's parameter on the device, filled from its HF tensors one at a time."""
     out, offset = jnp.zeros(shape, dtype), 0
     for source in _LAYER_SOURCES[param]:
-        tensor = reader.get(f"model.layers.{layer}.{source}.weight")
+        tensor = reader.get(layer_tensor(layer, source))
         out = _place(out, tensor, jnp.int32(offset))
         offset += tensor.shape[0]
     return out

@@ -19,11 +19,12 @@ from lora_jax.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingPa
 from lora_jax.tokenizer import TextStream, TextTokenizer
 from lora_jax.worker.compilation import CompileReport, compile_all, enable_persistent_cache
 from lora_jax.worker.distributed import DONE, FILL, STEP, STOP, StepChannel
-from lora_jax.worker.mesh import check_mesh, make_mesh
+from lora_jax.worker.memory import LoadMemory
+from lora_jax.worker.mesh import tensor_parallel_for
 from lora_jax.worker.runner import Pending, RowInput, Runner
 from models import load_llama
 from models.kv_cache import kv_bytes_per_token
-from models.sharding import TensorParallel
+from models.shard_loading import load_llama_sharded
 
 # The CPU default pool: what max_num_seqs full-length sequences need, at most this.
 DEFAULT_KV_CACHE_BYTES = 4 << 30
@@ -125,8 +126,14 @@ class Engine:
         if distributed is not None:
             distributed.initialize()  # before the model touches a device
         self.model_path = resolve_model_path(config.model)
-        self.model = load_llama(self.model_path, dtype=config.dtype)
-        mc = self.model.config
+        tp = tensor_parallel_for(self.model_path, config.tensor_parallel_size, mesh)
+        memory = LoadMemory()
+        # With tensor parallelism each weight is read into its shards: no whole copy anywhere.
+        self.model = (load_llama(self.model_path, dtype=config.dtype) if tp is None else
+                      load_llama_sharded(self.model_path, tp, dtype=config.dtype))
+        memory.loaded()
+        # The checkpoint's config (a split model's own repeats kv heads for its shards).
+        self.model_config = mc = self.model.config if tp is None else tp.base_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         tok_path = Path(config.tokenizer) if config.tokenizer else self.model_path
         self.tokenizer = (TextTokenizer(tok_path, mc.bos_token_id)
@@ -142,12 +149,8 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk,
             max_prefill_seqs=config.max_prefill_seqs, kv=self.kv)
-        tp, lora_backend = None, config.lora_backend
-        if mesh is None and config.tensor_parallel_size > 1:
-            mesh = make_mesh(config.tensor_parallel_size, mc)
-        if mesh is not None:
-            check_mesh(mesh, config.tensor_parallel_size, mc)
-            tp = TensorParallel(mc, mesh)
+        lora_backend = config.lora_backend
+        if tp is not None:
             # The Pallas kernels are not wrapped in shard_map yet; the dense path splits.
             lora_backend = lora_backend or "dense"
         self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype,
@@ -180,6 +183,7 @@ class Engine:
         if config.should_compile_on_start():
             self.compile_report = compile_all(self.runner, self._stacks(), self.slots,
                                               cache_dir=cache_dir)
+        self.memory = memory.started()
 
     @property
     def is_follower(self) -> bool:
@@ -221,7 +225,7 @@ class Engine:
         or by default what max_num_seqs full-length sequences need, up to 4 GiB."""
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
-        per_block = kv_bytes_per_token(self.model.config, dtype) * config.block_size
+        per_block = kv_bytes_per_token(self.model_config, dtype) * config.block_size
         wanted = config.kv_cache_memory_bytes or min(
             DEFAULT_KV_CACHE_BYTES, config.max_num_seqs * self.max_model_len * per_block
             // config.block_size)
@@ -249,7 +253,8 @@ class Engine:
                 "running_adapters": sorted({s.adapter for s in self.scheduler.running} - {None}),
                 "waiting_adapters": sorted({s.adapter for s in self.scheduler.waiting} - {None}),
                 "max_loras": self.config.max_loras,
-                "adapter_slot_loads": self.slots.num_loads if self.slots is not None else 0}
+                "adapter_slot_loads": self.slots.num_loads if self.slots is not None else 0,
+                **self.memory.stats()}
 
     def _adapter_identity(self, lora_id: int, adapter: LoRAAdapter) -> tuple[int, int]:
         """(id, version): the version changes whenever new weights take the id, so KV cached
@@ -327,7 +332,7 @@ class Engine:
             raise ValueError(f"request {request_id}: prompt_token_ids must be integers, got "
                              f"{not_ints[:5]!r}")
         prompt_ids = [int(t) for t in prompt_ids]
-        vocab = self.model.config.vocab_size
+        vocab = self.model_config.vocab_size
         if not prompt_ids:
             raise ValueError(f"request {request_id}: the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
@@ -342,7 +347,7 @@ class Engine:
                 raise ValueError(f"adapter {lora_request.lora_name!r} has long_lora_max_len "
                                  f"{long_len} above max_model_len {self.max_model_len}; "
                                  "create the LLM with a larger max_model_len")
-            base_len = self.model.config.max_position_embeddings
+            base_len = self.model_config.max_position_embeddings
             rope_scale, max_len = float(max(1, math.ceil(long_len / base_len))), long_len
         if len(prompt_ids) >= max_len:
             raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens leaves "

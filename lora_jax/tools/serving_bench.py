@@ -136,7 +136,7 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
               tensor_parallel_size=tensor_parallel_size)
-    config = llm.engine.model.config
+    config = llm.engine.model_config
     for i in range(num_adapters):
         llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
                      random_adapter(config, args.rank, seed=i))

@@ -5,6 +5,7 @@ the outputs (token ids, logprobs), engine stats, compile stats and the shard sha
 split arrays. A subprocess because the device count must be set before JAX is imported.
 """
 
+import gc
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 from helpers.fixtures import Reference  # noqa: E402
 from lora_jax import LLM, LoRARequest, SamplingParams  # noqa: E402
+from lora_jax.worker.memory import whole_arrays  # noqa: E402
 
 
 def _shards(array) -> dict:
@@ -27,7 +29,8 @@ def shard_shapes(llm: LLM) -> dict:
     engine = llm.engine
     layer0 = engine.runner.state["layers"][0]
     out = {name: _shards(layer0[name].get_value()) for name in ("qkv", "o", "gate_up", "down")}
-    out["embed"] = _shards(engine.runner.state["embed"].get_value())
+    for name in ("embed", "lm_head"):
+        out[name] = _shards(engine.runner.state[name].get_value())
     out["kv_k"] = _shards(engine.runner.kv.k)
     lora = engine.slots.stacks.layers[0]
     for name in ("qkv_a", "q_b", "k_b", "o_a", "o_b", "gate_b", "down_a"):
@@ -36,6 +39,7 @@ def shard_shapes(llm: LLM) -> dict:
 
 
 def run(size: int, spec: dict) -> dict:
+    gc.collect()  # the previous size's engine leaves nothing on the devices this one counts
     ref = Reference("gqa")
     llm = LLM(ref.model, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
               tensor_parallel_size=size, num_kv_blocks=spec["num_kv_blocks"], block_size=8,
@@ -60,6 +64,10 @@ def run(size: int, spec: dict) -> dict:
               "compile": llm.engine.compile_stats()}
     if size > 1:
         result["shards"] = shard_shapes(llm)
+        engine = llm.engine
+        result["whole"] = whole_arrays(
+            {"model": engine.runner.state, "lora": engine.slots.stacks, "kv": engine.runner.kv,
+             "history": engine.runner.history, "carry": engine.runner.carry}, min_elements=256)
     return result
 
 
