@@ -19,7 +19,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lora_jax.worker.mesh import make_mesh  # noqa: E402
-from models import LlamaConfig, load_llama  # noqa: E402
+from models import (  # noqa: E402
+    LlamaConfig,
+    load_llama,
+    shard_loading,  # noqa: E402
+)
 from models.shard_loading import load_llama_sharded  # noqa: E402
 from models.sharding import TensorParallel, interleave  # noqa: E402
 
@@ -50,14 +54,27 @@ def run(folder: Path, tp_size: int, dtype: str) -> dict:
     whole = {k: np.asarray(v, np.float32) for k, v in flat(load_llama(folder, dtype)).items()}
     config = LlamaConfig.from_pretrained(folder)
     tp = TensorParallel(config, make_mesh(tp_size, config))
-    split = flat(load_llama_sharded(folder, tp, dtype))
+    reads = []
+    read = shard_loading._Slices.read
+    shard_loading._Slices.read = lambda self, name, index: _record(reads, read(self, name, index))
+    try:
+        split = flat(load_llama_sharded(folder, tp, dtype))
+    finally:
+        shard_loading._Slices.read = read
     want = expected(whole, config, tp_size)
     return {"equal": {k: bool(np.array_equal(np.asarray(v, np.float32), want[k]))
                       for k, v in split.items()},
             "shards": {k: sorted([list(s.data.shape), s.device.id] for s in v.addressable_shards)
                        for k, v in split.items()},
             "global": {k: list(v.shape) for k, v in split.items()},
-            "dtype": {k: str(v.dtype) for k, v in split.items()}}
+            "dtype": {k: str(v.dtype) for k, v in split.items()},
+            "largest_read_bytes": max(reads),
+            "largest_param_bytes": max(v.nbytes for v in whole.values())}
+
+
+def _record(reads: list, array: np.ndarray) -> np.ndarray:
+    reads.append(array.nbytes)
+    return array
 
 
 def main() -> None:

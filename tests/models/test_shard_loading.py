@@ -55,3 +55,9 @@ def test_each_device_holds_only_its_slice_of_every_parameter(loaded, size):
             want[axis] //= size
         assert [shape for shape, _ in shards] == [want] * size, key
         assert [device for _, device in shards] == list(range(size)), key
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_no_read_from_the_checkpoint_is_larger_than_one_devices_slice(loaded, size):
+    out = loaded[f"{size}-float32"]  # float32 on disk and in the model: bytes compare alike
+    assert out["largest_read_bytes"] <= out["largest_param_bytes"] // size
