@@ -4,13 +4,15 @@ Numerics follow transformers' Llama: RMSNorm in float32, the residual stream and
 the model dtype, matmuls accumulated in float32, softmax in float32.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from models import kv_cache
+from models import kv_cache, tp_kernels
 from models.config import LlamaConfig
 from models.lora import LayerLora
 from models.ragged import RaggedMeta, ragged_attention, write_tokens
@@ -43,6 +45,7 @@ class TokenBatch(NamedTuple):
     kv_dtype: str = "float32"  # static: the dtype the KV cache holds
     ragged: RaggedMeta | None = None  # a ragged batch (B = 1, L = T tokens) over the paged pool
     attention_backend: str | None = None  # static: see models.ragged.ragged_attention
+    mesh: Mesh | None = None  # static: a tensor-parallel mesh (Pallas kernels: shard_map)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -63,6 +66,9 @@ def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple
     if lora_a is None:
         return y
     x = _dropout(x, batch, dropout_key)
+    if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
+        return tp_kernels.row_apply(batch.mesh, y, x, lora_a, lora_bs[0], batch.slot,
+                                    batch.lora_backend)  # o, down: the row-parallel ones
     if len(lora_bs) == 1:
         return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend)
     return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend)
@@ -96,11 +102,15 @@ def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: 
     y = matmul(x, w)
     parts = split_packed(y, widths, shards)
     if lora_a is not None:
-        h = lora_shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,
-                        backend=batch.lora_backend)
+        shrink, expand = lora_shrink, lora_expand
+        if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
+            shrink = functools.partial(tp_kernels.column_shrink, batch.mesh)
+            expand = functools.partial(tp_kernels.column_expand, batch.mesh)
+        h = shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,
+                   backend=batch.lora_backend)
         rank = h.shape[1] // len(lora_bs)
-        parts = [lora_expand(p, h[:, i * rank:(i + 1) * rank], b, batch.slot,
-                             backend=batch.lora_backend)
+        parts = [expand(p, h[:, i * rank:(i + 1) * rank], b, batch.slot,
+                        backend=batch.lora_backend)
                  for i, (p, b) in enumerate(zip(parts, lora_bs, strict=True))]
     return [p.astype(x.dtype) for p in parts]
 
@@ -165,8 +175,11 @@ def decoder_layer(
         k_cache = write_tokens(cache[0], layer, meta.slot_mapping, k[0], batch.kv_dtype)
         v_cache = write_tokens(cache[1], layer, meta.slot_mapping,
                                v.reshape(length, kv, hd), batch.kv_dtype)
-        attn = ragged_attention(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype,
-                                batch.attention_backend)[None]
+        ragged = ragged_attention
+        if batch.mesh is not None and tp_kernels.attention_runs_pallas(batch.attention_backend):
+            ragged = functools.partial(tp_kernels.attention, batch.mesh)
+        attn = ragged(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype,
+                      batch.attention_backend)[None]
     else:
         k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
                                        batch.kv_dtype)

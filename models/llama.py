@@ -145,6 +145,7 @@ class Llama(nnx.Module):
         *,
         lora_backend: str | None = None,
         attention_backend: str | None = None,
+        mesh=None,
     ) -> tuple[jax.Array, KVCache]:
         """One ragged step over the paged pool (see models.ragged).
 
@@ -152,6 +153,8 @@ class Llama(nnx.Module):
         layouts); adapter_slot [R] int32 (-1 = base), rope_scale [R] float32, seq_len [R] int32
         (each request's last position in this step + 1, for dynamic NTK RoPE) -> (hidden
         [T, D] after the final norm, kv_cache with this step's keys and values written).
+        mesh: the tensor-parallel mesh of a split model (its Pallas kernels run under
+        shard_map, models.tp_kernels), else None.
         """
         config = self.config
         req = jnp.minimum(meta.token_req, meta.tables.shape[0] - 1)
@@ -167,7 +170,7 @@ class Llama(nnx.Module):
                                 None if seq_len is None else seq_len[req])
         batch = TokenBatch(meta.positions[None], None, cos[:, 0][None], sin[:, 0][None], slot,
                            lora_backend, kv_dtype=kv_cache.dtype, ragged=meta,
-                           attention_backend=attention_backend)
+                           attention_backend=attention_backend, mesh=mesh)
         x = jnp.take(self.embed[...], tokens, axis=0)[None]
         cache = (kv_cache.k, kv_cache.v)
         for i, layer in enumerate(self.layers):

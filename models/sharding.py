@@ -35,8 +35,7 @@ from models.config import LlamaConfig
 from models.kv_cache import KV_AXES, KVCache, init_paged_kv_cache
 from models.llama import PARAM_AXES
 from models.lora import LORA_AXES, LayerLora, LoraStacks, init_lora_stacks
-
-TP = "tp"
+from models.tp_kernels import TP
 
 # Logical axis -> mesh axis (None: replicated). A "dp" axis would map a batch axis here.
 RULES: dict[str, str | None] = {

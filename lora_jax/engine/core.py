@@ -149,10 +149,6 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk,
             max_prefill_seqs=config.max_prefill_seqs, kv=self.kv)
-        lora_backend = config.lora_backend
-        if tp is not None:
-            # The Pallas kernels are not wrapped in shard_map yet; the dense path splits.
-            lora_backend = lora_backend or "dense"
         self.slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype,
                                    tensor_parallel=tp)
                       if config.enable_lora else None)
@@ -160,7 +156,7 @@ class Engine:
                              num_blocks=self.num_kv_blocks, block_size=config.block_size,
                              dtype=dtype, max_num_batched_tokens=config.max_num_batched_tokens,
                              max_prefill_seqs=config.max_prefill_seqs,
-                             lora_backend=lora_backend,
+                             lora_backend=config.lora_backend,
                              attention_backend=config.attention_backend, tensor_parallel=tp)
         self.channel = None
         if distributed is not None:

@@ -65,13 +65,15 @@ class Requests(NamedTuple):
 
 def _step(graphdef, state, stacks, kv, history: History, carry, tokens, src, meta: RaggedMeta,
           req: Requests, sampling: SamplingArrays, general, want_logprobs, new_prompts, *,
-          lora_backend: str | None, attention_backend: str | None, logits_sharding=None):
+          lora_backend: str | None, attention_backend: str | None, logits_sharding=None,
+          mesh=None):
     model = nnx.merge(graphdef, state)
     # A token sampled by the previous step, not yet seen by the host, is read on the device:
     # src indexes that step's sampled tokens (carry), -1 = the host's token.
     tokens = jnp.where(src >= 0, carry[jnp.maximum(src, 0)], tokens)
     hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, meta.kv_lens,
-                              lora_backend=lora_backend, attention_backend=attention_backend)
+                              lora_backend=lora_backend, attention_backend=attention_backend,
+                              mesh=mesh)
     logits = model.logits(hidden[req.logits_index])  # [R, V]: each request's last token
     if logits_sharding is not None:
         # A vocab-split lm_head: each device computes its columns, then the [R, V] rows are
@@ -164,12 +166,10 @@ class Runner:
             self.graphdef, self.state, self.kv, self.history, shardings = _place(
                 model, tp, num_blocks, block_size, dtype, num_rows)
             logits_sharding = (tp.sharding(("rows", "vocab")), tp.replicated)
-            # The Pallas attention kernel has no shard_map wrapper yet: split heads take the
-            # plain-XLA path, which GSPMD partitions.
-            attention_backend = attention_backend or "xla"
         self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend,
                                               attention_backend=attention_backend,
-                                              logits_sharding=logits_sharding),
+                                              logits_sharding=logits_sharding,
+                                              mesh=None if tp is None else tp.mesh),
                             donate_argnames=("kv", "history"), **shardings)
         # The last step's sampled tokens, padded to max_num_seqs, kept on the device for the
         # next step (see Pending).

@@ -44,10 +44,13 @@ def run(size: int, spec: dict) -> dict:
     llm = LLM(ref.model, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
               tensor_parallel_size=size, num_kv_blocks=spec["num_kv_blocks"], block_size=8,
               max_num_batched_tokens=32, max_model_len=64,
-              compile_on_start=spec["compile_on_start"])
+              compile_on_start=spec["compile_on_start"],
+              lora_backend=spec.get("lora_backend"),
+              attention_backend=spec.get("attention_backend"))
     reqs = {"base": None, **{n: LoRARequest(n, i + 1, ref.adapter_path(n))
                              for i, n in enumerate(ref.adapters)}}
-    cases = [(name, j) for j in range(ref.num_prompts) for name in reqs]
+    cases = [(name, j) for j in range(spec.get("num_prompts", ref.num_prompts))
+             for name in reqs]
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
                             logprobs=2)
     rounds = []
