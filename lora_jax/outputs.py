@@ -1,6 +1,6 @@
 """What generate returns, shaped like vLLM's RequestOutput / CompletionOutput."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_jax.request import LoRARequest
 
@@ -46,3 +46,23 @@ class RequestOutput:
     lora_request: LoRARequest | None = None
     error: str | None = None
     metrics: RequestMetrics | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's counters and gauges at one moment (for metrics and benchmarks)."""
+
+    num_running: int  # sequences running
+    num_waiting: int  # sequences waiting to start
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int  # prompt blocks looked up in the prefix cache
+    prefix_cache_hits: int  # of those, found cached
+    num_preemptions: int  # sequences preempted (recomputed later)
+    running_adapters: list[int]  # lora_int_ids of running sequences
+    waiting_adapters: list[int]  # lora_int_ids of waiting sequences
+    max_loras: int
+    adapter_slot_loads: int  # adapters written into a device slot (swaps in and reloads)
+    # Start-up memory (lora_jax.worker.memory.MemoryReport.stats): host RSS before loading and
+    # its peaks while loading and through start-up, bytes per device after each, in bytes.
+    memory: dict = field(default_factory=dict)

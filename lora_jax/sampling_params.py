@@ -23,7 +23,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     vLLM: presence and frequency (in [-2, 2], on generated tokens), repetition (> 0, 1 = off,
     on prompt and generated tokens).
     `logprobs=k` returns, for each generated token, the top-k log-probabilities (plus the
-    sampled token's). Values are checked on construction and again when a request is added.
+    sampled token's). `min_tokens`: no EOS or stop token ends the output before that many
+    tokens (vLLM's rule: 0 <= min_tokens <= max_tokens). `logit_bias`: {token id: bias in
+    [-100, 100]} added to the logits before sampling (OpenAI's). Values are checked on
+    construction and again when a request is added.
     """
 
     n: int = 1
@@ -40,6 +43,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY
 
     def __post_init__(self) -> None:
@@ -68,6 +73,38 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
                              f"{self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        # The compiled step takes these as int32 inputs.
+        if self.top_k > INT32_MAX:
+            raise ValueError(f"top_k must be at most {INT32_MAX}, got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
+                             f"{self.min_tokens}")
+        self._check_logit_bias()
+        self._check_wired()
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must be a dict of at most {MAX_LOGIT_BIAS} "
+                             f"{{token id: bias}} entries, got {bias!r:.80}")
+        for token, value in bias.items():
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got "
+                                 f"{token!r:.40}")
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not -100 <= value <= 100):
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got "
+                                 f"{value!r:.40} for token {token}")
+
+    def _check_wired(self) -> None:
+        # The compiled sampler does not take these per-row inputs yet: refuse rather than
+        # silently ignore them. Remove a name here once the device side applies it.
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported yet")
+        if self.min_tokens:
+            raise ValueError("min_tokens is not supported yet")
 
     def _check_types(self) -> None:
         # msgspec does not type-check on construction: a bool would pass as an int, a float
@@ -86,8 +123,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, list | tuple) or any(
-                isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids)):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r:.80}")
+                isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
+                for t in ids)):
+            raise ValueError(f"stop_token_ids must be a list of integers >= 0 (token ids), "
+                             f"got {ids!r:.80}")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -101,7 +140,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
 
 
 MAX_LOGPROBS = 20
-_INT_FIELDS = ("n", "top_k", "max_tokens", "seed", "logprobs")
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+INT32_MAX = 2**31 - 1
+_INT_FIELDS = ("n", "top_k", "max_tokens", "seed", "logprobs", "min_tokens")
 _OPTIONAL = ("seed", "logprobs")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty")

@@ -1,5 +1,11 @@
-"""The model folder's tokenizer.json through the `tokenizers` library, with incremental decode."""
+"""The model folder's tokenizer.json through the `tokenizers` library, with incremental decode.
 
+encode and decode go through the library's batch calls, which release the GIL: a long prompt
+tokenized in a worker thread does not stall the server's event loop or the engine thread.
+"""
+
+import functools
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -24,13 +30,32 @@ class TextTokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode_batch([ids], skip_special_tokens=True)[0]
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """An upper bound on the characters of text one token can stand for, or None where the
+        tokenizer's parts allow no such bound (a normalizer or pre-tokenizer that drops text,
+        an unknown token that swallows any run of characters). A text of more than
+        max_chars_per_token * n characters is certainly more than n tokens."""
+        spec = json.loads(self._tok.to_str())
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or (model.get("unk_token") is not None
+                                          and model.get("fuse_unk")):
+            return None
+        if not _keeps_every_char(spec.get("normalizer"), _NORMALIZERS) or not _keeps_every_char(
+                spec.get("pre_tokenizer"), _PRE_TOKENIZERS):
+            return None
+        # A byte-level vocabulary writes one character per byte: never fewer than the text's.
+        strings = [*model.get("vocab", {}), *(t.get("content", "") for t in
+                                              spec.get("added_tokens") or [])]
+        return max(1, *(len(s) for s in strings))
 
     def token_text(self, token_id: int) -> str:
         """One token's own text, special tokens included (for logprobs); an id the vocabulary
@@ -61,3 +86,21 @@ class TextStream:
         piece = self._stream.step(self._tok, token_id) or ""
         self.text += piece
         return piece
+
+
+# Normalizers and pre-tokenizers that never remove or merge characters of the input.
+_NORMALIZERS = {"Prepend", "NFD"}
+_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "Split"}
+
+
+def _keeps_every_char(part: dict | None, allowed: set[str]) -> bool:
+    if part is None:
+        return True
+    if part.get("type") == "Sequence":
+        children = part.get("normalizers") or part.get("pretokenizers") or []
+        return all(_keeps_every_char(c, allowed) for c in children)
+    if part.get("type") == "Split" and part.get("behavior") == "Removed":
+        return False
+    if part.get("type") == "Replace":  # one character for one (Llama's " " -> "▁")
+        return len(part.get("pattern", {}).get("String") or "") == 1 and bool(part.get("content"))
+    return part.get("type") in allowed

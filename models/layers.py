@@ -15,20 +15,26 @@ from jax.sharding import Mesh
 from models import kv_cache, tp_kernels
 from models.config import LlamaConfig
 from models.lora import LayerLora
-from models.ragged import RaggedMeta, ragged_attention, write_tokens
+from models.ragged import AttnSpec, RaggedMeta, ragged_attention, write_tokens
 from models.rope import apply_rope
-from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_shrink
+from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_meta, lora_shrink
 
 
 class LayerWeights(NamedTuple):
-    """One layer's weights, matrices [d_out, d_in]: qkv = [q | k | v], gate_up = [gate | up]."""
+    """One layer's weights, matrices [d_out, d_in]: qkv = [q | k | v], gate_up = [gate | up].
+    The optional ones exist only where the family's switches ask for them (else None)."""
 
     attn_norm: jax.Array  # [D]
     qkv: jax.Array  # [(H + 2 * KV) * head_dim, D]
     o: jax.Array  # [D, H * head_dim]
-    mlp_norm: jax.Array  # [D]
+    mlp_norm: jax.Array  # [D] (Gemma: pre_feedforward_layernorm)
     gate_up: jax.Array  # [2 * I, D]
     down: jax.Array  # [D, I]
+    qkv_bias: jax.Array | None = None  # [(H + 2 * KV) * head_dim]: attention_bias
+    q_norm: jax.Array | None = None  # [head_dim]: qk_norm
+    k_norm: jax.Array | None = None  # [head_dim]: qk_norm
+    post_attn_norm: jax.Array | None = None  # [D]: sandwich_norms
+    post_mlp_norm: jax.Array | None = None  # [D]: sandwich_norms
 
 
 class TokenBatch(NamedTuple):
@@ -45,14 +51,32 @@ class TokenBatch(NamedTuple):
     kv_dtype: str = "float32"  # static: the dtype the KV cache holds
     ragged: RaggedMeta | None = None  # a ragged batch (B = 1, L = T tokens) over the paged pool
     attention_backend: str | None = None  # static: see models.ragged.ragged_attention
+    local_rope: tuple[jax.Array, jax.Array] | None = None  # sliding layers' (cos, sin)
+    lora_meta: object = None  # the step's LoRA metadata (pallas_kernels.lora_meta), built once
     mesh: Mesh | None = None  # static: a tensor-parallel mesh (Pallas kernels: shard_map)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x [..., D] (any dtype), weight [D] -> [..., D] in x's dtype; statistics in float32."""
+def with_lora_meta(batch: TokenBatch, num_slots: int) -> TokenBatch:
+    """The batch with its LoRA metadata: the tokens grouped by slot once per step, read by
+    every layer's shrink and expand (not regrouped at each of them)."""
+    if batch.slot is None:
+        return batch
+    return batch._replace(lora_meta=lora_meta(batch.slot, num_slots, backend=batch.lora_backend))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool = False) -> jax.Array:
+    """x [..., D] (any dtype), weight [D] -> [..., D] in x's dtype; statistics in float32.
+    offset: Gemma's x * (1 + w), the product taken in float32 before the cast (as theirs)."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * normed.astype(x.dtype)
+
+
+def norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """The family's RMSNorm of x with weight."""
+    return rms_norm(x, weight, config.rms_norm_eps, config.norm_offset)
 
 
 def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple,
@@ -68,10 +92,12 @@ def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple
     x = _dropout(x, batch, dropout_key)
     if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
         return tp_kernels.row_apply(batch.mesh, y, x, lora_a, lora_bs[0], batch.slot,
-                                    batch.lora_backend)  # o, down: the row-parallel ones
+                                    batch.lora_backend, batch.lora_meta)  # o, down
     if len(lora_bs) == 1:
-        return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend)
-    return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend)
+        return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend,
+                          meta=batch.lora_meta)
+    return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend,
+                             meta=batch.lora_meta)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -89,17 +115,21 @@ def _dropout(x: jax.Array, batch: TokenBatch, key: jax.Array | None) -> jax.Arra
 
 def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: int,
                    lora_a: jax.Array | None, lora_bs: tuple, batch: TokenBatch,
-                   dropout_key: jax.Array | None = None) -> list[jax.Array]:
+                   dropout_key: jax.Array | None = None,
+                   bias: jax.Array | None = None) -> list[jax.Array]:
     """A packed projection (q|k|v, gate|up) -> its parts [T, w_i] in x's dtype.
 
     shards > 1: w's columns are shard-major (see models.sharding), so the base matmul's output
     is cut per shard, a local split when the columns are split over the shards; each part then
-    gets its own adapter expand from one shared shrink.
+    gets its own adapter expand from one shared shrink. bias [sum w_i] in w's column layout.
     """
     if shards == 1:
-        y = project(x, w, lora_a, lora_bs, batch, dropout_key).astype(x.dtype)
+        y = project(x, w, lora_a, lora_bs, batch, dropout_key)
+        y = (y if bias is None else y + bias.astype(jnp.float32)).astype(x.dtype)
         return jnp.split(y, np.cumsum(widths[:-1]).tolist(), axis=-1)
     y = matmul(x, w)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
     parts = split_packed(y, widths, shards)
     if lora_a is not None:
         shrink, expand = lora_shrink, lora_expand
@@ -107,10 +137,10 @@ def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: 
             shrink = functools.partial(tp_kernels.column_shrink, batch.mesh)
             expand = functools.partial(tp_kernels.column_expand, batch.mesh)
         h = shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,
-                   backend=batch.lora_backend)
+                   backend=batch.lora_backend, meta=batch.lora_meta)
         rank = h.shape[1] // len(lora_bs)
         parts = [expand(p, h[:, i * rank:(i + 1) * rank], b, batch.slot,
-                        backend=batch.lora_backend)
+                        backend=batch.lora_backend, meta=batch.lora_meta)
                  for i, (p, b) in enumerate(zip(parts, lora_bs, strict=True))]
     return [p.astype(x.dtype) for p in parts]
 
@@ -123,18 +153,26 @@ def split_packed(y: jax.Array, widths: tuple[int, ...], shards: int) -> list[jax
     return [p.reshape(y.shape[0], -1) for p in jnp.split(cut, bounds, axis=-1)]
 
 
-def attend(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
+           spec: AttnSpec | None = None) -> jax.Array:
     """Grouped-query attention of each query over its own cache row, up to its own position.
 
     q [B, L, H, d]; keys, values [B, max_len, KV, d] with entry p holding position p;
     positions [B, L] (-1 = padding, which sees nothing and outputs garbage) -> [B, L, H, d].
+    spec: scale, soft-cap and sliding window (None: d^-0.5, neither).
     """
     batch, length, heads, dim = q.shape
     kv_heads, max_len = keys.shape[2], keys.shape[1]
+    spec = spec or AttnSpec(dim ** -0.5)
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("blkgd,bskd->bkgls", q, keys, preferred_element_type=jnp.float32)
-    scores = scores * (dim ** -0.5)
-    visible = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # [B, L, max_len]
+    scores = scores * spec.scale
+    if spec.softcap is not None:
+        scores = jnp.tanh(scores / spec.softcap) * spec.softcap
+    kpos = jnp.arange(max_len)[None, None, :]
+    visible = kpos <= positions[:, :, None]  # [B, L, max_len]
+    if spec.window is not None:
+        visible &= kpos > positions[:, :, None] - spec.window
     # A finite floor, not -inf: padding queries see no key and must not turn into NaN.
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
@@ -149,6 +187,60 @@ def _group(lora: LayerLora | None, a: str, *bs: str) -> tuple[jax.Array | None, 
     return getattr(lora, a), tuple(getattr(lora, b) for b in bs)
 
 
+def layer_spec(config: LlamaConfig, layer: int) -> AttnSpec:
+    """Layer `layer`'s static attention numerics."""
+    return AttnSpec(config.attention_scale, config.attn_logit_softcapping, config.window(layer))
+
+
+def _rope(config: LlamaConfig, layer: int, batch: TokenBatch) -> tuple[jax.Array, jax.Array]:
+    if batch.local_rope is not None and config.window(layer) is not None:
+        return batch.local_rope
+    return batch.cos, batch.sin
+
+
+def _attention(config: LlamaConfig, normed: jax.Array, cache: tuple, layer: int,
+               w: LayerWeights, lora: LayerLora | None, batch: TokenBatch, keys: list,
+               shape: tuple[int, int]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """normed [B * L, D] -> (attention output [B * L, D] float32, cache with k/v written)."""
+    (b, length), spec = shape, layer_spec(config, layer)
+    h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q, k, v = project_packed(normed, w.qkv, (h * hd, kv * hd, kv * hd), config.packed_shards,
+                             *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch, keys[0],
+                             w.qkv_bias)
+    q, k = q.reshape(b, length, h, hd), k.reshape(b, length, kv, hd)
+    if config.qk_norm:  # per head, before RoPE
+        q, k = norm(config, q, w.q_norm), norm(config, k, w.k_norm)
+    cos, sin = _rope(config, layer, batch)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if batch.ragged is not None:
+        meta = batch.ragged
+        k_cache = write_tokens(cache[0], layer, meta.slot_mapping, k[0], batch.kv_dtype)
+        v_cache = write_tokens(cache[1], layer, meta.slot_mapping,
+                               v.reshape(length, kv, hd), batch.kv_dtype)
+        ragged = ragged_attention
+        if batch.mesh is not None and tp_kernels.attention_runs_pallas(batch.attention_backend):
+            ragged = functools.partial(tp_kernels.attention, batch.mesh)
+        attn = ragged(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype,
+                      batch.attention_backend, spec)[None]
+    else:
+        k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
+                                       batch.kv_dtype)
+        v_cache = kv_cache.write_layer(cache[1], layer, batch.rows, batch.positions,
+                                       v.reshape(b, length, kv, hd), batch.kv_dtype)
+        read = (kv_cache.read_layer(c, layer, batch.rows, batch.kv_dtype, batch.kv_window)
+                for c in (k_cache, v_cache))
+        attn = attend(q, *read, batch.positions, spec)
+    attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
+                   keys[1])
+    return attn, (k_cache, v_cache)
+
+
+def _activation(config: LlamaConfig, gate: jax.Array) -> jax.Array:
+    if config.hidden_act == "gelu_pytorch_tanh":
+        return jax.nn.gelu(gate, approximate=True)
+    return jax.nn.silu(gate)
+
+
 def decoder_layer(
     config: LlamaConfig,
     x: jax.Array,
@@ -160,44 +252,24 @@ def decoder_layer(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, L, D]; cache (k, v) [layers, rows, max_len, KV, d] written at `layer` -> (x, cache)."""
     b, length, d = x.shape
-    h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     # One dropout mask per packed projection (q|k|v share one; PEFT draws one per projection).
     keys = (jax.random.split(jax.random.fold_in(batch.lora_dropout[0], layer), 4)
             if batch.lora_dropout is not None else [None] * 4)
 
-    normed = rms_norm(x, w.attn_norm, config.rms_norm_eps).reshape(b * length, d)
-    q, k, v = project_packed(normed, w.qkv, (h * hd, kv * hd, kv * hd), config.packed_shards,
-                             *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch, keys[0])
-    q = apply_rope(q.reshape(b, length, h, hd), batch.cos, batch.sin)
-    k = apply_rope(k.reshape(b, length, kv, hd), batch.cos, batch.sin)
-    if batch.ragged is not None:
-        meta = batch.ragged
-        k_cache = write_tokens(cache[0], layer, meta.slot_mapping, k[0], batch.kv_dtype)
-        v_cache = write_tokens(cache[1], layer, meta.slot_mapping,
-                               v.reshape(length, kv, hd), batch.kv_dtype)
-        ragged = ragged_attention
-        if batch.mesh is not None and tp_kernels.attention_runs_pallas(batch.attention_backend):
-            ragged = functools.partial(tp_kernels.attention, batch.mesh)
-        attn = ragged(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype,
-                      batch.attention_backend)[None]
-    else:
-        k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
-                                       batch.kv_dtype)
-        v_cache = kv_cache.write_layer(cache[1], layer, batch.rows, batch.positions,
-                                       v.reshape(b, length, kv, hd), batch.kv_dtype)
-        attn = attend(q, kv_cache.read_layer(k_cache, layer, batch.rows, batch.kv_dtype,
-                                             batch.kv_window),
-                      kv_cache.read_layer(v_cache, layer, batch.rows, batch.kv_dtype,
-                                          batch.kv_window),
-                      batch.positions)
-    attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
-                   keys[1])
-    x = x + attn.astype(x.dtype).reshape(b, length, d)
+    normed = norm(config, x, w.attn_norm).reshape(b * length, d)
+    attn, cache = _attention(config, normed, cache, layer, w, lora, batch, keys, (b, length))
+    attn = attn.astype(x.dtype).reshape(b, length, d)
+    if config.sandwich_norms:
+        attn = norm(config, attn, w.post_attn_norm)
+    x = x + attn
 
-    normed = rms_norm(x, w.mlp_norm, config.rms_norm_eps).reshape(b * length, d)
+    normed = norm(config, x, w.mlp_norm).reshape(b * length, d)
     inter = config.intermediate_size
     gate, up = project_packed(normed, w.gate_up, (inter, inter), config.packed_shards,
                               *_group(lora, "gate_up_a", "gate_b", "up_b"), batch, keys[2])
-    hidden = jax.nn.silu(gate) * up
+    hidden = _activation(config, gate) * up
     mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch, keys[3])
-    return x + mlp.astype(x.dtype).reshape(b, length, d), (k_cache, v_cache)
+    mlp = mlp.astype(x.dtype).reshape(b, length, d)
+    if config.sandwich_norms:
+        mlp = norm(config, mlp, w.post_mlp_norm)
+    return x + mlp, cache

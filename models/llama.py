@@ -2,9 +2,8 @@
 
 Why not stacked layers under lax.scan: the dot thunks of XLA:CPU need each layer's weights as a
 buffer of their own, so a scan (or any slice of a stacked parameter) copies every layer's weights
-before its matmuls, on every step. On the bench model that copy cost a quarter of a decode step
-(187 ms scanned vs 116 ms unrolled, 32 rows, float32). Unrolled layers compile a little slower,
-once per shape bucket (a decode step of the bench model: 1.2 s against 0.8 s scanned).
+before its matmuls, on every step (the README's design measurements give the cost). Unrolled
+layers compile a little slower, once per shape bucket.
 
 Jit it the way Flax's performance guide recommends: `graphdef, state = nnx.split(model)` once,
 then `nnx.merge(graphdef, state)` inside your own jax.jit (or jit `forward`, graphdef static).
@@ -17,7 +16,7 @@ from flax import nnx
 
 from models.config import LlamaConfig
 from models.kv_cache import KVCache
-from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm
+from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm, with_lora_meta
 from models.lora import LoraStacks
 from models.ragged import RaggedMeta
 from models.rope import rope_cos_sin
@@ -29,13 +28,16 @@ PARAM_AXES = {
     "embed": ("vocab", "embed"), "lm_head": ("vocab", "embed"), "norm": ("embed",),
     "attn_norm": ("embed",), "qkv": ("qkv", "embed"), "o": ("embed", "heads"),
     "mlp_norm": ("embed",), "gate_up": ("gate_up", "embed"), "down": ("embed", "mlp"),
+    # Family switches: biases split with their columns, norms replicated.
+    "qkv_bias": ("qkv",), "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "post_attn_norm": ("embed",), "post_mlp_norm": ("embed",),
 }
 
 
 class DecoderLayer(nnx.Module):
     """One layer's weights; matrices stored [d_out, d_in] as Hugging Face stores them (XLA:CPU's
-    matmuls read weights stored output-major 1.2-2x faster at decode sizes: a bench-model
-    decode step in bfloat16 went from 55 to 47 ms), q|k|v and gate|up packed."""
+    matmuls read weights stored output-major faster at decode sizes; see the README's design
+    measurements), q|k|v and gate|up packed."""
 
     def __init__(self, config: LlamaConfig, dtype, rngs: nnx.Rngs):
         d, i = config.hidden_size, config.intermediate_size
@@ -46,15 +48,29 @@ class DecoderLayer(nnx.Module):
         def init(d_in: int, d_out: int) -> nnx.Param:  # drawn [d_in, d_out], as always
             return nnx.Param(normal(rngs.params(), (d_in, d_out), dtype).T)
 
-        self.attn_norm = nnx.Param(jnp.ones((d,), dtype))
+        self.attn_norm = norm_param(config, d, dtype)
         self.qkv = init(d, q + 2 * kv)
         self.o = init(q, d)
-        self.mlp_norm = nnx.Param(jnp.ones((d,), dtype))
+        self.mlp_norm = norm_param(config, d, dtype)
         self.gate_up = init(d, 2 * i)
         self.down = init(i, d)
+        if config.attention_bias:
+            self.qkv_bias = nnx.Param(jnp.zeros((q + 2 * kv,), dtype))
+        if config.qk_norm:
+            self.q_norm = norm_param(config, config.head_dim, dtype)
+            self.k_norm = norm_param(config, config.head_dim, dtype)
+        if config.sandwich_norms:
+            self.post_attn_norm = norm_param(config, d, dtype)
+            self.post_mlp_norm = norm_param(config, d, dtype)
 
     def weights(self) -> LayerWeights:
-        return LayerWeights(*(getattr(self, name)[...] for name in LayerWeights._fields))
+        return LayerWeights(*(getattr(self, name)[...] if hasattr(self, name) else None
+                              for name in LayerWeights._fields))
+
+
+def norm_param(config: LlamaConfig, size: int, dtype) -> nnx.Param:
+    """An RMSNorm weight that starts as the identity (0 where the norm scales by 1 + w)."""
+    return nnx.Param((jnp.zeros if config.norm_offset else jnp.ones)((size,), dtype))
 
 
 class Llama(nnx.Module):
@@ -72,7 +88,7 @@ class Llama(nnx.Module):
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), self.dtype))
         self.layers = nnx.List([DecoderLayer(config, self.dtype, rngs)
                                 for _ in range(config.num_hidden_layers)])
-        self.norm = nnx.Param(jnp.ones((d,), self.dtype))
+        self.norm = norm_param(config, d, self.dtype)
         # Drawn [D, V] and stored transposed: the same initial values as the [D, V] layout had.
         self.lm_head = (None if config.tie_word_embeddings else nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (d, v), self.dtype).T))
@@ -123,15 +139,29 @@ class Llama(nnx.Module):
             slot = slot.reshape(-1)
         cos, sin = rope_cos_sin(config, positions, rope_scale)
         batch = TokenBatch(positions, cache_rows, cos, sin, slot, lora_backend, lora_dropout,
-                           kv_window, kv_cache.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0)
+                           kv_window, kv_cache.dtype,
+                           local_rope=_local_rope(config, positions, rope_scale))
+        if lora is not None:
+            batch = with_lora_meta(batch, lora.num_slots)
+        x, cache = self._layers(self._embed(tokens), kv_cache, lora, batch)
+        return self._final_norm(x), cache
 
-        cache = (kv_cache.k, kv_cache.v)
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the model dtype first
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, jnp.float32).astype(x.dtype)
+        return x
+
+    def _layers(self, x: jax.Array, kv_cache: KVCache, lora: LoraStacks | None,
+                batch: TokenBatch) -> tuple[jax.Array, KVCache]:
+        config, cache = self.config, (kv_cache.k, kv_cache.v)
         for i, layer in enumerate(self.layers):
             layer_lora = None if lora is None else lora.layer(i)
             x, cache = decoder_layer(config, x, cache, i, layer.weights(), layer_lora, batch)
-        return (rms_norm(x, self.norm[...], config.rms_norm_eps),
-                KVCache(*cache, dtype=kv_cache.dtype))
+        return x, KVCache(*cache, dtype=kv_cache.dtype)
+
+    def _final_norm(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.norm[...], self.config.rms_norm_eps, self.config.norm_offset)
 
     def ragged(
         self,
@@ -168,21 +198,31 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(config, positions,
                                 None if rope_scale is None else rope_scale[req],
                                 None if seq_len is None else seq_len[req])
+        local = _local_rope(config, positions, None if rope_scale is None else rope_scale[req])
         batch = TokenBatch(meta.positions[None], None, cos[:, 0][None], sin[:, 0][None], slot,
                            lora_backend, kv_dtype=kv_cache.dtype, ragged=meta,
-                           attention_backend=attention_backend, mesh=mesh)
-        x = jnp.take(self.embed[...], tokens, axis=0)[None]
-        cache = (kv_cache.k, kv_cache.v)
-        for i, layer in enumerate(self.layers):
-            layer_lora = None if lora is None else lora.layer(i)
-            x, cache = decoder_layer(config, x, cache, i, layer.weights(), layer_lora, batch)
-        return (rms_norm(x[0], self.norm[...], config.rms_norm_eps),
-                KVCache(*cache, dtype=kv_cache.dtype))
+                           attention_backend=attention_backend, mesh=mesh,
+                           local_rope=None if local is None else (local[0][:, 0][None],
+                                                                  local[1][:, 0][None]))
+        if lora is not None:
+            batch = with_lora_meta(batch, lora.num_slots)
+        x, cache = self._layers(self._embed(tokens)[None], kv_cache, lora, batch)
+        return self._final_norm(x[0]), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
         head = self.embed if self.lm_head is None else self.lm_head
-        return jnp.einsum("...d,vd->...v", hidden, head[...], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", hidden, head[...],
+                            preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+def _local_rope(config: LlamaConfig, positions: jax.Array, rope_scale: jax.Array | None):
+    """The sliding layers' (cos, sin) when they have a RoPE base of their own, else None."""
+    if config.rope_local_theta is None or config.layer_windows is None:
+        return None
+    return rope_cos_sin(config, positions, rope_scale, local=True)
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, *args, **kwargs) -> tuple[jax.Array, KVCache]:

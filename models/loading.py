@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama folder (config.json + safetensors, single or sharded) into `Llama`.
+"""Load a Hugging Face Llama (or a relative: models.families) folder (config.json +
+safetensors, single or sharded) into `Llama`.
 
 The model is built abstractly first (nnx.eval_shape). Each parameter is then allocated on the
 device and filled in place, one tensor at a time read through safetensors' safe_open and
@@ -18,26 +19,11 @@ from flax import nnx
 from safetensors import safe_open
 
 from models.config import LlamaConfig
+from models.families import layer_sources
 from models.llama import Llama
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
-
-# Parameter of a DecoderLayer -> the HF tensors of that layer concatenated along d_out.
-_LAYER_SOURCES = {
-    "attn_norm": ("input_layernorm",),
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o": ("self_attn.o_proj",),
-    "mlp_norm": ("post_attention_layernorm",),
-    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-    "down": ("mlp.down_proj",),
-}
-
-
-def layer_tensor(layer: int, source: str) -> str:
-    """The checkpoint's name of layer `layer`'s tensor `source` (a _LAYER_SOURCES entry)."""
-    return f"model.layers.{layer}.{source}.weight"
-
 
 def resolve_dtype(dtype, config: LlamaConfig) -> str:
     """"auto" -> the checkpoint's torch_dtype; ValueError for dtypes we do not compute in."""
@@ -63,13 +49,20 @@ def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, d)
     proj = config.projection_shapes()
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     for i in range(config.num_hidden_layers):
-        prefix = f"model.layers.{i}."
-        shapes[prefix + "input_layernorm.weight"] = (d,)
-        shapes[prefix + "post_attention_layernorm.weight"] = (d,)
-        for name, (d_in, d_out) in proj.items():
-            group = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            shapes[f"{prefix}{group}.{name}.weight"] = (d_out, d_in)
+        for tensors in layer_sources(config).values():
+            for tensor in tensors:
+                module, kind = tensor.rsplit(".", 1)
+                name = module.rsplit(".", 1)[-1]
+                if name.endswith("norm"):
+                    size = config.head_dim if name in ("q_norm", "k_norm") else d
+                    shape = (size,)
+                else:
+                    d_in = proj[fused.get(name, (name,))[0]][0]
+                    d_out = sum(proj[p][1] for p in fused.get(name, (name,)))
+                    shape = (d_out,) if kind == "bias" else (d_out, d_in)
+                shapes[f"model.layers.{i}.{tensor}"] = shape
     return shapes
 
 
@@ -140,17 +133,17 @@ def _check_names_and_shapes(reader: _Reader, config: LlamaConfig, folder: Path) 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _place(param: jax.Array, tensor: jax.Array, offset: jax.Array) -> jax.Array:
-    """HF tensor [d_out, d_in] (or a [D] norm) -> param[offset:] (rows: packed outputs)."""
-    if tensor.ndim == 1:
-        return tensor.astype(param.dtype)
-    return jax.lax.dynamic_update_slice(param, tensor.astype(param.dtype), (offset, 0))
+    """HF tensor [d_out, d_in] (or a [d_out] bias or norm) -> param[offset:] (rows: packed
+    outputs)."""
+    start = (offset,) + (0,) * (tensor.ndim - 1)
+    return jax.lax.dynamic_update_slice(param, tensor.astype(param.dtype), start)
 
 
 def _packed(reader: _Reader, layer: int, param: str, shape, dtype) -> jax.Array:
     """One layer's parameter on the device, filled from its HF tensors one at a time."""
     out, offset = jnp.zeros(shape, dtype), 0
-    for source in _LAYER_SOURCES[param]:
-        tensor = reader.get(layer_tensor(layer, source))
+    for source in layer_sources(reader.config)[param]:
+        tensor = reader.get(f"model.layers.{layer}.{source}")
         out = _place(out, tensor, jnp.int32(offset))
         offset += tensor.shape[0]
     return out
@@ -168,9 +161,10 @@ def load_llama(folder: str | Path, dtype: str = "auto") -> Llama:
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     with contextlib.ExitStack() as stack:
         reader = _Reader(_shard_files(folder), stack)
+        reader.config = config
         _check_names_and_shapes(reader, config, folder)
         for i, layer in enumerate(model.layers):
-            for param in _LAYER_SOURCES:
+            for param in layer_sources(config):
                 variable = getattr(layer, param)
                 variable.set_value(_packed(reader, i, param, variable.get_value().shape, dtype))
         model.embed.set_value(jnp.asarray(reader.get("model.embed_tokens.weight")).astype(dtype))

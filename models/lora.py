@@ -9,7 +9,7 @@ Ranks below max_rank are zero-padded, which is exact for the same reason.
 Shrink stacks are slot-interleaved, [d_in, slots, n*R]: viewed as [d_in, slots * n*R] (a free
 reshape) they are every slot's A side by side, so XLA:CPU computes all slots' shrink in one
 plain matmul (a [slots, d_in, R] stack needs a transposing copy or a batched matmul first,
-which cost a decode step of the bench model 5 ms out of 36). Expand stacks are [slots, R, d_out].
+a measurable share of a decode step). Expand stacks are [slots, R, d_out].
 """
 
 from collections.abc import Mapping, Sequence

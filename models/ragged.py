@@ -60,30 +60,62 @@ def write_tokens(cache: jax.Array, layer: int, slot_mapping: jax.Array,
         new, mode="drop")
 
 
-def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype):
+class AttnSpec(NamedTuple):
+    """Static per-layer attention numerics: q.k scale, logit soft-cap, sliding window."""
+
+    scale: float
+    softcap: float | None = None
+    window: int | None = None  # a query at q sees keys at q - window < k <= q
+
+
+def _chunk_reader(tables, first, pages: int, n: int, width: int, kv_heads: int, dim: int,
+                  layer: int, dtype):
+    """read(cache, chunk) -> the [N, width, KV, d] positions of each row's chunk first + chunk
+    (first [N] int32 or None = 0 for every row)."""
+    def read(cache, chunk):
+        if first is None:
+            ids = jax.lax.dynamic_slice_in_dim(tables, chunk * pages, pages, axis=1)
+        else:  # each row starts at its own first chunk inside its window
+            col = (first[:, None] + chunk) * pages + jnp.arange(pages)[None, :]
+            ids = jnp.take_along_axis(tables, jnp.minimum(col, tables.shape[1] - 1), axis=1)
+        out = cache[layer, ids].reshape(n, width, kv_heads, dim)
+        return out if out.dtype == dtype else jax.lax.bitcast_convert_type(out, dtype)
+    return read
+
+
+def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype, spec: AttnSpec):
     """q [N, Q, KV, G, d]; tables [N, MB]; qpos [N, Q] (-1 = none) -> [N, Q, KV, G, d].
 
-    Every query of row n attends to row n's cache positions <= its own position."""
+    Every query of row n attends to row n's cache positions <= its own position (and within
+    spec.window of it: a row then starts at the first chunk its window reaches)."""
     n, nq, kv_heads, group, dim = q.shape
     block_size = k_cache.shape[2]
     pages = chunk_pages(block_size)
     width = pages * block_size
     dtype = jnp.dtype(dtype)
     floor = jnp.finfo(jnp.float32).min
-    q = q * jnp.asarray(dim ** -0.5, q.dtype)
-    num_chunks = (jnp.max(qpos) + width) // width  # enough chunks for the furthest query
-
-    def read(cache, chunk):
-        ids = jax.lax.dynamic_slice_in_dim(tables, chunk * pages, pages, axis=1)
-        out = cache[layer, ids].reshape(n, width, kv_heads, dim)
-        return out if out.dtype == dtype else jax.lax.bitcast_convert_type(out, dtype)
+    q = q * jnp.asarray(spec.scale, q.dtype)
+    last = jnp.max(qpos, axis=1)  # [N]
+    first = None
+    if spec.window is None:
+        num_chunks = (jnp.max(qpos) + width) // width  # enough chunks for the furthest query
+    else:
+        lowest = jnp.min(jnp.where(qpos >= 0, qpos, jnp.iinfo(jnp.int32).max), axis=1)
+        first = jnp.maximum(lowest - spec.window + 1, 0) // width
+        num_chunks = jnp.max(jnp.where(last >= 0, (last + width) // width - first, 0))
+    read = _chunk_reader(tables, first, pages, n, width, kv_heads, dim, layer, dtype)
 
     def body(chunk, carry):
         m, total, acc = carry
         keys, values = read(k_cache, chunk), read(v_cache, chunk)
         s = jnp.einsum("nqkgd,nskd->nkgqs", q, keys, preferred_element_type=jnp.float32)
-        kpos = chunk * width + jnp.arange(width)
-        visible = kpos[None, None, :] <= qpos[:, :, None]  # [N, Q, S]
+        if spec.softcap is not None:
+            s = jnp.tanh(s / spec.softcap) * spec.softcap
+        start = chunk * width if first is None else ((first + chunk) * width)[:, None, None]
+        kpos = start + jnp.arange(width)
+        visible = kpos <= qpos[:, :, None]  # [N, Q, S]
+        if spec.window is not None:
+            visible &= kpos > qpos[:, :, None] - spec.window
         s = jnp.where(visible[:, None, None], s, floor)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
@@ -102,20 +134,24 @@ def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype):
 
 
 def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
-                     meta: RaggedMeta, dtype, backend: str | None = None) -> jax.Array:
+                     meta: RaggedMeta, dtype, backend: str | None = None,
+                     spec: AttnSpec | None = None) -> jax.Array:
     """q [T, H, d] of the batch's tokens; the caches hold this step's keys and values already
-    -> [T, H, d] in q's dtype (padding tokens: zeros).
+    -> [T, H, d] in q's dtype (padding tokens: zeros). spec: the layer's scale, soft-cap and
+    window (None: head_dim^-0.5, neither cap nor window).
 
     backend: None picks the Pallas kernel on GPU and the plain-XLA layouts above elsewhere;
     "xla" forces those; any other value is passed to pallas_kernels.ragged_paged_attention."""
     if backend is None:
         backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if spec is None:
+        spec = AttnSpec(q.shape[-1] ** -0.5)
     if backend != "xla":
         pages = [c[layer] if c.dtype == jnp.dtype(dtype) else
                  jax.lax.bitcast_convert_type(c[layer], jnp.dtype(dtype))
                  for c in (k_cache, v_cache)]
         return ragged_paged_attention(q, *pages, meta.kv_lens, meta.tables, meta.query_start,
-                                      meta.num_seqs, backend=backend)
+                                      meta.num_seqs, backend=backend, **_kernel_args(q, spec))
     t, heads, dim = q.shape
     kv_heads = k_cache.shape[3]
     qg = q.reshape(t, kv_heads, heads // kv_heads, dim)
@@ -125,7 +161,7 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         used = meta.dec_token < t
         qpos = jnp.where(used, meta.positions[jnp.minimum(meta.dec_token, t - 1)], -1)
         rows = _attend_pages(qg[jnp.minimum(meta.dec_token, t - 1)][:, None], k_cache, v_cache,
-                             layer, meta.tables[meta.dec_req], qpos[:, None], dtype)
+                             layer, meta.tables[meta.dec_req], qpos[:, None], dtype, spec)
         return out.at[meta.dec_token].set(rows[:, 0].reshape(-1, heads, dim).astype(q.dtype))
 
     def tiles(out):
@@ -135,9 +171,22 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         safe = jnp.minimum(index, t - 1)
         qpos = jnp.where(used, meta.positions[safe], -1)
         rows = _attend_pages(qg[safe], k_cache, v_cache, layer, meta.tables[meta.tile_req],
-                             qpos, dtype)
+                             qpos, dtype, spec)
         return out.at[index].set(rows.reshape(*index.shape, heads, dim).astype(q.dtype))
 
     # A layout the batch leaves unused has no query position, so its loop runs no chunk
     # (a lax.cond around it would only add to the compile time of every layer).
     return tiles(decode_rows(out))[:t]
+
+
+def _kernel_args(q: jax.Array, spec: AttnSpec) -> dict:
+    """The kernel's keywords for what differs from its defaults (Llama passes none, so its
+    call is the one it always was)."""
+    args = {}
+    if spec.scale != q.shape[-1] ** -0.5:
+        args["sm_scale"] = spec.scale
+    if spec.softcap is not None:
+        args["soft_cap"] = spec.softcap
+    if spec.window is not None:
+        args["sliding_window"] = spec.window
+    return args

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: the default, linear, dynamic-NTK and llama3 frequency schedules.
+"""Rotary position embeddings: the default, linear, dynamic-NTK, llama3 and longrope (Phi-3)
+frequency schedules, and a second base for sliding layers (Gemma 3's rope_local_base_freq).
 
 Frequencies are computed the way transformers computes them (float32 throughout), so that
 positions far out still agree with the reference to float32 rounding.
@@ -31,8 +32,11 @@ def _llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def static_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """[head_dim // 2] float32 inverse frequencies for rope types that do not depend on length."""
+def static_inv_freq(config: LlamaConfig, local: bool = False) -> np.ndarray:
+    """[head_dim // 2] float32 inverse frequencies for rope types that do not depend on length;
+    local: the sliding layers' plain schedule at rope_local_theta."""
+    if local:
+        return _default_inv_freq(config.rope_local_theta, config.head_dim)
     inv_freq = _default_inv_freq(config.rope_theta, config.head_dim)
     if config.rope_type == "linear":
         return (inv_freq / np.float32(config.rope_scaling["factor"])).astype(np.float32)
@@ -58,15 +62,36 @@ def _dynamic_inv_freq(config: LlamaConfig, positions: jax.Array,
     return 1.0 / (base[:, None] ** exponent[None, :])
 
 
+def _longrope_inv_freq(config: LlamaConfig, positions: jax.Array,
+                       seq_len: jax.Array | None = None) -> jax.Array:
+    """[B, head_dim // 2]: LongRoPE's short factors while a row's length stays within
+    original_max_position_embeddings, its long factors past it (as transformers switches)."""
+    scaling = config.rope_scaling
+    if seq_len is None:
+        seq_len = jnp.max(positions, axis=-1) + 1
+    exponent = np.arange(0, config.head_dim, 2, dtype=np.float32) / np.float32(config.head_dim)
+    base = np.float32(config.rope_theta) ** exponent
+    short, long = (jnp.asarray((np.float32(1.0) / (np.asarray(scaling[k], np.float32) * base))
+                               .astype(np.float32)) for k in ("short_factor", "long_factor"))
+    use_long = seq_len > scaling["original_max_position_embeddings"]
+    return jnp.where(use_long[:, None], long[None], short[None])
+
+
 def rope_cos_sin(
     config: LlamaConfig, positions: jax.Array, rope_scale: jax.Array | None,
-    seq_len: jax.Array | None = None,
+    seq_len: jax.Array | None = None, local: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """positions [B, L] int32, rope_scale [B] float32 or None -> cos, sin [B, L, head_dim] f32.
-    seq_len [B]: the length dynamic NTK scales from (default: each row's last position + 1)."""
+    seq_len [B]: the length dynamic NTK and longrope scale from (default: each row's last
+    position + 1). local: the sliding layers' schedule (config.rope_local_theta)."""
     batch = positions.shape[0]
-    if config.rope_type == "dynamic":
+    if local:
+        inv_freq = jnp.broadcast_to(jnp.asarray(static_inv_freq(config, local=True)),
+                                    (batch, config.head_dim // 2))
+    elif config.rope_type == "dynamic":
         inv_freq = _dynamic_inv_freq(config, positions, seq_len)
+    elif config.rope_type == "longrope":
+        inv_freq = _longrope_inv_freq(config, positions, seq_len)
     else:
         inv_freq = jnp.broadcast_to(jnp.asarray(static_inv_freq(config)),
                                     (batch, config.head_dim // 2))
@@ -75,6 +100,9 @@ def rope_cos_sin(
         inv_freq = inv_freq / rope_scale.astype(jnp.float32)[:, None]
     angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[:, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
+    if config.rope_type == "longrope" and not local:
+        factor = jnp.float32(config.rope_scaling["attention_factor"])
+        return jnp.cos(angles) * factor, jnp.sin(angles) * factor
     return jnp.cos(angles), jnp.sin(angles)
 
 

@@ -21,19 +21,13 @@ from flax import nnx
 from safetensors import safe_open
 
 from models.config import LlamaConfig
+from models.families import layer_sources
 from models.llama import Llama
-from models.loading import (
-    _LAYER_SOURCES,
-    _check_names_and_shapes,
-    _Reader,
-    _shard_files,
-    layer_tensor,
-    resolve_dtype,
-)
+from models.loading import _check_names_and_shapes, _Reader, _shard_files, resolve_dtype
 from models.sharding import TensorParallel
 
 _TOP = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
-        "lm_head": "lm_head.weight"}
+        "lm_head": "lm_head.weight"}  # lm_head is None when tied: the embedding serves
 
 
 class _Slices:
@@ -68,28 +62,49 @@ def _rows_of(shard: int, per: int, repeat: int, head_dim: int) -> tuple[slice, n
     return rows, (None if repeat == 1 else heads - lo)
 
 
+def _parts(names: list[str], widths: list[int]) -> list[tuple[str, int]]:
+    """A packed parameter's parts as (tensor, first row in it): one tensor per part, or one
+    fused tensor (Phi-3's qkv_proj, gate_up_proj) holding the parts one after another."""
+    if len(names) == len(widths):
+        return [(name, 0) for name in names]
+    starts = np.cumsum([0, *widths[:-1]]).tolist()
+    return [(names[0], int(start)) for start in starts]
+
+
+def _rows(src: _Slices, part: tuple[str, int], rows: slice) -> np.ndarray:
+    """Rows `rows` of one part (a weight [rows, D] or a bias [rows])."""
+    name, start = part
+    return src.read(name, (slice(start + rows.start, start + rows.stop),))
+
+
 def _qkv_shard(src: _Slices, names: list[str], tp: TensorParallel, shard: int) -> np.ndarray:
-    """Shard `shard`'s rows of the packed q|k|v: its q heads, then its k and v heads."""
+    """Shard `shard`'s rows of the packed q|k|v (or of its bias): its q heads, then its k and
+    v heads (repeated where the split has more shards than kv heads)."""
     c, split = tp.base_config, tp.config
     hd, n = c.head_dim, tp.size
-    q_per = c.num_attention_heads // n * hd
-    parts = [src.read(names[0], (slice(shard * q_per, (shard + 1) * q_per),))]
+    q_rows, kv_rows = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    q, k, v = _parts(names, [q_rows, kv_rows, kv_rows])
+    per = q_rows // n
+    out = [_rows(src, q, slice(shard * per, (shard + 1) * per))]
     rows, pick = _rows_of(shard, split.num_key_value_heads // n, tp.kv_repeat, hd)
-    for name in names[1:]:
-        w = src.read(name, (rows,))
+    for part in (k, v):
+        w = _rows(src, part, rows)
         if pick is not None:
-            w = w.reshape(-1, hd, w.shape[-1])[pick].reshape(-1, w.shape[-1])
-        parts.append(w)
-    return np.concatenate(parts, axis=0)
+            w = w.reshape(-1, hd, *w.shape[1:])[pick].reshape(-1, *w.shape[1:])
+        out.append(w)
+    return np.concatenate(out, axis=0)
 
 
 def _gate_up_shard(src: _Slices, names: list[str], tp: TensorParallel, shard: int) -> np.ndarray:
-    per = tp.base_config.intermediate_size // tp.size
-    rows = (slice(shard * per, (shard + 1) * per),)
-    return np.concatenate([src.read(name, rows) for name in names], axis=0)
+    inter = tp.base_config.intermediate_size
+    per = inter // tp.size
+    rows = slice(shard * per, (shard + 1) * per)
+    return np.concatenate([_rows(src, part, rows)
+                           for part in _parts(names, [inter, inter])], axis=0)
 
 
-_PACKED = {"qkv": _qkv_shard, "gate_up": _gate_up_shard}
+# Packed parameters: split over their rows in the shard-major layout of models.sharding.
+_PACKED = {"qkv": _qkv_shard, "qkv_bias": _qkv_shard, "gate_up": _gate_up_shard}
 
 
 def _param(files: dict[str, Path], names: list[str], param: str, shape: tuple[int, ...],
@@ -97,8 +112,9 @@ def _param(files: dict[str, Path], names: list[str], param: str, shape: tuple[in
     """One parameter of the split model, each device's shard read and placed on its own (the
     host holds one shard at a time; jax.make_array_from_callback would hold them all).
 
-    A packed parameter (q|k|v, gate|up) is split over its rows; its shard number follows from
-    the rows a device holds. Any other parameter's device index is the checkpoint's own.
+    A packed parameter (q|k|v and its bias, gate|up) is split over its rows; its shard number
+    follows from the rows a device holds. Any other parameter's device index is the
+    checkpoint's own (replicated ones, the norms, read whole: a few KiB each).
     """
     sharding = tp.param_sharding(param)
     np_dtype = jnp.dtype(dtype)
@@ -117,8 +133,10 @@ def _param(files: dict[str, Path], names: list[str], param: str, shape: tuple[in
 
 
 def load_llama_sharded(folder: str | Path, tp: TensorParallel, dtype: str = "auto") -> Llama:
-    """A Hugging Face Llama folder -> the `Llama` of tp's split (tp.config), every parameter
-    placed in its shards as it is read. Same errors as models.loading.load_llama."""
+    """A Hugging Face folder of any family (models.families) -> the `Llama` of tp's split
+    (tp.config), every parameter placed in its shards as it is read: q|k|v biases split with
+    their columns, norms replicated, the embedding (also the tied lm_head) split over the
+    vocabulary. Same errors as models.loading.load_llama."""
     folder = Path(folder)
     config = LlamaConfig.from_pretrained(folder)
     if config != tp.base_config:
@@ -130,9 +148,9 @@ def load_llama_sharded(folder: str | Path, tp: TensorParallel, dtype: str = "aut
     with contextlib.ExitStack() as stack:  # headers only: no tensor data is touched
         _check_names_and_shapes(_Reader(files, stack), config, folder)
     for i, layer in enumerate(model.layers):
-        for param in _LAYER_SOURCES:
+        for param, sources in layer_sources(config).items():
             variable = getattr(layer, param)
-            names = [layer_tensor(i, source) for source in _LAYER_SOURCES[param]]
+            names = [f"model.layers.{i}.{source}" for source in sources]
             variable.set_value(_param(files, names, param, variable.get_value().shape, tp,
                                       dtype))
     for param, name in _TOP.items():

@@ -19,7 +19,10 @@ how the model splits is decided here, in one table, and nowhere else. Megatron's
 - Embedding and lm_head split over the vocabulary (when tp divides it): Llama-3's are 1 GB
   each in bfloat16, a copy per device. The lookup is a gather from a split table (each device
   contributes the rows it holds); the logits come out split and are gathered whole per row
-  for the sampler ([rows, V], small). Norms ([D]) are replicated.
+  for the sampler ([rows, V], small). A tied lm_head is the embedding: split the same way.
+- Family weights (models.families): q|k|v biases split with their columns, in the same
+  shard-major layout; q/k norms and Gemma's extra norms replicated.
+- Norms ([D], [head_dim]) are replicated: each is a few KiB.
 - The model is loaded straight into this split (models.shard_loading): each device's slice is
   read from the checkpoint; no device and no host buffer ever holds a whole model.
 """

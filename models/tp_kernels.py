@@ -10,17 +10,19 @@ runs each kernel per device, on the layout of models.sharding:
 - row-parallel o and down: each device shrinks its input columns with its rows of A; the
   [T, n*R] partial sums are summed over the devices (psum, small), then the expand with the
   whole B adds to the base output (already all-reduced by GSPMD).
-- attention: each device attends with its query heads over its kv heads of the pool.
+- attention: each device attends with its query heads over its kv heads of the pool, with the
+  layer's scale, soft-cap and sliding window (models.ragged.AttnSpec).
 
-The plain-JAX backends (dense, reference, xla) need none of this: GSPMD splits them.
+The step's LoRA metadata (pallas_kernels.lora_meta: tokens grouped by slot) is built once from
+the whole slot vector and enters every kernel replicated.
+
+The plain-JAX backends (tiled, dense, reference, xla) need none of this: GSPMD splits them.
 """
-
-import functools
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from models.ragged import RaggedMeta, ragged_attention
+from models.ragged import AttnSpec, RaggedMeta, ragged_attention
 from pallas_kernels import default_backend, lora_expand, lora_shrink
 
 TP = "tp"  # the mesh axis tensor parallelism splits over (models.sharding.TP)
@@ -46,36 +48,42 @@ def _map(mesh: Mesh, fn, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def column_shrink(mesh: Mesh, x, a, slot, backend) -> jax.Array:
-    """x [T, D] and a [D, S, n*R] whole on every device -> [T, n*R] float32, whole."""
-    shrink = functools.partial(lora_shrink, backend=backend)
-    return _map(mesh, shrink, (P(), P(), P()), P())(x, a, slot)
+def column_shrink(mesh: Mesh, x, a, slot, backend, meta=None) -> jax.Array:
+    """x [T, D] and a [D, S, n*R] whole on every device -> [T, n*R] float32, whole.
+    meta: the step's LoRA metadata (pallas_kernels.lora_meta of the whole slot), replicated."""
+    def shrink(x, a, slot, meta):
+        return lora_shrink(x, a, slot, backend=backend, meta=meta)
+
+    return _map(mesh, shrink, (P(), P(), P(), P()), P())(x, a, slot, meta)
 
 
-def column_expand(mesh: Mesh, y, h, b, slot, backend) -> jax.Array:
+def column_expand(mesh: Mesh, y, h, b, slot, backend, meta=None) -> jax.Array:
     """y [T, W] split over columns, h [T, R] whole, b [S, R, W] split over W -> y + h @ b."""
-    expand = functools.partial(lora_expand, backend=backend)
-    return _map(mesh, expand, (P(None, TP), P(), P(None, None, TP), P()), P(None, TP))(
-        y, h, b, slot)
+    def expand(y, h, b, slot, meta):
+        return lora_expand(y, h, b, slot, backend=backend, meta=meta)
+
+    return _map(mesh, expand, (P(None, TP), P(), P(None, None, TP), P(), P()), P(None, TP))(
+        y, h, b, slot, meta)
 
 
-def row_apply(mesh: Mesh, y, x, a, b, slot, backend) -> jax.Array:
+def row_apply(mesh: Mesh, y, x, a, b, slot, backend, meta=None) -> jax.Array:
     """y [T, D] whole, x [T, d_in] and a [d_in, S, R] split over d_in, b [S, R, D] whole ->
     y + (x @ a[:, slot]) @ b[slot], whole."""
-    def apply(y, x, a, b, slot):
-        h = jax.lax.psum(lora_shrink(x, a, slot, backend=backend), TP)
-        return lora_expand(y, h, b, slot, backend=backend)
+    def apply(y, x, a, b, slot, meta):
+        h = jax.lax.psum(lora_shrink(x, a, slot, backend=backend, meta=meta), TP)
+        return lora_expand(y, h, b, slot, backend=backend, meta=meta)
 
-    return _map(mesh, apply, (P(), P(None, TP), P(TP, None, None), P(), P()), P())(
-        y, x, a, b, slot)
+    return _map(mesh, apply, (P(), P(None, TP), P(TP, None, None), P(), P(), P()), P())(
+        y, x, a, b, slot, meta)
 
 
 def attention(mesh: Mesh, q, k_cache, v_cache, layer: int, meta: RaggedMeta, dtype,
-              backend) -> jax.Array:
+              backend, spec: AttnSpec | None = None) -> jax.Array:
     """models.ragged.ragged_attention with q [T, H, d] split over heads and the caches
-    [layers, blocks, block_size, KV, d] over kv heads -> [T, H, d] split over heads."""
+    [layers, blocks, block_size, KV, d] over kv heads -> [T, H, d] split over heads. spec:
+    the layer's scale, soft-cap and sliding window (static, the same on every device)."""
     def attend(q, k, v, meta):
-        return ragged_attention(q, k, v, layer, meta, dtype, backend)
+        return ragged_attention(q, k, v, layer, meta, dtype, backend, spec)
 
     heads, pool = P(None, TP, None), P(None, None, None, TP, None)
     return _map(mesh, attend, (heads, pool, pool, P()), heads)(q, k_cache, v_cache, meta)

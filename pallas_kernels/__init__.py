@@ -3,6 +3,8 @@
 Public API (see api.py for shapes and backends):
     lora_shrink(x, a, slot)            -> [T, R] float32
     lora_expand(y, h, b, slot)         -> y + h @ b[slot]
+    lora_meta(slot, S)                 the step's LoRA metadata (tokens grouped by slot): built
+                                       once per step, passed as meta= to every call
     lora_apply(y, x, a, b, slot)       -> y + (x @ a[:, slot]) @ b[slot]   a [D_in, S, R]
     lora_apply_sliced(y, x, a, bs, slot) fused projections (q|k|v, gate|up)
     group_by_slot / gather_rows / scatter_rows: the token grouping of the prefill kernels
@@ -17,22 +19,26 @@ from pallas_kernels.api import (
     lora_apply,
     lora_apply_sliced,
     lora_expand,
+    lora_meta,
     lora_shrink,
 )
 from pallas_kernels.attention import ragged_paged_attention
 from pallas_kernels.blocks import BlockSizes
 from pallas_kernels.grouping import Groups, gather_rows, group_by_slot, scatter_rows
+from pallas_kernels.tiled import LoraMeta
 
 __all__ = [
     "BACKENDS",
     "BlockSizes",
     "Groups",
+    "LoraMeta",
     "default_backend",
     "gather_rows",
     "group_by_slot",
     "lora_apply",
     "lora_apply_sliced",
     "lora_expand",
+    "lora_meta",
     "lora_shrink",
     "ragged_paged_attention",
     "scatter_rows",

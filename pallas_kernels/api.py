@@ -4,18 +4,19 @@ backend:
   "pallas"            Pallas kernels through Triton (GPU): per-token gather for decode, grouped
                       tensor-core blocks for prefill (see pallas_backend.py); custom_vjp gradients.
   "pallas_interpret"  the same kernels in Pallas interpret mode: any platform, for tests.
-  "dense"             plain JAX, one matmul over all slots then a per-token select (dense.py).
+  "tiled"             plain XLA, tokens sorted by slot into tiles, each tile times its own
+                      adapter, or a step with few adapters times just those (tiled.py): the cost
+                      follows the step's tokens and adapters, not the number of slots.
+  "dense"             plain JAX, one matmul over all slots then a per-token select (dense.py):
+                      S times the minimal FLOPs, a cost that grows with every slot.
   "reference"         plain JAX per-token gather: the definition every backend must equal.
-None picks "pallas" on GPU and "dense" elsewhere. Measured with scripts/bench_kernels.py
---reduced on this project's 2-core CPU machine (float32, lora_apply, D_in = D_out = 1024,
-R = 16, best of the rounds), dense against reference: decode T=32, S=8: 84 vs 155 us (1.8x);
-T=256, S=32: 6.2x; prefill T=1024, S=4: 27x; T=1 < S: 1.3x (dense then uses the per-token
-gather itself). The reference materializes T gathered copies of the adapters ([D, T, R] and
-[T, R, D_out]); dense reads each adapter once and runs two plain matmuls (the slot-interleaved
-a [D_in, S, R] is already the [D_in, S*R] matrix of the first), at S times the minimal FLOPs
-(jax.lax.ragged_dot and a sort-into-blocks batched matmul were measured slower on XLA:CPU).
-In the whole bench model (scripts/bench_model.py: 8 layers, 32 rows, 8 adapters of rank 16 on
-all seven projections) a decode step with adapters costs 1.07x the step without.
+None picks "pallas" on GPU and "tiled" elsewhere. scripts/bench_kernels.py --forms compares the
+plain-XLA forms over tokens, slots, ranks and distinct adapters per step.
+
+lora_meta(slot, num_slots, backend=...) is the per-step LoRA metadata (tokens grouped by slot):
+build it once per step and pass it as meta= to every shrink, expand and apply of that step, so
+the grouping is not redone at every layer (vLLM's punica_wrapper.update_metadata). Without
+meta= each call builds its own.
 
 pattern ("gather" | "grouped" | None) and block_sizes (BlockSizes) tune the Pallas backends
 and are ignored by the others. A slot of -1 means no adapter: that token gets exactly y back;
@@ -27,15 +28,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import blocks, dense, pallas_backend, reference
+from pallas_kernels import blocks, dense, pallas_backend, reference, tiled
 from pallas_kernels.blocks import BlockSizes
 
-BACKENDS = ("pallas", "pallas_interpret", "dense", "reference")
+BACKENDS = ("pallas", "pallas_interpret", "tiled", "dense", "reference")
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def default_backend() -> str:
-    return "pallas" if jax.default_backend() == "gpu" else "dense"
+    return "pallas" if jax.default_backend() == "gpu" else "tiled"
 
 
 def _resolve(backend, pattern, block_sizes) -> tuple[str, pallas_backend.Plan | None]:
@@ -103,19 +104,38 @@ def _check_expand(y, h, bs, slot) -> None:
         raise ValueError(f"y {y.shape} must be [T, {widths}], the sum of the B widths")
 
 
-def _shrink(x, a, slot, backend: str, plan) -> jax.Array:
+def lora_meta(slot, num_slots: int, *, backend: str | None = None, pattern: str | None = None,
+              block_sizes: BlockSizes | None = None):
+    """slot [T] int32 (-1 = none), S -> the step's LoRA metadata for this backend (or None when
+    the backend needs none): pass it as meta= to every call of the step with the same slot."""
+    _check_rows("slot", slot, 1)
+    if not jnp.issubdtype(slot.dtype, jnp.integer):
+        raise ValueError(f"slot must be an integer array, got dtype {slot.dtype}")
+    backend, plan = _resolve(backend, pattern, block_sizes)
+    if backend == "tiled":
+        return tiled.step_meta(slot, num_slots)
+    if plan is not None and plan.grouped(slot.shape[0]):
+        return plan.groups(slot.astype(jnp.int32), num_slots)[1]
+    return None
+
+
+def _shrink(x, a, slot, backend: str, plan, meta) -> jax.Array:
     if backend == "reference":
         return reference.shrink(x, a, slot)
     if backend == "dense":
         return dense.shrink(x, a, slot)
-    return pallas_backend.shrink(x, a, slot, plan)
+    if backend == "tiled":
+        return tiled.shrink(x, a, slot, meta)
+    return pallas_backend.shrink(x, a, slot, meta, plan)
 
 
-def _expand(y, h, bs: tuple, slot, backend: str, plan) -> jax.Array:
+def _expand(y, h, bs: tuple, slot, backend: str, plan, meta) -> jax.Array:
     if backend == "dense":
         return dense.expand_sliced(y, h, bs, slot)
+    if backend == "tiled":
+        return tiled.expand_sliced(y, h, bs, slot, meta)
     if backend != "reference":
-        return pallas_backend.expand(y, h, bs, slot, plan)
+        return pallas_backend.expand(y, h, bs, slot, meta, plan)
     rank = h.shape[1] // len(bs)
     outs, start = [], 0
     for i, b in enumerate(bs):
@@ -128,38 +148,38 @@ def _expand(y, h, bs: tuple, slot, backend: str, plan) -> jax.Array:
 
 def lora_shrink(
     x, a, slot, *, backend: str | None = None, pattern: str | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | None = None, meta=None,
 ) -> jax.Array:
     """x [T, D_in], a [D_in, S, R], slot [T] int32 (-1 = none) -> [T, R] float32."""
     _check_shrink(x, a, slot)
-    return _shrink(x, a, slot, *_resolve(backend, pattern, block_sizes))
+    return _shrink(x, a, slot, *_resolve(backend, pattern, block_sizes), meta)
 
 
 def lora_expand(
     y, h, b, slot, *, backend: str | None = None, pattern: str | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | None = None, meta=None,
 ) -> jax.Array:
     """y [T, D_out], h [T, R], b [S, R, D_out], slot [T] -> y + h @ b[slot], y's dtype."""
     _check_expand(y, h, (b,), slot)
     resolved = _resolve(backend, pattern, block_sizes)
     if resolved[1] is not None:
         blocks.check_rank(b.shape[1])
-    return _expand(y, h, (b,), slot, *resolved)
+    return _expand(y, h, (b,), slot, *resolved, meta)
 
 
 def lora_apply(
     y, x, a, b, slot, *, backend: str | None = None, pattern: str | None = None,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: BlockSizes | None = None, meta=None,
 ) -> jax.Array:
     """y [T, D_out], x [T, D_in], a [D_in, S, R], b [S, R, D_out]
     -> y + (x @ a[:, slot]) @ b[slot]."""
     return lora_apply_sliced(y, x, a, (b,), slot, backend=backend, pattern=pattern,
-                             block_sizes=block_sizes)
+                             block_sizes=block_sizes, meta=meta)
 
 
 def lora_apply_sliced(
     y, x, a, bs: Sequence[jax.Array], slot, *, backend: str | None = None,
-    pattern: str | None = None, block_sizes: BlockSizes | None = None,
+    pattern: str | None = None, block_sizes: BlockSizes | None = None, meta=None,
 ) -> jax.Array:
     """Fused projection: y [T, sum(w_i)], x [T, D_in], a [D_in, S, n*R], bs n arrays [S, R, w_i].
 
@@ -178,5 +198,7 @@ def lora_apply_sliced(
         blocks.check_rank(bs[0].shape[1])
     if resolved[0] == "dense":
         return dense.apply_sliced(y, x, a, bs, slot)
-    h = _shrink(x, a, slot, *resolved)
-    return _expand(y, h, bs, slot, *resolved)
+    if resolved[0] == "tiled":
+        return tiled.apply_sliced(y, x, a, bs, slot, meta)
+    h = _shrink(x, a, slot, *resolved, meta)
+    return _expand(y, h, bs, slot, *resolved, meta)

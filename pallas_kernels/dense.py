@@ -7,8 +7,9 @@ and turns the work into two ordinary matmuls, which XLA's CPU backend runs well:
           slot-interleaved for this) -> [T, S, R], keep slot[t]'s row;
   expand: one-hot-masked h [T, S*R] @ b reshaped [S*R, D_out] (a free reshape).
 It spends S times the minimal FLOPs, which pays off while S*R stays small next to D (decode); see
-scripts/bench_kernels.py and the api docstring for the measurement. With fewer tokens than slots
-the per-token gather reads fewer adapter bytes than all S slots, so that case uses it instead.
+scripts/bench_kernels.py --forms against the tiled backend, whose cost does not grow with S.
+With fewer tokens than slots the per-token gather reads fewer adapter bytes than all S slots,
+so that case uses it instead.
 Reference: pallas_kernels.reference.
 """
 
@@ -45,9 +46,9 @@ def expand_sliced(
         deltas = [jnp.einsum("tr,trw->tw", h[:, i * rank:(i + 1) * rank].astype(jnp.float32),
                              jnp.take(b, jnp.maximum(slot, 0), axis=0),
                              preferred_element_type=jnp.float32) for i, b in enumerate(bs)]
-        return _add(y, deltas, slot)
+        return add_deltas(y, deltas, slot)
     masked = one_hot(slot, bs[0].shape[0])[:, :, None] * h.astype(jnp.float32)[:, None, :]
-    return _add(y, _expand_masked(masked, bs), slot)
+    return add_deltas(y, _expand_masked(masked, bs), slot)
 
 
 def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Array],
@@ -61,7 +62,7 @@ def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Arra
     if x.shape[0] < num_slots:
         return expand_sliced(y, shrink(x, a, slot), bs, slot)
     masked = _every_slot(x, a) * one_hot(slot, num_slots)[:, :, None]
-    return _add(y, _expand_masked(masked, bs), slot)
+    return add_deltas(y, _expand_masked(masked, bs), slot)
 
 
 def _every_slot(x: jax.Array, a: jax.Array) -> jax.Array:
@@ -83,12 +84,12 @@ def _expand_masked(masked: jax.Array, bs: Sequence[jax.Array]) -> list[jax.Array
             for i, b in enumerate(bs)]  # the fused projections' slices (q|k|v): a handful
 
 
-def _add(y: jax.Array, deltas: list[jax.Array], slot: jax.Array) -> jax.Array:
+def add_deltas(y: jax.Array, deltas: list[jax.Array], slot: jax.Array) -> jax.Array:
     """y [T, sum W_i] + the slices' deltas [T, W_i], in y's dtype; slot -1 rows are y exactly.
 
     Slice by slice, then side by side: XLA fuses each add into what the model does with its
     slice next (the split of q|k|v or gate|up undoes the concatenation), where adding one
-    concatenated delta to y materializes both (about 6 ms of a 1024-token gate|up, bf16).
+    concatenated delta to y materializes both.
     """
     starts = np.cumsum([0] + [d.shape[-1] for d in deltas])
     valid = slot[:, None] >= 0

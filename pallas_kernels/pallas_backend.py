@@ -53,18 +53,28 @@ class Plan:
         return block_t, grouping.group_by_slot(slot, num_slots, block_t)
 
 
-def forward_shrink(x: jax.Array, a: jax.Array, slot: jax.Array, plan: Plan) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] -> h [T, R] float32."""
+def _groups(plan: Plan, slot: jax.Array, num_slots: int, groups: grouping.Groups | None
+            ) -> tuple[int, grouping.Groups]:
+    """(block_t, groups): the step's own groups when given (built once per step), else built."""
+    if groups is None:
+        return plan.groups(slot, num_slots)
+    return groups.rows.shape[0] // groups.block_slot.shape[0], groups
+
+
+def forward_shrink(x: jax.Array, a: jax.Array, slot: jax.Array, plan: Plan,
+                   groups: grouping.Groups | None = None) -> jax.Array:
+    """x [T, D_in], a [D_in, S, R], slot [T] -> h [T, R] float32; groups: see Plan.groups."""
     kw = dict(block_k=plan.blocks.block_k, interpret=plan.interpret, poison=plan.poison)
     if not plan.grouped(x.shape[0]):
         return gather_shrink(x, a, slot, **kw)
-    block_t, groups = plan.groups(slot, a.shape[1])
+    block_t, groups = _groups(plan, slot, a.shape[1], groups)
     h = grouped_shrink(grouping.gather_rows(x, groups), a, groups.block_slot, block_t=block_t, **kw)
     return grouping.scatter_rows(h, groups)
 
 
 def forward_expand(
-    y: jax.Array, h: jax.Array, terms: Sequence[tuple[jax.Array, int]], slot: jax.Array, plan: Plan
+    y: jax.Array, h: jax.Array, terms: Sequence[tuple[jax.Array, int]], slot: jax.Array, plan: Plan,
+    groups: grouping.Groups | None = None,
 ) -> jax.Array:
     """y [T, D], h [T, n*R], terms n pairs (b_i [S, R, W_i], col_i), slot [T] -> y's dtype.
 
@@ -74,7 +84,7 @@ def forward_expand(
     kw = dict(block_n=plan.blocks.block_n, interpret=plan.interpret)
     grouped = plan.grouped(y.shape[0])
     if grouped:
-        block_t, groups = plan.groups(slot, terms[0][0].shape[0])
+        block_t, groups = _groups(plan, slot, terms[0][0].shape[0], groups)
         y, h = grouping.gather_rows(y, groups), grouping.gather_rows(h, groups)
     for i, (b, col) in enumerate(terms):  # a fused projection's slices: a static handful
         if grouped:
@@ -93,18 +103,19 @@ def _columns(bs: Sequence[jax.Array]) -> list[tuple[jax.Array, int]]:
     return cols
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def shrink(x: jax.Array, a: jax.Array, slot: jax.Array, plan: Plan) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] -> h [T, R] float32, differentiable in x and a."""
-    return forward_shrink(x, a, slot, plan)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def shrink(x: jax.Array, a: jax.Array, slot: jax.Array, groups, plan: Plan) -> jax.Array:
+    """x [T, D_in], a [D_in, S, R], slot [T] -> h [T, R] float32, differentiable in x and a;
+    groups: the step's grouping (api.lora_meta) or None."""
+    return forward_shrink(x, a, slot, plan, groups)
 
 
-def _shrink_fwd(x, a, slot, plan):
-    return forward_shrink(x, a, slot, plan), (x, a, slot)
+def _shrink_fwd(x, a, slot, groups, plan):
+    return forward_shrink(x, a, slot, plan, groups), (x, a, slot, groups)
 
 
 def _shrink_bwd(plan, residuals, dh):
-    x, a, slot = residuals
+    x, a, slot, groups = residuals
     dh = dh.astype(jnp.float32)
     rank = a.shape[-1]
     # dx[t] = a[:, slot] @ dh[t]: expands with the stack transposed to [S, R, D_in], one per
@@ -112,36 +123,37 @@ def _shrink_bwd(plan, residuals, dh):
     chunk = blocks.pow2_divisor(rank, rank)
     a_t = jnp.transpose(a, (1, 2, 0))
     terms = [(a_t[:, c : c + chunk, :], 0) for c in range(0, rank, chunk)]
-    dx = forward_expand(jnp.zeros(x.shape, jnp.float32), dh, terms, slot, plan)
+    dx = forward_expand(jnp.zeros(x.shape, jnp.float32), dh, terms, slot, plan, groups)
     da = dense.slot_outer_interleaved(x, dh, slot, a.shape[1])
-    return dx.astype(x.dtype), da.astype(a.dtype), None
+    return dx.astype(x.dtype), da.astype(a.dtype), None, None
 
 
 shrink.defvjp(_shrink_fwd, _shrink_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def expand(y: jax.Array, h: jax.Array, bs: tuple, slot: jax.Array, plan: Plan) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def expand(y: jax.Array, h: jax.Array, bs: tuple, slot: jax.Array, groups, plan: Plan
+           ) -> jax.Array:
     """y [T, sum W_i], h [T, n*R], bs n arrays [S, R, W_i], slot [T] -> y + h_i @ b_i[slot]."""
-    return forward_expand(y, h, _columns(bs), slot, plan)
+    return forward_expand(y, h, _columns(bs), slot, plan, groups)
 
 
-def _expand_fwd(y, h, bs, slot, plan):
-    return forward_expand(y, h, _columns(bs), slot, plan), (h, bs, slot)
+def _expand_fwd(y, h, bs, slot, groups, plan):
+    return forward_expand(y, h, _columns(bs), slot, plan, groups), (h, bs, slot, groups)
 
 
 def _expand_bwd(plan, residuals, dout):
-    h, bs, slot = residuals
+    h, bs, slot, groups = residuals
     rank = h.shape[1] // len(bs)
     dh, dbs = [], []
     for i, (b, col) in enumerate(_columns(bs)):
         dout_i = dout[:, col : col + b.shape[-1]]
         h_i = h[:, i * rank : (i + 1) * rank]
         # dh[t] = b[slot] @ dout[t]: a shrink with the stack transposed to [W, S, R].
-        dh.append(forward_shrink(dout_i, jnp.transpose(b, (2, 0, 1)), slot, plan))
+        dh.append(forward_shrink(dout_i, jnp.transpose(b, (2, 0, 1)), slot, plan, groups))
         dbs.append(dense.slot_outer(h_i, dout_i, slot, b.shape[0]).astype(b.dtype))
     dh = dh[0] if len(dh) == 1 else jnp.concatenate(dh, axis=-1)
-    return dout, dh.astype(h.dtype), tuple(dbs), None
+    return dout, dh.astype(h.dtype), tuple(dbs), None, None
 
 
 expand.defvjp(_expand_fwd, _expand_bwd)

@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py            # Llama-7B sizes (D=4096, R=16), for a GPU
     python scripts/bench_kernels.py --reduced  # D=1024 and fewer tokens, for a CPU
+    python scripts/bench_kernels.py --forms    # the plain-XLA forms against the slot count
 
 Each row times lora_apply (shrink + expand) on one batch: time, achieved GB/s over the bytes the
 op must move at least (x, y in, y out, each distinct adapter used once), TFLOP/s over the useful
@@ -15,6 +16,7 @@ without adapters.
 import argparse
 import functools
 import json
+import sys
 import time
 
 import jax
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from pallas_kernels import tiled
 
 HBM_BYTES_PER_S = 4.3e12  # H200 device copy, measured on the lent machine
 
@@ -132,6 +135,64 @@ def bench_decode_step(backends, dtype, rounds, inner, clock) -> dict:
     }
 
 
+def _tile_branch(slot: np.ndarray, num_slots: int) -> int:
+    """The tile branch a step with these slots would take were it not compact."""
+    tokens = slot.shape[0]
+    rows = tiled.tile_rows(tokens)
+    counts = np.bincount(slot[slot >= 0], minlength=num_slots)
+    used = int(np.sum(-(-counts // rows)))
+    ladder = tiled.tile_ladder(tokens, num_slots)
+    return len(tiled.COMPACT_LADDER) + int(np.searchsorted(ladder, used))
+
+
+def _form_fns(num_slots: int, tile_branch: int, tokens: int) -> dict:
+    """name -> fn(y, x, a, bs, slot): the forms of one LoRA site (shrink + expand of q|k|v);
+    the per-token gather only up to 256 tokens (it takes far longer above)."""
+    def tiled_form(y, x, a, bs, slot, force=None):
+        meta = tiled.step_meta(slot, num_slots)
+        if force is not None:
+            meta = meta._replace(branch=jnp.int32(force))
+        return pk.lora_apply_sliced(y, x, a, bs, slot, backend="tiled", meta=meta)
+
+    fns = {
+        "dense": lambda *args: pk.lora_apply_sliced(*args, backend="dense"),
+        "gather": lambda *args: pk.lora_apply_sliced(*args, backend="reference"),
+        "tiled": tiled_form,
+        "tiled:tiles_only": functools.partial(tiled_form, force=tile_branch),
+        "meta_only": lambda y, x, a, bs, slot: tiled.step_meta(slot, num_slots).branch,
+    }
+    if tokens > 256:
+        del fns["gather"]
+    return fns
+
+
+def bench_forms(tokens_list, slots_list, ranks, distinct_list, dtype, rounds, inner,
+                clock) -> list[dict]:
+    """ms per call of each plain-XLA form of a fused q|k|v site (bench model: D = 1024, k|v
+    256 wide): T tokens, S slots, rank R, `distinct` adapters used by the step's tokens."""
+    rng = np.random.default_rng(2)
+    d, widths, rows = 1024, (1024, 256, 256), []
+    for tokens in tokens_list:
+        for num_slots in slots_list:
+            for rank in ranks:
+                x = jnp.asarray(rng.standard_normal((tokens, d)), dtype)
+                y = jnp.asarray(rng.standard_normal((tokens, sum(widths))), dtype)
+                a = jnp.asarray(rng.standard_normal((d, num_slots, 3 * rank)) * d**-0.5, dtype)
+                bs = tuple(jnp.asarray(rng.standard_normal((num_slots, rank, w)), dtype)
+                           for w in widths)
+                for distinct in sorted({min(n, tokens, num_slots) for n in distinct_list}):
+                    used = rng.choice(num_slots, distinct, replace=False)
+                    slot = used[np.arange(tokens) % distinct][rng.permutation(tokens)]
+                    fns = {n: jax.jit(f) for n, f in
+                           _form_fns(num_slots, _tile_branch(slot, num_slots), tokens).items()}
+                    times = _time(fns, (y, x, a, bs, jnp.asarray(slot, jnp.int32)), rounds,
+                                  inner, clock)
+                    rows.append({"T": tokens, "S": num_slots, "R": rank, "distinct": distinct,
+                                 "ms": {n: round(t * 1e3, 4) for n, t in times.items()}})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reduced", action="store_true", help="CPU sizes: D=1024, fewer tokens")
@@ -141,8 +202,24 @@ def main() -> None:
         "--clock", choices=["wall", "process"], default="wall",
         help="process: CPU seconds of this process, steadier on a CPU shared with other jobs",
     )
+    parser.add_argument("--forms", action="store_true",
+                        help="compare the plain-XLA forms (dense, per-token gather, tiled) over "
+                             "tokens, slots, ranks and distinct adapters per step")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8, 64, 256, 1024])
+    parser.add_argument("--slots", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--distinct", type=int, nargs="+", default=[1, 4, 16, 1024],
+                        help="distinct adapters per step (capped by T and S)")
     args = parser.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.forms:
+        dtype = jnp.bfloat16
+        rows = bench_forms(args.tokens, args.slots, args.ranks, args.distinct, dtype,
+                           args.rounds or 5, 3, clock)
+        print(json.dumps({"platform": jax.default_backend(), "dtype": "bfloat16", "D": 1024,
+                          "site": "q|k|v (1024|256|256)", "clock": args.clock,
+                          "forms": rows}, indent=1))
+        return
     on_gpu = jax.default_backend() == "gpu"
     backends = _backends(on_gpu, args.backends)
     dtype = jnp.bfloat16 if on_gpu else jnp.float32

@@ -46,6 +46,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--used", type=int, default=None,
+                        help="distinct adapters the batch uses (default: all --adapters slots)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=256, help="KV cache length per row")
     parser.add_argument("--rounds", type=int, default=7,
@@ -61,7 +63,7 @@ def main():
     lora = random_stacks(config, args.adapters, args.rank, seed=1, dtype=args.dtype)
     rng = np.random.default_rng(0)
     rows = jnp.arange(args.batch, dtype=jnp.int32)
-    slots = jnp.asarray(np.arange(args.batch) % args.adapters, jnp.int32)
+    slots = jnp.asarray(np.arange(args.batch) % (args.used or args.adapters), jnp.int32)
     start = rng.integers(args.max_len // 4, args.max_len // 2, size=(args.batch, 1))
     tokens = jnp.asarray(rng.integers(3, config.vocab_size, size=(args.batch, 1)), jnp.int32)
 
@@ -96,6 +98,7 @@ def main():
     base, with_lora = statistics.median(times["base"]), statistics.median(times["lora"])
     print(json.dumps({
         "model": BENCH, "dtype": args.dtype, "batch": args.batch, "adapters": args.adapters,
+        "used": args.used or args.adapters,
         "rank": args.rank, "max_len": args.max_len,
         "backend": args.backend or "default", "platform": jax.default_backend(),
         "decode_step_ms": {"base": round(base, 2), "lora": round(with_lora, 2)},

@@ -18,8 +18,8 @@ def write_bench_adapters(folder: Path, count: int, tiny: bool = False, rank: int
     from flax import nnx
 
     from lora_jax.lora.adapters import save_adapter
-    from lora_jax.tools.serving_bench import BENCH_CONFIG, ensure_bench_model, random_adapter
     from lora_jax.tools.tiny import char_tokenizer, save_llama, tiny_config
+    from lora_jax.tools.workload import BENCH_CONFIG, ensure_bench_model, random_adapter
     from models import Llama
 
     if tiny:

@@ -76,11 +76,11 @@ def child(model: str, size: int) -> dict:
     jax.devices()  # the backend's own memory is not the load's
     llm = LLM(model, tensor_parallel_size=size, enable_lora=True, max_loras=4,
               max_lora_rank=16, max_num_seqs=8, max_model_len=512, compile_on_start=False)
-    engine = llm.engine
-    named = {"model": engine.runner.state, "lora": engine.slots.stacks, "kv": engine.runner.kv,
-             "history": engine.runner.history, "carry": engine.runner.carry}
-    stats = engine.stats()
-    return {"stats": {k: v for k, v in stats.items() if "bytes" in k},
+    engine = llm.engine.core
+    named = {"model": engine.runner.state, "lora": engine.adapters.stacks,
+             "kv": engine.runner.kv, "history": engine.runner.history,
+             "carry": engine.runner.carry}
+    return {"stats": engine.stats().memory,
             "whole": whole_arrays(named, MIN_ELEMENTS)}
 
 

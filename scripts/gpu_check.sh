@@ -4,7 +4,7 @@
 # and model benchmarks, then (with msgspec carried as a cp312 wheel in .whl/, e.g.
 # `pip download msgspec --python-version 3.12 --only-binary=:all: -d .whl`) the serving
 # benchmarks and the engine through the attention kernel.
-# About 12 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
+# About 14 minutes; logs and the benchmark JSON go to OUT_DIR (default $OUT, else /tmp/gpu_check).
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # JAX_PLATFORMS and LORA_JAX_TEST_BACKEND can be overridden to rehearse it on a CPU
 # (JAX_PLATFORMS=cpu LORA_JAX_TEST_BACKEND=pallas_interpret).
@@ -61,6 +61,10 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda 
   LORA_JAX_TEST_BACKEND=pallas timeout 300 "$python" -m pytest -q -p no:cacheprovider \
     tests/engine/test_paged_engine.py -k ragged_attention_kernel \
     2>&1 | tee "$out_dir/engine_kernel_tests.log" || status=1
+  # The windowed, soft-capped kernel (Gemma 2, Mistral, Qwen2, Phi-3 sliding layers) through
+  # the engine on GPU (the kernel is the default there) against transformers + PEFT.
+  timeout 300 "$python" -m pytest -q -p no:cacheprovider tests/models/test_families.py \
+    -k float32 2>&1 | tee "$out_dir/families_kernel_tests.log" || status=1
   # End to end on Llama-3-8B's layer shapes (random weights; 8 of its 32 layers to fit the
   # device budget: every layer is the same work): 64 requests over 32 rank-16 adapters through
   # 8 slots, bf16, against the same engine without LoRA. Start-up compile counts are in the JSON.
@@ -70,6 +74,24 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda 
     --bench-dir /tmp/lora_jax_bench --json-out "$out_dir/bench_llama3_8b.json" \
     >"$out_dir/bench_llama3_8b.log" 2>&1 || status=1
   head -n 5 "$out_dir/bench_llama3_8b.log"
+  # Slots cost memory, not time: one adapter through the Pallas kernels with max_loras 8, 64
+  # and 256 (bench model, bf16), the same requests each time; the summary prints each
+  # throughput against max_loras 8 and the compilations after start-up (must be 0).
+  for slots in 8 64 256; do
+    timeout 240 "$python" scripts/benchmark.py --num-adapters 1 --max-loras "$slots" \
+      --num-requests 64 --max-num-seqs 64 --dtype bfloat16 --bench-dir /tmp/lora_jax_bench \
+      --json-out "$out_dir/bench_slots_$slots.json" >"$out_dir/bench_slots_$slots.log" 2>&1 \
+      || status=1
+  done
+  "$python" - "$out_dir" <<'PY' || status=1
+import json, sys
+runs = {s: json.load(open(f"{sys.argv[1]}/bench_slots_{s}.json"))["runs"][0] for s in (8, 64, 256)}
+for s, r in runs.items():
+    ratio = r["tokens_per_s"] / runs[8]["tokens_per_s"]
+    print(f"max_loras {s}: {r['tokens_per_s']} tok/s, {ratio:.3f}x of max_loras 8, "
+          f"compilations after warm-up {r['compilations_after_warmup']}")
+sys.exit(any(r["compilations_after_warmup"] for r in runs.values()))
+PY
 else
   echo "serving benchmark skipped: msgspec/tqdm not importable (carry their wheels in .whl/)"
 fi

@@ -54,7 +54,7 @@ def _lora_case(pattern: str, backward: bool):
     return build
 
 
-def _attention_case(dtype, shape):
+def _attention_case(dtype, shape, **extra):
     tokens, heads, kv_heads, dim, block_size, num_seqs, max_blocks = shape
     pages = jax.ShapeDtypeStruct((num_seqs * max_blocks, block_size, kv_heads, dim), dtype)
 
@@ -62,13 +62,18 @@ def _attention_case(dtype, shape):
         return jax.ShapeDtypeStruct(s, jnp.int32)
     args = (jax.ShapeDtypeStruct((tokens, heads, dim), dtype), pages, pages, ints(num_seqs),
             ints(num_seqs, max_blocks), ints(num_seqs + 1), ints(1))
-    return functools.partial(ragged_paged_attention, backend="pallas"), args
+    return functools.partial(ragged_paged_attention, backend="pallas", **extra), args
 
 
 # (T, D_in, D_out, S, R): Llama-3-8B q / down (decode, prefill); Llama-3-70B per-shard (TP=8).
+# Then max_loras 64 and 256 at rank 16 on the bench model (hidden 1024, mlp 2816) and
+# Llama-3-8B: the slot count only sizes the stacks each program indexes (a_ref[:, slot] loads one
+# slot's tile), so registers, shared memory and the grid must not change with it.
 LORA_SHAPES = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64), (8, 14336, 4096, 64, 8),
                (512, 8192, 1024, 4, 32), (32, 3584, 8192, 32, 16)]
-LORA_SMALL = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64)]
+LORA_SHAPES += [(t, d_in, d_out, s, 16) for s in (8, 64, 256) for t in (64, 1024)
+                for d_in, d_out in ((1024, 1024), (2816, 1024), (4096, 4096), (14336, 4096))]
+LORA_SMALL = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64), (64, 4096, 4096, 256, 16)]
 # (T, H, KV, d, block_size, S, MB): Llama-3-8B, 64 decode rows and a 512-token prefill mix over
 # 2048-token block tables. The tiles depend on G, d, block_size and dtype, not on T or S.
 ATTENTION_SHAPES = [(64, 32, 8, 128, 16, 64, 128), (512, 32, 8, 128, 16, 64, 128)]
@@ -81,7 +86,7 @@ def _tp_case(dtype, shape):
     from jax.sharding import AbstractMesh
 
     from models import tp_kernels
-    from models.ragged import RaggedMeta
+    from models.ragged import AttnSpec, RaggedMeta
 
     kind, tp, tokens, *rest = shape
     mesh = AbstractMesh((tp,), (tp_kernels.TP,))
@@ -89,14 +94,15 @@ def _tp_case(dtype, shape):
 
     def ints(*s):
         return jax.ShapeDtypeStruct(s, jnp.int32)
-    if kind == "attention":
+    if kind.startswith("attention"):  # "attention_windowed_softcap": Gemma 2's switches
         heads, kv_heads, dim, block_size, num_seqs, max_blocks = rest
+        spec_ = AttnSpec(dim ** -0.5, *((50.0, 4096) if kind != "attention" else ()))
         pool = spec((1, num_seqs * max_blocks, block_size, kv_heads, dim))
         meta = RaggedMeta(*(ints(tokens) for _ in range(3)), ints(num_seqs, max_blocks),
                           *(ints(num_seqs) for _ in range(2)), *(ints(1) for _ in range(3)),
                           ints(num_seqs + 1), ints(num_seqs), ints(1))
         fn = functools.partial(tp_kernels.attention, mesh, layer=0, dtype=dtype,
-                               backend="pallas")
+                               backend="pallas", spec=spec_)
         return (lambda q, k, v, meta: fn(q, k, v, meta=meta)), (
             spec((tokens, heads, dim)), pool, pool, meta)
     d_in, d_out, slots, rank = rest
@@ -118,11 +124,20 @@ TP_SHAPES = [("column_expand", 8, 32, 8192, 8192, 16, 16),   # q
              ("row_apply", 8, 32, 8192, 8192, 16, 16),       # o
              ("row_apply", 8, 512, 28672, 8192, 4, 32),      # down
              ("attention", 8, 64, 64, 8, 128, 16, 64, 128),
-             ("attention", 8, 512, 64, 8, 128, 16, 64, 128)]
-TP_SMALL = [TP_SHAPES[2], TP_SHAPES[4], TP_SHAPES[5]]
+             ("attention", 8, 512, 64, 8, 128, 16, 64, 128),
+             ("attention_windowed_softcap", 8, 512, 64, 8, 128, 16, 64, 128)]
+TP_SMALL = [TP_SHAPES[2], TP_SHAPES[4], TP_SHAPES[5], TP_SHAPES[7]]
 CASES = [(f"lora_{p}_{d}", _lora_case(p, d == "bwd"), LORA_SHAPES, LORA_SMALL)
          for p in ("gather", "grouped") for d in ("fwd", "bwd")]
 CASES.append(("ragged_paged_attention", _attention_case, ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
+# Sliding layers (Mistral, Qwen2, Gemma 3, Phi-3): a window, its mask and its skipped chunks;
+# Gemma 2's add the attention soft-cap.
+CASES.append(("ragged_paged_attention_windowed",
+              functools.partial(_attention_case, sliding_window=4096),
+              ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
+CASES.append(("ragged_paged_attention_windowed_softcap",
+              functools.partial(_attention_case, sliding_window=4096, soft_cap=50.0),
+              ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
 CASES.append(("tp8_llama3_70b", _tp_case, TP_SHAPES, TP_SMALL))
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 

@@ -27,7 +27,7 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 GREEDY_NEW_TOKENS = 8
 LONG_LORA_MAX_LEN = 64
@@ -82,6 +82,45 @@ VARIANTS = {
                     adapters={"all_r4": ADAPTERS["all_r4"], "qv_r8": ADAPTERS["qv_r8"],
                               **PARTIAL_ADAPTERS}, lengths=[5, 9, 12], greedy_logits=True),
 }
+# The model families beside Llama (lora-jax's models.families): each family's own config
+# fields at tiny sizes, sliding windows (4-6) shorter than the prompts (5, 9, 12 tokens).
+FAMILY_BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                   max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1,
+                   eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+FAMILIES = {
+    "mistral": dict(head_dim=16, sliding_window=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                  tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "qwen3": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
+                   tie_word_embeddings=True),
+    "gemma3_text": dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=4, sliding_window_pattern=2, tie_word_embeddings=True,
+                        rope_parameters={
+                            "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                               "rope_theta": 10000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+    # max_position_embeddings / original = 4 (attention factor sqrt(1 + ln 4 / ln 32)); the
+    # served prompts stay within 32 positions (short factors), and `long_prompt` (40 tokens)
+    # goes past them: transformers then rotates every position by the long factors.
+    "phi3": dict(max_position_embeddings=128, original_max_position_embeddings=32,
+                 sliding_window=6, rope_parameters={
+                     "rope_type": "longrope", "rope_theta": 10000.0,
+                     "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.5, 2.0, 3.0, 4.0]}),
+}
+FAMILY_ADAPTERS = {
+    "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "all_rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear",
+                       saved_target_modules="all-linear"),
+}
+FAMILY_SEEDS = {name: 20 + k for k, name in enumerate(FAMILIES)}
+# Gemma 3 scales its tied embeddings by sqrt(hidden) without Gemma 2's final soft-cap: at the
+# default spread each token's own embedding wins every step (the model repeats its input).
+FAMILY_EMBED_STD = {"gemma3_text": 0.1}
 # Each variant's seed offset, fixed so that adding a variant never changes another's files.
 SEED_OFFSETS = {"gqa": 1, "tied": 2, "llama3": 3, "long_lora": 4, "trained": 5, "partial": 6}
 
@@ -95,22 +134,24 @@ def make_config(overrides: dict) -> LlamaConfig:
 
 
 @torch.no_grad()
-def randomize_base(model: LlamaForCausalLM, seed: int) -> None:
+def randomize_base(model: LlamaForCausalLM, seed: int, embed_std: float = 0.5) -> None:
     """Re-draw every weight: HF's init (std 0.02, norms exactly 1) would hide norm/scale bugs."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         if name.endswith("norm.weight"):
             param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
         elif "embed_tokens" in name:
+            param.copy_(embed_std * torch.randn(param.shape, generator=gen))
+        elif name.endswith(".bias"):  # Qwen2's q/k/v biases: non-zero, so a lost bias shows
             param.copy_(0.5 * torch.randn(param.shape, generator=gen))
         else:  # Linear [out, in]: unit-variance outputs keep logits O(1) and greedy margins wide.
             param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[1]))
 
 
-def load_base(model_dir: Path, config: LlamaConfig | None = None) -> LlamaForCausalLM:
+def load_base(model_dir: Path, config=None):
     extra = {"config": config} if config is not None else {}
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                             attn_implementation="eager", **extra)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager", **extra)
     return model.eval()
 
 
@@ -276,6 +317,97 @@ def build_variant(name: str, spec: dict, out: Path, seed: int) -> None:
     (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+@torch.no_grad()
+def greedy_generate(model, ids: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """As greedy(), but the logits are generate()'s own (each step through the KV cache): with
+    longrope, a full forward pass past the original context would re-rotate every position."""
+    prompt = torch.from_numpy(ids.astype(np.int64))[None]
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                         do_sample=False, max_new_tokens=GREEDY_NEW_TOKENS,
+                         min_new_tokens=GREEDY_NEW_TOKENS, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[0, len(ids):].numpy()
+    logits = torch.stack(out.logits, dim=1)[0].float().numpy()
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    gap = float((top2[:, 1] - top2[:, 0]).min())
+    # A path where min_new_tokens had to mask EOS is no use: a server would stop there.
+    return new.astype(np.int32), gap if np.array_equal(logits.argmax(-1), new) else 0.0, logits
+
+
+LONGROPE_PROMPT = 40  # Phi-3's long prompt: past original_max_position_embeddings (32)
+PROMPT_CANDIDATES = 40  # random prompts tried per length; the widest greedy margins win
+
+
+def pick_prompts(models: dict, lengths: list[int], vocab: int, seed: int) -> list[np.ndarray]:
+    """Per length, of PROMPT_CANDIDATES random prompts the one whose smallest top-1/top-2 gap
+    along every model's greedy path is widest (a bfloat16 run then meets no near-tie), among
+    those where every adapter's greedy tokens differ from the base model's."""
+    rng, chosen = np.random.default_rng(seed), []
+    for n in lengths:
+        best, best_gap = None, -2.0
+        for _ in range(PROMPT_CANDIDATES):
+            p = np.concatenate([[BOS], rng.integers(3, vocab, n - 1)]).astype(np.int32)
+            runs = {name: greedy_generate(m, p)[:2] for name, m in models.items()}
+            same = any(np.array_equal(runs[name][0], runs["base"][0]) for name in runs
+                       if name != "base")
+            gap = min(g for _, g in runs.values()) - (1.0 if same else 0.0)
+            if gap > best_gap:
+                best, best_gap = p, gap
+        chosen.append(best)
+    return chosen
+
+
+def build_family(model_type: str, out: Path, seed: int) -> None:
+    """One family: base + a q/v adapter + an rsLoRA adapter on every linear layer."""
+    print(f"== {model_type}")
+    vdir = out / model_type
+    shutil.rmtree(vdir, ignore_errors=True)
+    config = AutoConfig.for_model(model_type, **{**FAMILY_BASE, **FAMILIES[model_type]})
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    randomize_base(base.to(torch.float32), seed, FAMILY_EMBED_STD.get(model_type, 0.5))
+    base.save_pretrained(vdir / "model", safe_serialization=True)
+    lengths = [5, 9, 12]
+    probes = make_prompts(lengths, config.vocab_size, seed)
+    manifest = {"variant": model_type, "adapters": {}, "num_prompts": len(lengths),
+                "prompt_lengths": lengths, "greedy_new_tokens": GREEDY_NEW_TOKENS,
+                "greedy_min_gap": {}}
+    models = {"base": load_base(vdir / "model")}
+    for k, (aname, aspec) in enumerate(FAMILY_ADAPTERS.items()):
+        aspec = dict(aspec)
+        if model_type == "phi3" and aname == "qv":  # Phi-3's q, k and v are one module
+            aspec["target_modules"] = ["qkv_proj"]
+        adir = vdir / "adapters" / aname
+        in_memory = make_adapter(vdir / "model", adir, aspec, seed * 100 + k, probes)
+        models[aname] = PeftModel.from_pretrained(load_base(vdir / "model"), adir).eval()
+        manifest["adapters"][aname] = saved_adapter_entry(adir)
+        for j, p in enumerate(probes):
+            diff = np.abs(full_logits(models[aname], p) - in_memory[j]).max()
+            warn_unless(diff == 0, f"{model_type}/{aname}: reload differs from in-memory")
+    prompts = pick_prompts(models, lengths, config.vocab_size, seed + 1)
+    arrays = {f"prompt_ids_{j}": p for j, p in enumerate(prompts)}
+    for aname, model in models.items():
+        for j, p in enumerate(prompts):
+            arrays[f"logits_{aname}_{j}"] = full_logits(model, p)
+            tokens, margin, logits = greedy_generate(model, p)
+            warn_unless(margin > 0, f"{model_type}/{aname} prompt {j}: EOS on the greedy path")
+            arrays[f"greedy_{aname}_{j}"], arrays[f"greedy_logits_{aname}_{j}"] = tokens, logits
+            manifest["greedy_min_gap"].setdefault(aname, []).append(round(margin, 6))
+            effect = np.abs(arrays[f"logits_{aname}_{j}"] - arrays[f"logits_base_{j}"]).max()
+            warn_unless(aname == "base" or effect > 1e-2, f"{model_type}/{aname}: no effect")
+            print(f"  {aname} prompt {j}: greedy {tokens.tolist()} min top-2 gap {margin:.3f}"
+                  f" max|adapter - base| {effect:.3f}")
+    if model_type == "phi3":
+        long = make_prompts([LONGROPE_PROMPT], config.vocab_size, seed + 2)[0]
+        arrays["prompt_ids_long"] = long
+        for aname, model in models.items():
+            arrays[f"logits_long_{aname}"] = full_logits(model, long)
+    manifest["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__,
+                            "torch": torch.__version__}
+    np.savez_compressed(vdir / "expected.npz", **arrays)
+    (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 TRAINED_LENGTHS = [5, 9, 12]
 
 
@@ -309,8 +441,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures/reference"),
                         help="folder to write the variants into (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
-    parser.add_argument("--variants", nargs="*", choices=sorted([*VARIANTS, "trained"]),
-                        default=[*VARIANTS, "trained"], help="variants to (re)build (default: all)")
+    parser.add_argument("--variants", nargs="*",
+                        choices=sorted([*VARIANTS, "trained", *FAMILIES]),
+                        default=[*VARIANTS, "trained", *FAMILIES],
+                        help="variants to (re)build (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # single-threaded CPU kernels: bit-identical reruns
     torch.use_deterministic_algorithms(True)
@@ -320,6 +454,9 @@ def main() -> None:
             build_variant(name, VARIANTS[name], args.out, args.seed + SEED_OFFSETS[name])
     if "trained" in args.variants:
         build_trained(args.out, args.seed + SEED_OFFSETS["trained"])
+    for name in FAMILIES:
+        if name in args.variants:
+            build_family(name, args.out, args.seed + FAMILY_SEEDS[name])
     print(f"versions: transformers {transformers.__version__}, peft {peft.__version__}, "
           f"torch {torch.__version__}")
 

@@ -49,3 +49,27 @@ def test_a_value_made_bad_after_construction_is_caught_by_validate():
     params.temperature = float("nan")
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         params.validate()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_k": 2**31}, "top_k must be at most"),
+    ({"min_tokens": -1}, "min_tokens must be in"),
+    ({"min_tokens": 17}, r"min_tokens must be in \[0, max_tokens=16\]"),
+    ({"min_tokens": True}, "min_tokens must be an integer"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids must be a list of integers >= 0"),
+    ({"logit_bias": {5: 101}}, r"logit_bias values must be numbers in \[-100, 100\]"),
+    ({"logit_bias": {-1: 1}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {"5": 1}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {i: 1 for i in range(301)}}, "at most 300"),
+])
+def test_integer_ranges_min_tokens_and_logit_bias_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"logit_bias": {5: 10.0}}, {"min_tokens": 2}])
+def test_logit_bias_and_min_tokens_are_refused_until_the_sampler_applies_them(kwargs):
+    # Never silently ignored: remove this test with SamplingParams._check_wired.
+    with pytest.raises(ValueError, match="not supported yet"):
+        SamplingParams(**kwargs)
+    assert SamplingParams(logit_bias={}, min_tokens=0).min_tokens == 0

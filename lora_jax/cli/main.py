@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from lora_jax.cli.errors import debug_requested, run_reporting
+from lora_jax.cli.options import HelpFormatter
 
 # command -> (module in lora_jax.cli, help line)
 COMMANDS = {
@@ -37,11 +38,13 @@ def _command_in(argv: list[str]) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; `command` is the one about to run (its heavy options are added only then)."""
     parser = argparse.ArgumentParser(
-        prog="lora-jax", description="Multi-LoRA LLM serving, native to JAX.")
+        prog="lora-jax", description="Multi-LoRA LLM serving, native to JAX.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_line) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_line, description=help_line)
+        p = sub.add_parser(name, help=help_line, description=help_line,
+                           formatter_class=HelpFormatter)
         # Also accepted after the command; SUPPRESS keeps an absent one from unsetting it.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help=_DEBUG_HELP)

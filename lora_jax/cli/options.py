@@ -4,9 +4,27 @@ a command reads, run before anything heavy is imported. Imports no JAX."""
 import argparse
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from lora_jax.cli.errors import CommandError
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help lines wrapped between words only (never inside `gate_proj` or `--xla_...`), and
+    each option's default shown unless its help already names it."""
+
+    def _split_lines(self, text, width):
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False
+                or default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def _number(text: str, kind: type):

@@ -3,13 +3,20 @@
 import argparse
 import contextlib
 import json
+import os
 import signal
+import sys
+import threading
+import time
 
 from lora_jax.cli.errors import CommandError
 from lora_jax.cli.options import check_model_folder, port, positive_int
+from lora_jax.entrypoints.openai import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES
 from lora_jax.request import LoRARequest
 
 GRACE_S = 5  # seconds running requests get to finish after SIGTERM / Ctrl-C
+# After the grace period, how long stopping the engine may take before the process ends anyway.
+STOP_S = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,12 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                         help="adapters to serve: name=path, or JSON "
                              '{"name": ..., "path": ..., "base_model_name": ...}')
-    parser.add_argument("--max-loras", type=positive_int, default=1)
-    parser.add_argument("--max-cpu-loras", type=positive_int, default=None)
-    parser.add_argument("--max-lora-rank", type=positive_int, default=16)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--max-model-len", type=positive_int, default=None)
-    parser.add_argument("--max-num-seqs", type=positive_int, default=32)
+    _add_engine_arguments(parser.add_argument_group("engine"))
+    _add_server_arguments(parser.add_argument_group("HTTP server"))
+
+
+def _add_engine_arguments(parser) -> None:
+    parser.add_argument("--max-loras", type=positive_int, default=1,
+                        help="adapter slots on the device: distinct adapters in one step")
+    parser.add_argument("--max-cpu-loras", type=positive_int, default=None,
+                        help="adapters kept loaded in host memory (default: max(max-loras, 8))")
+    parser.add_argument("--max-lora-rank", type=positive_int, default=16,
+                        help="the largest adapter rank served; higher ranks are refused")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="compute dtype (auto: the checkpoint's)")
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="tokens per sequence, prompt and output (default: the model's "
+                             "max_position_embeddings)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=32,
+                        help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                         help="tokens in one step (decodes and prefill chunks)")
     parser.add_argument("--block-size", type=positive_int, default=16,
@@ -37,27 +56,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=True, help="reuse cached KV of shared prompt prefixes")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=True, help="overlap the host's work with the device's")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the samples of requests that give none")
     parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                         help="split the model over this many devices (on CPU, set XLA_FLAGS="
                              "--xla_force_host_platform_device_count=N to have N)")
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="several processes on one mesh: process 0's address for "
+                             "jax.distributed (every process gets the same)")
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="processes (hosts) that serve one model together")
+    parser.add_argument("--process-id", type=int, default=0,
+                        help="0 serves HTTP; the others only run the model's steps")
+
+
+def _add_server_arguments(parser) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health, "
+                             "/version and /metrics")
+    parser.add_argument("--max-n", type=positive_int, default=DEFAULT_MAX_N,
+                        help="the most choices one request may ask for (prompts x n)")
+    parser.add_argument("--max-request-bytes", type=positive_int,
+                        default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="the largest request body; larger ones get 413 unread")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="logprob tokens as 'token_id:N' unless a request says otherwise")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     parser.add_argument("--lora-root", default=None,
                         help="the folder runtime-loaded adapters must lie in")
     parser.add_argument("--allow-hub-adapters", action="store_true",
                         help="let runtime loading take Hugging Face Hub ids")
-    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                        help="several processes on one mesh: process 0's address for "
-                             "jax.distributed (every process gets the same)")
-    parser.add_argument("--num-processes", type=int, default=1)
-    parser.add_argument("--process-id", type=int, default=0,
-                        help="0 serves HTTP; the others only run the model's steps")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=port, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds")
+    parser.add_argument("--port", type=port, default=8000, help="HTTP port")
 
 
 def parse_lora_modules(items: list[str]) -> list[LoRARequest]:
@@ -139,31 +172,51 @@ def run(args: argparse.Namespace) -> int:
     # them (their requests are aborted), stop the engine and exit 0.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=GRACE_S)
-    url = f"http://{args.host}:{args.port}/v1"
     name = args.served_model_name or args.model
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:  # the socket is bound: clients may connect from here on
-                print(f"lora-jax: serving {name} at {url}", flush=True)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # uvicorn's own re-raises the signal after shutting down (exit status -15, or a
-            # KeyboardInterrupt traceback); a requested shutdown that went well exits 0.
-            handled = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    server = Server(config)
+    server = _make_server(config, f"lora-jax: serving {name} at "
+                                  f"http://{args.host}:{args.port}/v1")
     try:
         server.run()
     finally:
         llm.shutdown()
     print("lora-jax: stopped", flush=True)
     return 0
+
+
+def _make_server(config, banner: str):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # the socket is bound: clients may connect from here on
+                print(banner, flush=True)
+
+        def stop(self, sig, frame):
+            if not self.should_exit:  # the first signal: a deadline for the whole stop
+                threading.Thread(target=_exit_after, args=(GRACE_S + STOP_S,), daemon=True,
+                                 name="lora-jax-stop-deadline").start()
+            self.handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal after shutting down (exit status -15, or a
+            # KeyboardInterrupt traceback); a requested shutdown that went well exits 0.
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.stop) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+def _exit_after(seconds: float) -> None:
+    """Whatever still runs (an engine call that does not return, a worker thread the
+    interpreter would wait for at exit), the process ends `seconds` after the signal."""
+    time.sleep(seconds)
+    print(f"lora-jax: not stopped {seconds} s after the signal; exiting now", file=sys.stderr,
+          flush=True)
+    os._exit(1)

@@ -20,7 +20,7 @@ from lora_jax.cli.options import (
     positive_int,
 )
 
-TARGETS_HELP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+TARGETS_HELP = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,17 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="base model compute dtype; adapter weights train in float32")
     group = parser.add_argument_group("adapter")
-    group.add_argument("--rank", type=positive_int, default=8)
-    group.add_argument("--alpha", type=positive_float, default=16.0)
+    group.add_argument("--rank", type=positive_int, default=8,
+                       help="LoRA rank r of every adapter (A is r x in, B is out x r)")
+    group.add_argument("--alpha", type=positive_float, default=16.0,
+                       help="LoRA alpha: the update is scaled by alpha / rank")
     group.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank)")
     group.add_argument("--targets", default="q_proj,v_proj",
-                       help=f"comma-separated, of {TARGETS_HELP}, or 'all'")
+                       help=f"modules to adapt, comma-separated, of: {TARGETS_HELP}; or 'all'")
     group.add_argument("--dropout", type=fraction, default=0.0, help="PEFT's lora_dropout")
     group = parser.add_argument_group("optimization")
     group.add_argument("--lr", type=positive_float, default=2e-4,
                        help="peak AdamW learning rate")
     group.add_argument("--warmup", type=nonnegative_int, default=0, help="linear warm-up steps")
-    group.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    group.add_argument("--weight-decay", type=nonnegative_float, default=0.0,
+                       help="AdamW weight decay of the adapter weights")
     group.add_argument("--max-grad-norm", type=nonnegative_float, default=1.0,
                        help="clip the gradient norm to this (0 = no clipping)")
     length = group.add_mutually_exclusive_group()
@@ -53,13 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="passes over the largest dataset (default: 1)")
     group.add_argument("--batch-size", type=positive_int, default=8,
                        help="rows per adapter per step")
-    group.add_argument("--grad-accum", type=positive_int, default=1)
-    group.add_argument("--seq-len", type=positive_int, default=256)
+    group.add_argument("--grad-accum", type=positive_int, default=1,
+                       help="micro-batches summed into each optimizer step")
+    group.add_argument("--seq-len", type=positive_int, default=256,
+                       help="tokens per row; longer examples are cut to it")
     group.add_argument("--eval-fraction", type=fraction, default=0.1,
                        help="held out of each dataset for the eval loss")
     group.add_argument("--eval-every", type=nonnegative_int, default=0,
                        help="also evaluate every N steps")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the adapters' initial weights, shuffling and dropout")
 
 
 def _named_files(values: list[str]) -> dict[str, Path]:

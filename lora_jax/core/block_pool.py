@@ -45,10 +45,6 @@ class PrefixCacheStats:
     hits: int = 0  # of those, found cached
     evictions: int = 0  # cached blocks reused for other content
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.queries if self.queries else 0.0
-
 
 @dataclass
 class BlockPool:

@@ -22,6 +22,7 @@ left alone: there a step's fixed cost outweighs the padding, and a prompt would 
 from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from lora_jax.core.block_pool import KVCacheManager
 from lora_jax.core.buckets import bucket_below
@@ -32,7 +33,11 @@ FILL_FROM = 256
 
 @dataclass(eq=False)
 class Sequence:
-    """One generated sequence: its prompt, its outputs so far, and where its KV lives."""
+    """One generated sequence: its prompt, its outputs so far, and where its KV lives.
+
+    The scheduler owns the fields it schedules by (num_cached, num_pending, started, row,
+    finished); the engine reports what it dispatched and what it sampled (`Scheduler.dispatched`,
+    `Scheduler.sampled`) rather than writing them."""
 
     seq_id: int
     prompt_ids: list[int]
@@ -40,11 +45,16 @@ class Sequence:
     cache_key: Hashable = None  # prefix-cache key: adapter identity and RoPE scale
     use_prefix_cache: bool = True
     max_output: int | None = None  # outputs it may have (max_tokens, the length left); None: any
+    # The engine's record of the request this sequence is output `index` of (the scheduler
+    # never reads it): its sampling parameters and adapter travel with the sequence.
+    request: Any = None
+    index: int = 0
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys and values are in the sequence's blocks
     row: int | None = None
     num_preemptions: int = 0
     started: bool = False  # scheduled at least once (its row's history belongs to it)
+    finished: bool = False  # finished or aborted: a step still in flight drops its token
     # Sampled tokens still on the device (the engine runs a step ahead of the host): they
     # count as tokens, their KV is written by the next step; output_ids gets them later.
     num_pending: int = 0
@@ -140,7 +150,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
-        self.pinned: set[int] = set()
+        self._pinned: set[int] = set()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -151,6 +161,52 @@ class Scheduler:
 
     def adapters_in_use(self) -> set[int]:
         return {s.adapter for s in self.running if s.adapter is not None}
+
+    def held_adapters(self) -> set[int]:
+        """Adapters that keep a slot: those of running sequences, and pinned ones."""
+        return self.adapters_in_use() | self._pinned
+
+    def pinned(self) -> set[int]:
+        return set(self._pinned)
+
+    def pin(self, lora_id: int) -> None:
+        """The adapter keeps its slot (and counts against max_loras) until unpinned."""
+        self._pinned.add(lora_id)
+
+    def unpin(self, lora_id: int) -> None:
+        self._pinned.discard(lora_id)
+
+    def dispatched(self, batch: Batch) -> dict[int, int]:
+        """The batch went to the device: its tokens' KV is being written, and each sequence
+        that samples in it (every decode, each chunk that reaches its sequence's end) has one
+        more token pending -> seq_id: row in the step of each sequence that samples."""
+        sampling: dict[int, int] = {}
+        for i, seq in enumerate(batch.decodes):
+            seq.num_cached += 1
+            seq.num_pending += 1
+            sampling[seq.seq_id] = i
+        for i, chunk in enumerate(batch.prefills, start=len(batch.decodes)):
+            chunk.seq.num_cached += chunk.length
+            if chunk.completes_prompt:
+                chunk.seq.num_pending += 1
+                sampling[chunk.seq.seq_id] = i
+        for seq in batch.seqs():
+            seq.started = True
+        return sampling
+
+    @staticmethod
+    def sampled(seq: Sequence, token: int) -> None:
+        """One of seq's pending tokens was read from the device."""
+        seq.num_pending -= 1
+        seq.output_ids.append(token)
+
+    def offer_blocks(self, seq: Sequence) -> None:
+        """Offer a running sequence's full blocks whose tokens the host knows to the prefix
+        cache (blocks a dispatched step fills are reusable at once: any step that reads them
+        runs after it on the device)."""
+        if seq.use_prefix_cache and seq in self.running:
+            known = min(seq.num_cached, len(seq.tokens))
+            self.kv.cache_full_blocks(seq.key, seq.tokens[:known], seq.cache_key)
 
     def block_table(self, seq: Sequence) -> list[int]:
         return self.kv.tables[seq.key].blocks
@@ -197,11 +253,14 @@ class Scheduler:
                 return False
         return True
 
-    def preempt(self, seq: Sequence) -> None:
-        """Free a running sequence's blocks; it waits at the front and is recomputed later."""
-        self._preempt(seq)
+    def preempt_all(self) -> None:
+        """Every running sequence gives back its blocks and is recomputed later (the device
+        pool was lost)."""
+        for seq in list(self.running):
+            self._preempt(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits at the front and is recomputed later."""
         self.running.remove(seq)
         self.kv.free(seq.key)
         seq.num_cached = 0
@@ -210,7 +269,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit(self, budget: int, max_chunks: int) -> list[PrefillChunk]:
-        held = self.adapters_in_use() | self.pinned
+        held = self.held_adapters()
         admitted, chunks = [], []
         computing: set = set()  # hashes of the full blocks this step's chunks compute
         for seq in self.waiting:
@@ -255,6 +314,7 @@ class Scheduler:
     def finish(self, seqs: Iterable[Sequence]) -> None:
         """Remove finished (or aborted) sequences and free their rows and blocks at once."""
         for seq in seqs:
+            seq.finished = True
             if seq in self.running:
                 self.running.remove(seq)
             elif seq in self.waiting:

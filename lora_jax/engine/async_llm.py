@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from lora_jax.engine.llm_engine import LLMEngine, Prompt
-from lora_jax.outputs import RequestOutput
+from lora_jax.outputs import EngineStats, RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
 from lora_jax.worker.distributed import STOP
@@ -174,9 +174,9 @@ class AsyncLLM:
     def has_unfinished_requests(self) -> bool:
         return self.call(self.engine.has_unfinished_requests)
 
-    def stats(self) -> dict:
-        """The engine's counters and gauges (see Engine.stats), read between steps."""
-        return self.call(self.engine.core.stats)
+    def stats(self) -> EngineStats:
+        """The engine's counters and gauges (see LLMEngine.stats), read between steps."""
+        return self.call(self.engine.stats)
 
     def shutdown(self) -> None:
         """Stop the engine thread after its current step; requests still running are aborted

@@ -9,11 +9,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from lora_jax.config import EngineConfig
-from lora_jax.engine.core import Engine
+from lora_jax.engine.core import EngineCore
+from lora_jax.engine.input_processor import InputProcessor
 from lora_jax.lora.adapters import LoRAAdapter
-from lora_jax.outputs import RequestOutput
+from lora_jax.outputs import EngineStats, RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
+from models.config import LlamaConfig
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -33,15 +35,25 @@ def parse_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
 
 
 class LLMEngine:
-    """One base model and its adapters, stepped by the caller. See EngineConfig."""
+    """One base model and its adapters, stepped by the caller. See EngineConfig.
+
+    The public engine surface: `LLM` and `AsyncLLM` sit over it, and servers and tools call
+    its methods (requests, adapters, stats, the model's facts) rather than its parts."""
 
     def __init__(self, config: EngineConfig, *, mesh=None):
         self.config = config
-        self.core = Engine(config, mesh=mesh)
+        self.core = EngineCore(config, mesh=mesh)
+        self.adapters = self.core.adapters
+        self.input_processor = InputProcessor(
+            config, self.core.model_config, tokenizer=self.core.tokenizer,
+            max_model_len=self.core.max_model_len, num_kv_blocks=self.core.num_kv_blocks,
+            adapters=self.adapters)
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> "LLMEngine":
         return cls(EngineConfig(model=model, **options))
+
+    # Requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     lora_request: LoRARequest | None = None) -> None:
@@ -55,7 +67,10 @@ class LLMEngine:
             raise ValueError(f"lora_request must be a LoRARequest or None, got "
                              f"{type(lora_request).__name__}")
         text, ids = parse_prompt(prompt)
-        self.core.add_request(request_id, text, ids, params or SamplingParams(), lora_request)
+        if self.core.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already running; ids must be unique")
+        self.core.add_request(self.input_processor.process(
+            request_id, text, ids, params or SamplingParams(), lora_request))
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stop requests at once and free what they hold; unknown ids are ignored."""
@@ -67,27 +82,51 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished()
 
-    # Adapters and model facts, for servers ---------------------------------------------------
+    # Adapters (the adapter manager's, see lora_jax.lora.manager) --------------------------------
 
     def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
-        self.core.add_lora(lora_request, adapter)
+        """Register an adapter (from its path, or the given in-memory weights, replacing an
+        adapter of the same id in place: no recompilation)."""
+        self.adapters.add(lora_request, adapter)
         return True
 
-    def reload_lora(self, lora_request: LoRARequest):
-        return self.core.reload_lora(lora_request)
+    def reload_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        return self.adapters.reload(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
-        return self.core.remove_lora(lora_id)
+        return self.adapters.remove(lora_id)
 
     def list_loras(self) -> set[int]:
-        return self.core.list_loras()
+        return self.adapters.ids()
 
     def pin_lora(self, lora_id: int) -> bool:
-        return self.core.pin_lora(lora_id)
+        return self.adapters.pin(lora_id)
+
+    # Facts and upkeep ------------------------------------------------------------------------
 
     def get_tokenizer(self):
         return self.core.tokenizer
 
     @property
+    def model_config(self) -> LlamaConfig:
+        return self.core.model_config
+
+    @property
     def max_model_len(self) -> int:
         return self.core.max_model_len
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """What the device KV pool holds, in bytes."""
+        return self.core.kv_cache_bytes
+
+    def stats(self) -> EngineStats:
+        """Requests, KV blocks, prefix-cache hits, preemptions, the adapters (lora_int_ids) of
+        running and waiting sequences, adapter slot loads."""
+        return self.core.stats()
+
+    def compile_stats(self) -> dict:
+        return self.core.compile_stats()
+
+    def reset_prefix_cache(self) -> None:
+        self.core.reset_prefix_cache()

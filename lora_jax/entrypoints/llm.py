@@ -4,12 +4,12 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 import msgspec
-from tqdm.auto import tqdm
 
 from lora_jax.config import EngineConfig
 from lora_jax.engine.llm_engine import LLMEngine, parse_prompt
 from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.outputs import RequestOutput
+from lora_jax.progress import progress_bar
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import RequestOutputKind, SamplingParams
 from lora_jax.worker.distributed import DONE, STOP
@@ -32,13 +32,17 @@ class LLM:
                  **engine_options: Any):
         """mesh: a jax.sharding.Mesh with a "tp" axis to split the model over (default: one
         made from tensor_parallel_size when that is above 1, else no mesh)."""
-        self.llm_engine = LLMEngine(EngineConfig(
+        self.engine = LLMEngine(EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, enable_lora=enable_lora,
             max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
             **engine_options), mesh=mesh)
-        self.engine = self.llm_engine.core  # the engine core (runner, slots, scheduler)
         self._counter = 0
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for `engine`."""
+        return self.engine
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -47,13 +51,14 @@ class LLM:
         """Outputs in the order of the prompts. With several processes (num_processes > 1),
         every process calls it; process 0 gets the outputs, the others mirror its device
         calls and get []."""
-        if self.engine.is_follower:  # another process drives: mirror its device calls
-            self.engine.follow()
+        core = self.engine.core
+        if core.is_follower:  # another process drives: mirror its device calls
+            core.follow()
             return []
         try:
             return self._generate(prompts, sampling_params, lora_request, use_tqdm)
         finally:
-            self.engine.announce(DONE)  # several processes: the followers' generate returns
+            core.announce(DONE)  # several processes: the followers' generate returns
 
     def _generate(self, prompts, sampling_params, lora_request, use_tqdm):
         single = isinstance(prompts, str | dict)
@@ -73,16 +78,17 @@ class LLM:
                 if p.output_kind != RequestOutputKind.FINAL_ONLY:  # generate returns finals
                     p = SamplingParams(**{**msgspec.structs.asdict(p),
                                           "output_kind": RequestOutputKind.FINAL_ONLY})
-                self.llm_engine.add_request(request_id, prompt, p, lora)
+                self.engine.add_request(request_id, prompt, p, lora)
             except (ValueError, FileNotFoundError) as err:
                 if single:
                     raise
                 outputs[request_id] = RequestOutput(request_id, text, list(ids or []), [], True,
                                                     lora, error=f"{type(err).__name__}: {err}")
-        bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm or len(prompts) < 2)
+        bar = progress_bar(total=len(prompts), desc="generate",
+                           disable=not use_tqdm or len(prompts) < 2)
         bar.update(len(outputs))
-        while self.llm_engine.has_unfinished_requests():
-            for out in self.llm_engine.step():
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
                 if out.finished:
                     outputs[out.request_id] = out
                     bar.update(1)
@@ -94,10 +100,11 @@ class LLM:
     def close(self) -> None:
         """Several processes: every process calls it; process 0 tells the others to stop,
         and they return once it has (no-op with one process)."""
-        if self.engine.is_follower:
-            self.engine.follow(until=(STOP,))
+        core = self.engine.core
+        if core.is_follower:
+            core.follow(until=(STOP,))
         else:
-            self.engine.announce(STOP)
+            core.announce(STOP)
 
     def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
         """Register an adapter (from its path, or the given in-memory weights, replacing an
@@ -115,7 +122,7 @@ class LLM:
         return self.engine.pin_lora(lora_id)
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.engine.get_tokenizer()
 
 
 def _per_prompt(value, n: int, name: str, kind) -> list:

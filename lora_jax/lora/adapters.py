@@ -15,12 +15,13 @@ from safetensors.numpy import load_file, save_file
 
 from lora_jax.lora.coverage import (
     PARENT,
+    SERVED,
     check_coverage_config,
     check_tensors,
     module_name,
     unserved_targets,
 )
-from models.config import PROJECTIONS
+from models.config import FUSED, PROJECTIONS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,6 +36,7 @@ class BaseShapes(Protocol):
     """What adapter validation needs of the base model (models.LlamaConfig provides it)."""
 
     num_hidden_layers: int
+    # Optional: the family's LoRA-targetable module names (default: Llama's seven).
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]: ...
 
@@ -134,7 +136,7 @@ def read_adapter_config(folder: Path, name: str) -> dict[str, Any]:
     unserved = unserved_targets(config)
     if unserved:
         raise ValueError(f"adapter {name!r}: target module(s) {unserved} are not served; "
-                         f"lora-jax serves {list(PROJECTIONS)}")
+                         f"lora-jax serves {list(SERVED)}")
     return config
 
 
@@ -184,29 +186,78 @@ def load_adapter(
         raise ValueError(f"adapter {name!r}: {WEIGHTS_NAME} holds no LoRA weights")
     num_layers = base.num_hidden_layers if base is not None else 1 + max(
         i for per_layer in layers.values() for i in per_layer)
-    covered = check_tensors(layers, config, num_layers, name)
-    shapes = base.projection_shapes() if base is not None else {}
+    if base is not None:
+        names = getattr(base, "peft_modules", PROJECTIONS)
+    else:  # no base to ask: the file's own names tell the family
+        names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if set(layers) & set(
+            FUSED) else PROJECTIONS
+    foreign = sorted(set(layers) - set(names))
+    if foreign:
+        raise ValueError(f"adapter {name!r} has LoRA weights for {foreign}, modules the base "
+                         f"model does not have (its linear layers: {list(names)}); was it "
+                         "trained for another model family?")
+    covered = check_tensors(layers, config, num_layers, name, names)
+    shapes = _module_shapes(base.projection_shapes()) if base is not None else {}
     modules = {
         proj: _stack_module(proj, per_layer, config, num_layers, shapes.get(proj), name)
         for proj, per_layer in layers.items()
     }
-    adapter = LoRAAdapter(name=name, modules=modules, path=str(folder),
+    adapter = LoRAAdapter(name=name, modules=_unfuse(modules, shapes), path=str(folder),
                           base_model_name=config.get("base_model_name_or_path"), config=config,
-                          layers={p: tuple(sorted(i for i, q in covered if q == p))
-                                  for p in modules})
+                          layers=_unfuse_layers(covered, modules))
     if max_lora_rank is not None and adapter.rank > max_lora_rank:
         raise ValueError(f"adapter {name!r} has rank {adapter.rank}, above max_lora_rank="
                          f"{max_lora_rank}; raise max_lora_rank or use a smaller adapter")
     return adapter
 
 
+def _module_shapes(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Projection shapes plus the fused modules' (d_in, sum of their parts' d_out)."""
+    fused = {f: (shapes[parts[0]][0], sum(shapes[p][1] for p in parts))
+             for f, parts in FUSED.items()}
+    return {**shapes, **fused}
+
+
+def _unfuse(modules: dict[str, LoRAWeights],
+            shapes: dict[str, tuple[int, int]]) -> dict[str, LoRAWeights]:
+    """A fused module's weights (Phi-3's qkv_proj: B covers q|k|v) -> one entry per projection,
+    each with the shared A and its own columns of B: the same product, in our packed form."""
+    out = {}
+    for proj, w in modules.items():
+        if proj not in FUSED:
+            out[proj] = w
+            continue
+        parts = FUSED[proj]
+        if shapes:
+            widths = [shapes[p][1] for p in parts]
+        else:  # no base: gate|up halve; q|k|v cannot be split without head counts
+            if proj == "qkv_proj":
+                raise ValueError("a fused qkv_proj adapter needs the base model's shapes to "
+                                 "split q|k|v; pass base=")
+            widths = [w.b.shape[-1] // 2] * 2
+        cuts = np.cumsum(widths[:-1]).tolist()
+        for part, b in zip(parts, np.split(w.b, cuts, axis=-1), strict=True):
+            out[part] = LoRAWeights(w.a, np.ascontiguousarray(b))
+    return out
+
+
+def _unfuse_layers(covered: set[tuple[int, str]],
+                   modules: dict[str, LoRAWeights]) -> dict[str, tuple[int, ...]]:
+    layers = {}
+    for proj in modules:
+        ids = tuple(sorted(i for i, q in covered if q == proj))
+        for part in FUSED.get(proj, (proj,)):
+            layers[part] = ids
+    return layers
+
+
 def _group_by_module(tensors: dict[str, np.ndarray], name: str) -> dict[str, dict[int, dict]]:
     layers: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
-        if match is None or match.group(2) not in PROJECTIONS:
+        if match is None or match.group(2) not in SERVED:
             raise ValueError(f"adapter {name!r}: tensor {key!r} targets a module lora-jax does "
-                             f"not serve; only LoRA on {list(PROJECTIONS)} is supported")
+                             f"not serve; only LoRA on {list(SERVED)} is supported")
         layer, proj, side = int(match.group(1)), match.group(2), match.group(3)
         value = value.astype(np.float32)  # bf16/fp16 adapters are served from float32 stacks
         if not np.all(np.isfinite(value)):
@@ -249,17 +300,23 @@ def save_adapter(
     lora_alpha: float | None = None,
     use_rslora: bool = False,
     base_model_name_or_path: str | None = None,
+    base: BaseShapes | None = None,
 ) -> Path:
     """Write `adapter` in the PEFT format (adapter_config.json + adapter_model.safetensors).
 
     The loaded B has its scaling folded in; with lora_alpha=None the config states alpha = r for
     every module so PEFT's scaling is 1. With lora_alpha given, B is divided by that scaling.
+    base: a family with fused modules (Phi-3) gets its q/k/v (gate/up) written as one qkv_proj
+    (gate_up_proj) module: A stacked over the parts, B block-diagonal, the same product.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rank = adapter.rank
+    modules = adapter.modules
+    if base is not None and "qkv_proj" in getattr(base, "peft_modules", ()):
+        modules = fuse_modules(modules, base.projection_shapes())
+    rank = max(w.rank for w in modules.values())
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
-    for proj, w in adapter.modules.items():
+    for proj, w in modules.items():
         alpha = w.rank if lora_alpha is None else lora_alpha
         scale = alpha / (math.sqrt(w.rank) if use_rslora else w.rank)
         if w.rank != rank:
@@ -273,7 +330,7 @@ def save_adapter(
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
         "lora_alpha": rank if lora_alpha is None else lora_alpha,
-        "target_modules": sorted(adapter.modules), "use_rslora": use_rslora,
+        "target_modules": sorted(modules), "use_rslora": use_rslora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "lora_dropout": 0.0,
         "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path or adapter.base_model_name,
@@ -282,3 +339,28 @@ def save_adapter(
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     return folder
+
+
+def fuse_modules(modules: dict[str, LoRAWeights],
+                 shapes: dict[str, tuple[int, int]]) -> dict[str, LoRAWeights]:
+    """Per-projection weights -> a fused module per FUSED group that has any of its parts:
+    a = the parts' A side by side [L, D_in, sum r], b block-diagonal [L, sum r, sum D_out]
+    (a part the adapter lacks adds no rank and zero columns)."""
+    out = {p: w for p, w in modules.items() if not any(p in parts for parts in FUSED.values())}
+    for fused, parts in FUSED.items():
+        present = [p for p in parts if p in modules]
+        if not present:
+            continue
+        layers = modules[present[0]].a.shape[0]
+        a = np.concatenate([modules[p].a for p in present], axis=-1)
+        b = np.zeros((layers, a.shape[-1], sum(shapes[p][1] for p in parts)), np.float32)
+        row = col = 0
+        for p in parts:
+            width = shapes[p][1]
+            if p in modules:
+                r = modules[p].rank
+                b[:, row:row + r, col:col + width] = modules[p].b
+                row += r
+            col += width
+        out[fused] = LoRAWeights(a, b)
+    return out

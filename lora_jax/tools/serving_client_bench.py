@@ -46,7 +46,7 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
                         "max(models, max-concurrency or num-requests); 0: none)")
     p.add_argument("--token-range", type=int, nargs=2, default=(3, 98), metavar=("LOW", "HIGH"),
                    help="prompt token ids are drawn from [LOW, HIGH)")
-    p.add_argument("--api-key", default="none")
+    p.add_argument("--api-key", default="none", help="the server's --api-key")
 
 
 async def _one(client, model: str, prompt: list[int], output_len: int) -> RequestResult:

@@ -15,8 +15,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
-from tqdm.auto import tqdm
 
+from lora_jax.progress import progress_bar
 from lora_jax.training.datasets import Example, make_batch, shuffled_rows
 from lora_jax.training.trainer import token_losses
 from models import Llama, LlamaConfig
@@ -69,10 +69,10 @@ def pretrain(model: Llama, examples: Sequence[Example], *, steps: int, batch_siz
     step = jax.jit(step, donate_argnums=(0, 1))
     opt_state = optimizer.init(state)
     rows = shuffled_rows(examples, batch_size, 0, seed)
-    bar = tqdm(range(steps), desc="pretrain base", disable=not progress)
+    bar = progress_bar(range(steps), desc="pretrain base", disable=not progress)
     for _ in bar:
         state, opt_state, loss = step(state, opt_state, make_batch(next(rows), seq_len))
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     return nnx.merge(graphdef, state)
 
 

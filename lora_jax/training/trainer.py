@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from lora_jax.lora.adapters import LoRAAdapter, LoRAWeights, save_adapter
+from lora_jax.progress import progress_bar
 from lora_jax.training.datasets import Batch, Example, eval_rows, make_batch, shuffled_rows, stack
 from models import (
     PROJECTIONS,
@@ -247,7 +247,7 @@ class LoRATrainer:
         streams = [shuffled_rows(data, cfg.batch_size, slot, spec.seed) for slot, (spec, data)
                    in enumerate(zip(self.specs, train_sets, strict=True))]
         base_key = jax.random.key(cfg.seed)
-        bar = tqdm(range(self.step, cfg.steps), desc="train", disable=not progress,
+        bar = progress_bar(range(self.step, cfg.steps), desc="train", disable=not progress,
                    initial=self.step, total=cfg.steps)
         for step in bar:
             batches = stack([make_batch([row for s in streams for row in next(s)], cfg.seq_len)
@@ -257,7 +257,7 @@ class LoRATrainer:
                 jax.random.fold_in(base_key, step), config=cfg, **self._static)
             self.step = step + 1
             record = {"step": self.step, "loss": self._by_name(np.asarray(loss))}
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record["loss"].items()})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record["loss"].items()}, refresh=False)
             if eval_sets is not None and (self.step == cfg.steps or (
                     cfg.eval_every and self.step % cfg.eval_every == 0)):
                 record["eval_loss"] = self.evaluate(eval_sets)
@@ -306,7 +306,8 @@ class LoRATrainer:
         """Each adapter as a PEFT folder folder/<name> (adapter_config.json + safetensors)."""
         return [save_adapter(adapter, Path(folder) / spec.name, lora_alpha=spec.alpha,
                              use_rslora=spec.use_rslora,
-                             base_model_name_or_path=base_model_name_or_path)
+                             base_model_name_or_path=base_model_name_or_path,
+                             base=self.model_config)
                 for spec, adapter in zip(self.specs, self.adapters(), strict=True)]
 
     def _by_name(self, values: np.ndarray) -> dict[str, float]:

@@ -1,10 +1,10 @@
 """Every program the engine runs, compiled before the first request.
 
 The set is small and fixed (see Runner.program_keys): one program per token bucket (powers of
-two from 8 to max_num_batched_tokens) x {greedy, general sampling} x {no logprobs, top
-MAX_LOGPROBS}, plus the slot-fill update of the adapter stacks. Context lengths, adapters,
-ranks, long-context scaling and batch mix are all arguments, never shapes, so after start-up no
-workload compiles anything.
+two from 8 to max_num_batched_tokens), plus the slot-fill update of the adapter stacks. The
+sampling kind (greedy or general) and the top logprobs are flags inside each program. Context
+lengths, adapters, ranks, long-context scaling and batch mix are all arguments, never shapes,
+so after start-up no workload compiles anything.
 
 JAX's persistent compilation cache (under ~/.cache/lora-jax/xla, or $XDG_CACHE_HOME/lora-jax/
 xla) keeps the compiled programs on disk, so the next start with the same model shapes loads
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-from tqdm import tqdm
+
+from lora_jax.progress import progress_bar
 
 logger = logging.getLogger("lora_jax")
 
@@ -71,7 +72,7 @@ def compile_all(runner, stacks, slots=None, *, show_progress: bool = True,
     try:
         keys = runner.program_keys()
         # XLA compiles outside the GIL: one thread per core compiles that many programs at once.
-        with ThreadPoolExecutor(max(1, min(len(keys), os.cpu_count() or 1))) as pool, tqdm(
+        with ThreadPoolExecutor(max(1, min(len(keys), os.cpu_count() or 1))) as pool, progress_bar(
                 total=len(keys), desc="compiling", unit="program",
                 disable=not show_progress or len(keys) < 2) as bar:
             for future in as_completed([pool.submit(runner.compile, key, stacks)

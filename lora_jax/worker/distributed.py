@@ -5,7 +5,8 @@ multi-controller model); only process 0 schedules, tokenizes and serves. Before 
 call process 0 broadcasts what the others need to make the same call: a header (what kind of
 call, its shape key) and then the call's host arrays, both through
 `multihost_utils.broadcast_one_to_all` (a collective over the devices: no channel of our own).
-The followers sit in `Engine.follow`, which mirrors those calls until process 0 stops.
+The followers sit in `EngineCore.follow`, which mirrors those calls until process 0 stops;
+a step's arrays go as the runner's `StepInputs` record (a named pytree), never as tuple positions.
 """
 
 from dataclasses import dataclass

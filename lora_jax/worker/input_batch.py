@@ -6,16 +6,36 @@ the first request and compiled at start-up.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from lora_jax.core.buckets import MIN_TOKENS, bucket
 from models.ragged import TILE, RaggedMeta, chunk_pages
 
-__all__ = ["MIN_TOKENS", "bucket", "RowInput", "BatchShape", "ShapeLadder", "build", "table_width"]
+__all__ = ["MIN_TOKENS", "bucket", "RowSampling", "RowInput", "BatchShape", "ShapeLadder",
+           "HostBatch", "build", "table_width"]
 
 
-@dataclass
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowSampling:
+    """A sequence's sampling parameters as the step's per-request columns take them (fixed for
+    the sequence's life, so the engine builds it once)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+GREEDY_ROW = RowSampling()
+
+
+@dataclass(slots=True, kw_only=True)
 class RowInput:
     """One request of a step: tokens at positions [start, start + len(tokens)), whose KV
     lives in the blocks of `block_table`; `row` indexes its sampling history."""
@@ -24,31 +44,28 @@ class RowInput:
     start: int
     row: int
     block_table: list[int]
-    slot: int  # adapter slot, -1 for the base model
-    rope_scale: float
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    seed: int
-    counter: int
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    sampling: RowSampling = GREEDY_ROW
+    counter: int = 0  # tokens the sequence generated so far (folded into its random key)
+    slot: int = -1  # adapter slot, -1 for the base model
+    rope_scale: float = 1.0
     prompt: bool = False  # the tokens are prompt tokens (a prefill chunk) to mark as seen
     fresh: bool = False  # the sequence's first chunk: its row's history starts over
     keeps: bool = True  # the sampled token is kept (not a chunk before the prompt's last)
     src: int = -1  # >= 0: the first token is the previous step's sample of that row (on device)
 
 
-# The per-request arrays: (RowInput field, dtype, value in a padding entry). Padding entries
-# take no adapter, no rope scaling, and greedy sampling (so they never force a random draw).
-COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.float32, 1.0),
-           ("temperature", np.float32, 0.0), ("top_k", np.int32, 0), ("top_p", np.float32, 1.0),
-           ("min_p", np.float32, 0.0), ("seed", np.uint32, 0), ("counter", np.int32, 0),
-           ("presence_penalty", np.float32, 0.0), ("frequency_penalty", np.float32, 0.0),
-           ("repetition_penalty", np.float32, 1.0), ("prompt", np.bool_, False),
-           ("fresh", np.bool_, False), ("keeps", np.bool_, False))
+# The per-request arrays: (field, dtype, value in a padding entry), of RowInput and of its
+# RowSampling. Padding entries take no adapter, no rope scaling, and greedy sampling (so they
+# never force a random draw). A new sampling option is a RowSampling field and a line here.
+ROW_COLUMNS = (("row", np.int32, 0), ("slot", np.int32, -1), ("rope_scale", np.float32, 1.0),
+               ("counter", np.int32, 0), ("prompt", np.bool_, False),
+               ("fresh", np.bool_, False), ("keeps", np.bool_, False))
+SAMPLING_COLUMNS = (("temperature", np.float32, 0.0), ("top_k", np.int32, 0),
+                    ("top_p", np.float32, 1.0), ("min_p", np.float32, 0.0),
+                    ("seed", np.uint32, 0), ("presence_penalty", np.float32, 0.0),
+                    ("frequency_penalty", np.float32, 0.0),
+                    ("repetition_penalty", np.float32, 1.0))
+COLUMNS = ROW_COLUMNS + SAMPLING_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -103,11 +120,19 @@ def table_width(max_model_len: int, block_size: int) -> int:
     return -(-needed // pages) * pages
 
 
+class HostBatch(NamedTuple):
+    """A step's arrays on the host (numpy); requests keep the order of their rows."""
+
+    tokens: np.ndarray  # [T]
+    src: np.ndarray  # [T] -1, or the previous step's row whose sampled token this token is
+    meta: RaggedMeta
+    columns: dict[str, np.ndarray]  # per-request columns (COLUMNS), [R] each
+    logits_index: np.ndarray  # [R] the token whose hidden state samples
+
+
 def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_blocks: int,
-          table_pages: int):
-    """-> (tokens [T], src [T], RaggedMeta, per-request columns {name: [R]}, logits_index [R])
-    as numpy arrays; requests keep the order of `rows`. src: -1, or the previous step's row
-    whose sampled token this token is."""
+          table_pages: int) -> HostBatch:
+    """The step's host arrays for `rows`, padded to `shape`."""
     t, r, nt = shape.tokens, shape.requests, shape.tiles
     tokens = np.zeros(t, np.int32)
     src = np.full(t, -1, np.int32)
@@ -145,11 +170,16 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
                 tile_len[num_tiles] = min(TILE, n - offset)
                 tile_req[num_tiles] = i
                 num_tiles += 1
-        for name in cols:
+        for name, _, _ in ROW_COLUMNS:
             cols[name][i] = getattr(row, name)
+        sampling = row.sampling
+        for name, _, _ in SAMPLING_COLUMNS:
+            cols[name][i] = getattr(sampling, name)
         cursor += n
     query_start[len(rows):] = cursor
-    meta = RaggedMeta(positions, slot_mapping, token_req, tables, dec_token, dec_req,
-                      tile_start, tile_len, tile_req, query_start, kv_lens,
-                      np.array([len(rows)], np.int32))
-    return tokens, src, meta, cols, logits_index
+    meta = RaggedMeta(positions=positions, slot_mapping=slot_mapping, token_req=token_req,
+                      tables=tables, dec_token=dec_token, dec_req=dec_req,
+                      tile_start=tile_start, tile_len=tile_len, tile_req=tile_req,
+                      query_start=query_start, kv_lens=kv_lens,
+                      num_seqs=np.array([len(rows)], np.int32))
+    return HostBatch(tokens, src, meta, cols, logits_index)

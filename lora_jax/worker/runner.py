@@ -6,6 +6,10 @@ history are donated, and sampling runs in the same program, so the host reads ba
 ids (and logprobs if asked). Programs are compiled ahead of time, one per token bucket, by
 `compile_all` (see lora_jax/worker/compilation.py). `dispatch` starts a step and returns at
 once; `collect` reads its tokens, so the engine can start the next step first.
+
+A step's program takes named pytrees: `Weights` (model state, adapter stacks), `Cache` (the
+donated KV pool and penalty history), the last step's samples (`carry`), and `StepInputs`, the
+host arrays of the batch, which is also what process 0 sends the other processes.
 """
 
 import functools
@@ -21,6 +25,7 @@ from lora_jax.worker.distributed import STEP, StepChannel
 from lora_jax.worker.input_batch import (
     BatchShape,
     RowInput,
+    RowSampling,
     ShapeLadder,
     build,
     table_width,
@@ -30,7 +35,8 @@ from models.kv_cache import init_paged_kv_cache
 from models.ragged import RaggedMeta
 from models.sharding import TensorParallel
 
-__all__ = ["RowInput", "Runner", "Pending", "ProgramKey", "GREEDY", "GENERAL"]
+__all__ = ["RowInput", "RowSampling", "Runner", "Pending", "ProgramKey", "StepInputs", "GREEDY",
+           "GENERAL"]
 
 # Two sampling kinds, chosen per step: greedy rows without penalties only, or the general
 # sampler (any mix of temperature, filters, seeds and penalties; greedy rows included).
@@ -63,17 +69,45 @@ class Requests(NamedTuple):
     keeps: jax.Array
 
 
-def _step(graphdef, state, stacks, kv, history: History, carry, tokens, src, meta: RaggedMeta,
-          req: Requests, sampling: SamplingArrays, general, want_logprobs, new_prompts, *,
+class StepInputs(NamedTuple):
+    """Everything a step takes from the host (numpy until the call)."""
+
+    tokens: jax.Array  # [T] int32
+    src: jax.Array  # [T] int32: -1, or the row of the previous step's sample to take
+    meta: RaggedMeta
+    requests: Requests
+    sampling: SamplingArrays
+    general: jax.Array  # bool: some row needs the general sampler (else greedy only)
+    want_logprobs: jax.Array  # bool: some request asked for top logprobs
+    new_prompts: jax.Array  # bool: some row has prompt tokens or is a sequence's first chunk
+
+
+class Weights(NamedTuple):
+    """What a step reads and never changes."""
+
+    state: object  # the model's nnx.State
+    stacks: object  # the adapter slots' LoraStacks (None without LoRA)
+
+
+class Cache(NamedTuple):
+    """What a step updates in place (donated): the KV pool and the penalty history."""
+
+    kv: object  # models.kv_cache.PagedKVCache
+    history: History
+
+
+def _step(graphdef, weights: Weights, cache: Cache, carry, inputs: StepInputs, *,
           lora_backend: str | None, attention_backend: str | None, logits_sharding=None,
           mesh=None):
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, weights.state)
+    req, meta, history = inputs.requests, inputs.meta, cache.history
     # A token sampled by the previous step, not yet seen by the host, is read on the device:
     # src indexes that step's sampled tokens (carry), -1 = the host's token.
-    tokens = jnp.where(src >= 0, carry[jnp.maximum(src, 0)], tokens)
-    hidden, kv = model.ragged(tokens, meta, kv, stacks, req.slot, req.rope_scale, meta.kv_lens,
-                              lora_backend=lora_backend, attention_backend=attention_backend,
-                              mesh=mesh)
+    src = inputs.src
+    tokens = jnp.where(src >= 0, carry[jnp.maximum(src, 0)], inputs.tokens)
+    hidden, kv = model.ragged(tokens, meta, cache.kv, weights.stacks, req.slot, req.rope_scale,
+                              meta.kv_lens, lora_backend=lora_backend,
+                              attention_backend=attention_backend, mesh=mesh)
     logits = model.logits(hidden[req.logits_index])  # [R, V]: each request's last token
     if logits_sharding is not None:
         # A vocab-split lm_head: each device computes its columns, then the [R, V] rows are
@@ -81,15 +115,16 @@ def _step(graphdef, state, stacks, kv, history: History, carry, tokens, src, met
         for sharding in logits_sharding:
             logits = jax.lax.with_sharding_constraint(logits, sharding)
     # Only steps with prompt tokens or a sequence's first chunk touch the prompt marks (a
-    # false lax.cond costs microseconds; the marks' [R, V] row reset costs about a millisecond).
-    history = jax.lax.cond(new_prompts, lambda: _see_prompt(history, tokens, meta, req),
-                           lambda: history)
+    # false lax.cond is far cheaper than the marks' [R, V] row reset).
+    history = jax.lax.cond(inputs.new_prompts,
+                           lambda: _see_prompt(history, tokens, meta, req), lambda: history)
     # One program serves every batch: the sampling kind and the top logprobs are lax.conds on
     # flags the host sets per step, so a greedy batch never runs the general sampler's work.
+    sampling = inputs.sampling
     out = jax.lax.cond(
-        general, lambda: sample(logits, sampling, 0, history, req.row, GENERAL),
+        inputs.general, lambda: sample(logits, sampling, 0, history, req.row, GENERAL),
         lambda: sample(logits, sampling, 0, None, None, GREEDY))
-    top_ids, top_lp = jax.lax.cond(want_logprobs, lambda: _top_logprobs(logits),
+    top_ids, top_lp = jax.lax.cond(inputs.want_logprobs, lambda: _top_logprobs(logits),
                                    lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32),
                                             jnp.zeros((logits.shape[0], MAX_LOGPROBS))))
     # Entries that drop their sample (padding, a chunk before the prompt's last) index past
@@ -98,7 +133,7 @@ def _step(graphdef, state, stacks, kv, history: History, carry, tokens, src, met
     history = History(history.output_counts.at[kept, out.tokens].add(1, mode="drop"),
                       history.in_prompt)
     carry = jnp.pad(out.tokens, (0, carry.shape[0] - out.tokens.shape[0]))
-    return Sampled(out.tokens, out.logprob, top_ids, top_lp), kv, history, carry
+    return Sampled(out.tokens, out.logprob, top_ids, top_lp), Cache(kv, history), carry
 
 
 def _top_logprobs(logits):
@@ -124,11 +159,12 @@ def _place(model, tp: TensorParallel, num_blocks, block_size, dtype, num_rows):
     keep theirs, so every step's outputs are the next step's inputs as compiled)."""
     if model.config != tp.config:
         raise ValueError("with tensor parallelism the runner takes the split model; load it "
-                         "with models.load_llama_sharded(folder, tensor_parallel)")
+                         "with models.shard_loading.load_llama_sharded(folder, tp)")
     graphdef, state = nnx.split(model)
     kv = tp.init_kv(num_blocks, block_size, dtype)
     history = _zero_history(num_rows, model.config.vocab_size, tp.replicated)
-    out = (tp.replicated, jax.tree.map(lambda x: x.sharding, kv), tp.replicated, tp.replicated)
+    out = (tp.replicated, Cache(jax.tree.map(lambda x: x.sharding, kv), tp.replicated),
+           tp.replicated)
     return graphdef, state, kv, history, {"out_shardings": out}
 
 
@@ -144,8 +180,8 @@ def _zero_history(num_rows: int, vocab: int, sharding=None) -> History:
 
 class Runner:
     """Owns the model state, the KV pool and the penalty history (output counts and prompt
-    marks, [rows, vocab] each: 5 bytes per row and vocabulary entry); `run` executes one
-    ragged step through its compiled program."""
+    marks, [rows, vocab] each: 5 bytes per row and vocabulary entry); `dispatch` starts one
+    ragged step through its compiled program and `collect` reads its samples."""
 
     def __init__(self, model, *, num_rows: int, max_len: int, num_blocks: int,
                  block_size: int, dtype, max_num_batched_tokens: int, max_prefill_seqs: int,
@@ -170,7 +206,7 @@ class Runner:
                                               attention_backend=attention_backend,
                                               logits_sharding=logits_sharding,
                                               mesh=None if tp is None else tp.mesh),
-                            donate_argnames=("kv", "history"), **shardings)
+                            donate_argnames=("cache",), **shardings)
         # The last step's sampled tokens, padded to max_num_seqs, kept on the device for the
         # next step (see Pending).
         self.carry = jnp.zeros((num_rows,), jnp.int32)
@@ -190,18 +226,25 @@ class Runner:
         """The programs compiled so far, in the order they were compiled."""
         return list(self._programs)
 
-    def _arguments(self, shape: BatchShape, rows: list[RowInput], stacks,
-                   num_logprobs: int = 0):
-        tokens, src, meta, cols, logits_index = build(
-            rows, shape, block_size=self.block_size, num_blocks=self.num_blocks,
-            table_pages=self.table_pages)
-        req = Requests(cols["row"], cols["slot"], cols["rope_scale"], logits_index,
-                       cols["prompt"], cols["fresh"], cols["keeps"])
-        sampling = SamplingArrays(*(cols[name] for name in SamplingArrays._fields))
-        general = np.bool_(mode_of(sampling) != GREEDY)
-        new_prompts = np.bool_(cols["prompt"].any() or cols["fresh"].any())
-        return (self.state, stacks, self.kv, self.history, self.carry, tokens, src, meta, req,
-                sampling, general, np.bool_(num_logprobs > 0), new_prompts)
+    def _inputs(self, shape: BatchShape, rows: list[RowInput],
+                num_logprobs: int = 0) -> StepInputs:
+        batch = build(rows, shape, block_size=self.block_size, num_blocks=self.num_blocks,
+                      table_pages=self.table_pages)
+        cols = batch.columns
+        req = Requests(row=cols["row"], slot=cols["slot"], rope_scale=cols["rope_scale"],
+                       logits_index=batch.logits_index, prompt=cols["prompt"],
+                       fresh=cols["fresh"], keeps=cols["keeps"])
+        sampling = SamplingArrays(**{name: cols[name] for name in SamplingArrays._fields})
+        return StepInputs(
+            tokens=batch.tokens, src=batch.src, meta=batch.meta, requests=req, sampling=sampling,
+            general=np.bool_(mode_of(sampling) != GREEDY),
+            want_logprobs=np.bool_(num_logprobs > 0),
+            new_prompts=np.bool_(cols["prompt"].any() or cols["fresh"].any()))
+
+    def _run(self, key: "ProgramKey", stacks, inputs: StepInputs) -> Sampled:
+        out, (self.kv, self.history), self.carry = self._programs[key](
+            Weights(self.state, stacks), Cache(self.kv, self.history), self.carry, inputs)
+        return out
 
     def compile(self, key: ProgramKey, stacks) -> None:
         """Compile one program (a no-op when it exists): lowering needs only shapes, so an
@@ -209,8 +252,10 @@ class Runner:
         keys (start-up compiles several at once)."""
         if key in self._programs:
             return
-        args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
-        self._programs[key] = self._jit.lower(*args).compile()
+        inputs = self._inputs(self.ladder.shape(key.tokens), [])
+        self._programs[key] = self._jit.lower(Weights(self.state, stacks),
+                                              Cache(self.kv, self.history), self.carry,
+                                              inputs).compile()
 
     def order_programs(self, keys: list[ProgramKey]) -> None:
         """List the compiled programs in `keys`' order (threads finish in any order)."""
@@ -224,13 +269,12 @@ class Runner:
         at once, with the step running on the device; `collect` waits for its tokens. A row's
         `src` takes its token from the previous step's samples, on the device."""
         shape = self.ladder.fit(rows)
-        args = self._arguments(shape, rows, stacks, num_logprobs)
+        inputs = self._inputs(shape, rows, num_logprobs)
         key = ProgramKey(shape.tokens)
         self.compile(key, stacks)
         if self.channel is not None:  # several processes: the others make the same call
-            args = args[:5] + tuple(self.channel.send(STEP, key, args[5:]))
-        out, self.kv, self.history, self.carry = self._programs[key](*args)
-        return Pending(out, len(rows))
+            inputs = self.channel.send(STEP, key, inputs)
+        return Pending(self._run(key, stacks, inputs), len(rows))
 
     @staticmethod
     def collect(pending: Pending) -> Sampled:
@@ -258,9 +302,8 @@ class Runner:
         arrays (see lora_jax.worker.distributed)."""
         key = ProgramKey(int(key[0]))
         self.compile(key, stacks)
-        args = self._arguments(self.ladder.shape(key.tokens), [], stacks)
-        args = args[:5] + tuple(self.channel.receive(args[5:]))
-        _, self.kv, self.history, self.carry = self._programs[key](*args)
+        template = self._inputs(self.ladder.shape(key.tokens), [])
+        self._run(key, stacks, self.channel.receive(template))
 
     def compiled_count(self) -> int:
         """How many programs the runner has compiled."""

@@ -9,11 +9,11 @@ Filters follow vLLM's order on the temperature-scaled logits: min-p on the full 
 then top-k, then top-p on what top-k kept, renormalized. Logprobs stay those of the model's raw
 distribution, as vLLM reports them by default.
 
-No sort of the vocabulary anywhere: XLA:CPU sorts [32, 32000] in about 180 ms, six whole decode
-steps of the bench model. Top-k and top-p become per-row thresholds found by bisection over the
-floats' order-preserving integer bits (32 halvings find the exact value), and the draw is one
-uniform per row through a two-level inverse CDF (block sums, then one block's cumsum), not V
-Gumbel variates and an argmax.
+No sort of the vocabulary anywhere: on XLA:CPU sorting [32, 32000] costs several whole decode
+steps of the bench model (the README's design measurements). Top-k and top-p become per-row
+thresholds found by bisection over the floats' order-preserving integer bits (32 halvings find
+the exact value), and the draw is one uniform per row through a two-level inverse CDF (block
+sums, then one block's cumsum), not V Gumbel variates and an argmax.
 """
 
 from typing import NamedTuple
@@ -76,7 +76,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
     """x [B, V] -> [B] int32, the first index of each row's maximum (as jnp.argmax).
 
     A max, then a min over the matching indices: two plain reductions that XLA:CPU vectorizes,
-    about 5x faster than argmax's (value, index) reduction over a 32000-entry vocabulary.
+    faster than argmax's (value, index) reduction over a 32000-entry vocabulary.
     """
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jnp.arange(x.shape[-1], dtype=jnp.int32)

@@ -62,7 +62,8 @@ def _check(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs, pa
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs,
-                           *, sm_scale=None, backend=None) -> jax.Array:
+                           *, sm_scale=None, backend=None, soft_cap=None,
+                           sliding_window=None) -> jax.Array:
     """q [T, H, d] (tokens of all sequences flattened; sequence i owns rows
     query_start[i]:query_start[i+1]); k_pages, v_pages [num_blocks, block_size, KV, d] (one
     layer of the paged pool, H % KV == 0, GQA); kv_lens [S] int32: tokens in sequence i's cache
@@ -71,15 +72,22 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_sta
     padding). Query j of sequence i sits at position kv_lens[i] - q_len_i + j and attends to
     cache positions <= that (causal inside the chunk, the whole cached prefix before it).
     Rows past query_start[num_seqs] (padding) output zeros. -> [T, H, d] in q's dtype;
-    scores and softmax in float32. sm_scale defaults to d ** -0.5."""
+    scores and softmax in float32. sm_scale defaults to d ** -0.5. soft_cap (Gemma 2): scores
+    become tanh(scores / soft_cap) * soft_cap. sliding_window: a query at position p sees only
+    positions p - sliding_window < k <= p (chunks wholly outside are not read)."""
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     _check(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs,
            backend.startswith("pallas"))
     sm_scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    for name, value in (("soft_cap", soft_cap), ("sliding_window", sliding_window)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive or None, got {value!r}")
     args = (q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs)
+    extra = dict(soft_cap=None if soft_cap is None else float(soft_cap),
+                 sliding_window=None if sliding_window is None else int(sliding_window))
     if backend.startswith("pallas"):
-        return kernel.ragged_paged_attention(*args, sm_scale=sm_scale,
+        return kernel.ragged_paged_attention(*args, sm_scale=sm_scale, **extra,
                                              interpret=backend == "pallas_interpret")
-    return reference.ragged_paged_attention(*args, sm_scale=sm_scale)
+    return reference.ragged_paged_attention(*args, sm_scale=sm_scale, **extra)

@@ -14,7 +14,8 @@ the causal limit of its last query, gathers those pages from the pool in-kernel,
 online softmax (flash attention) in float32. Its stores are masked to its own sequence's rows
 and the output starts as zeros, so padding tokens come out zero. A decode row fills one of the
 block's block_q query rows: the rows are spare tensor-core work, while the page reads that bound
-decode are the same. No split over the cache: one long sequence runs on KV programs.
+decode are the same. No split over the cache: one long sequence runs on KV programs. With a
+sliding window a program starts at the first chunk its first query's window reaches.
 Reference: pallas_kernels.attention.reference.ragged_paged_attention.
 """
 
@@ -39,7 +40,8 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def tiles(group: int, dim: int, block_size: int, itemsize: int) -> tuple[int, int, int]:
+def tiles(group: int, dim: int, block_size: int, itemsize: int,
+          score_temps: int = 0) -> tuple[int, int, int]:
     """(block_q, pages per chunk, num_warps) for G query heads per kv head, from the register
     budget (blocks.THREAD_TILE_BYTES per thread).
 
@@ -48,12 +50,14 @@ def tiles(group: int, dim: int, block_size: int, itemsize: int) -> tuple[int, in
     [chunk, d], and for float32 the FMA dots' operands (blocks.dot_bytes). Preference: the full
     query block at 4 warps, then at 8 warps (the shape of Triton's flash attention), each with
     the largest chunk that fits; then smaller query blocks, down to the tensor cores' 16 rows.
+    score_temps: extra [block_q * G, chunk] temporaries (a soft-cap, a window mask), at 16
+    bytes an element each (as the sm_90a compile check measures them).
     """
     group_pad = _pow2_ceil(group)
 
     def footprint(block_q, pages):
         rows, chunk = block_q * group_pad, pages * block_size
-        return (rows * dim * (4 + 2 * itemsize) + rows * chunk * (8 + itemsize)
+        return (rows * dim * (4 + 2 * itemsize) + rows * chunk * (8 + itemsize + 16 * score_temps)
                 + 2 * chunk * dim * itemsize + blocks.dot_bytes(rows, dim, chunk, itemsize)
                 + blocks.dot_bytes(rows, chunk, dim, itemsize))
 
@@ -92,9 +96,11 @@ def work_items(query_start, kv_lens, num_seqs, *, tokens: int, block_q: int) -> 
 
 
 def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, _zeros_ref, out_ref, *, block_q: int,
-            pages: int, sm_scale: float):
+            pages: int, sm_scale: float, soft_cap: float | None, window: int | None):
     """meta_ref [4], tables_ref [S, MB], q_ref / out_ref [T + block_q, G_pad, d] (this program's
-    kv head), k_ref / v_ref [num_blocks, block_size, d]; _zeros_ref is out_ref's initial value."""
+    kv head), k_ref / v_ref [num_blocks, block_size, d]; _zeros_ref is out_ref's initial value.
+    window: a query at p sees cache positions in (p - window, p]; chunks wholly before the
+    first query's window are never read. soft_cap: scores -> tanh(scores / cap) * cap."""
     seq, row, end, position = meta_ref[0], meta_ref[1], meta_ref[2], meta_ref[3]
     _, group_pad, dim = q_ref.shape
     num_blocks, block_size, _ = k_ref.shape
@@ -110,6 +116,7 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, _zeros_ref, out_ref, *, b
         # cache position up to its own.
         context = position + jnp.minimum(row + block_q, end) - row
         num_chunks = jnp.minimum(pl.cdiv(context, chunk), tables_ref.shape[1] // pages)
+        first = 0 if window is None else jnp.maximum(position - window + 1, 0) // chunk
 
         def step(c, carry):
             acc, m_prev, l_prev = carry
@@ -117,7 +124,12 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, _zeros_ref, out_ref, *, b
             k = k_ref[ids].reshape(chunk, dim)
             v = v_ref[ids].reshape(chunk, dim)
             scores = blocks.matmul_f32(q, k.T) * sm_scale
-            scores = jnp.where(c * chunk + kv_offset <= q_position, scores, _MASK)
+            if soft_cap is not None:
+                scores = jnp.tanh(scores / soft_cap) * soft_cap
+            visible = c * chunk + kv_offset <= q_position
+            if window is not None:
+                visible &= c * chunk + kv_offset > q_position - window
+            scores = jnp.where(visible, scores, _MASK)
             m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1))
             correction = jnp.exp(m_prev - m_next)
             probs = jnp.exp(scores - m_next[:, None])
@@ -127,7 +139,7 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, _zeros_ref, out_ref, *, b
 
         init = (jnp.zeros((rows, dim), jnp.float32), jnp.full((rows,), _MASK, jnp.float32),
                 jnp.zeros((rows,), jnp.float32))
-        acc, _, l_sum = lax.fori_loop(0, num_chunks, step, init)
+        acc, _, l_sum = lax.fori_loop(first, num_chunks, step, init)
         out = (acc / l_sum[:, None]).reshape(block_q, group_pad, dim).astype(out_ref.dtype)
         # Rows past this sequence's queries belong to the next sequence (or are padding).
         valid = row + lax.broadcasted_iota(jnp.int32, out.shape, 0) < end
@@ -135,16 +147,19 @@ def _kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, _zeros_ref, out_ref, *, b
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "block_q", "pages",
-                                             "num_warps"))
+                                             "num_warps", "soft_cap", "sliding_window"))
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs, *,
                            sm_scale: float, interpret: bool = False, block_q: int | None = None,
-                           pages: int | None = None, num_warps: int | None = None) -> jax.Array:
+                           pages: int | None = None, num_warps: int | None = None,
+                           soft_cap: float | None = None,
+                           sliding_window: int | None = None) -> jax.Array:
     """Shapes as pallas_kernels.attention.ragged_paged_attention; block_q, pages (per chunk) and
     num_warps override the tile rule (tests, tuning)."""
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_pages.shape
     group = heads // kv_heads
-    rule = tiles(group, dim, block_size, k_pages.dtype.itemsize)
+    rule = tiles(group, dim, block_size, k_pages.dtype.itemsize,
+                 (soft_cap is not None) + (sliding_window is not None))
     block_q, pages, num_warps = block_q or rule[0], pages or rule[1], num_warps or rule[2]
     group_pad = _pow2_ceil(group)
     # Rows padded by one query block (so that every block's slice stays in bounds, in interpret
@@ -158,7 +173,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_sta
     q_spec = pl.BlockSpec((q4.shape[0], None, group_pad, dim), lambda h, i: (0, h, 0, 0))
     page_spec = pl.BlockSpec((num_blocks, block_size, None, dim), lambda h, i: (0, 0, h, 0))
     out = blocks.launch(
-        functools.partial(_kernel, block_q=block_q, pages=pages, sm_scale=sm_scale),
+        functools.partial(_kernel, block_q=block_q, pages=pages, sm_scale=sm_scale,
+                          soft_cap=soft_cap, window=sliding_window),
         name="ragged_paged_attention",
         grid=(kv_heads, meta.shape[0]),
         operands=(meta, tables, q4, k_pages, v_pages, jnp.zeros_like(q4)),

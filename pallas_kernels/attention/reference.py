@@ -1,7 +1,8 @@
 """Plain-JAX ragged paged attention: the definition the Pallas kernel must equal.
 
 Each token finds its sequence, gathers that sequence's pages into one contiguous K and V, and
-attends to the cache positions up to its own (causal within the chunk, the whole prefix before).
+attends to the cache positions up to its own (causal within the chunk, the whole prefix before),
+or with a sliding window only to the last `sliding_window` of them.
 Simple over fast: it materializes [T, MB * block_size, KV, d] copies of the cache.
 """
 
@@ -25,7 +26,8 @@ def token_positions(query_start, kv_lens, num_seqs, tokens: int):
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs,
-                           sm_scale: float) -> jax.Array:
+                           sm_scale: float, soft_cap: float | None = None,
+                           sliding_window: int | None = None) -> jax.Array:
     """Shapes as pallas_kernels.attention.ragged_paged_attention; -> [T, H, d] in q's dtype."""
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_pages.shape
@@ -39,7 +41,12 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_sta
         v = v_pages[pages_t].reshape(context, kv_heads, dim).astype(jnp.float32)
         q_t = q_t.reshape(kv_heads, group, dim).astype(jnp.float32)
         scores = jnp.einsum("kgd,ckd->kgc", q_t, k, precision="highest") * sm_scale
-        scores = jnp.where(jnp.arange(context) <= position_t, scores, -jnp.inf)
+        if soft_cap is not None:
+            scores = jnp.tanh(scores / soft_cap) * soft_cap
+        visible = jnp.arange(context) <= position_t
+        if sliding_window is not None:
+            visible &= jnp.arange(context) > position_t - sliding_window
+        scores = jnp.where(visible, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum("kgc,ckd->kgd", probs, v, precision="highest").reshape(heads, dim)
 

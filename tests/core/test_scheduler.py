@@ -22,13 +22,10 @@ def _sched(num_blocks=64, block_size=4, **kw):
 
 def _decode_all(sched, batch):
     """Pretend the batch ran: prefills cache their chunk, finished prompts get a first token."""
-    for seq in batch.decodes:
-        seq.num_cached += 1
-        seq.output_ids.append(0)
-    for chunk in batch.prefills:
-        chunk.seq.num_cached += chunk.length
-        if chunk.completes_prompt:
-            chunk.seq.output_ids.append(0)
+    sampling = sched.dispatched(batch)
+    for seq in batch.seqs():
+        if seq.seq_id in sampling:
+            sched.sampled(seq, 0)
 
 
 def test_a_step_never_holds_more_distinct_adapters_than_max_loras():
@@ -46,7 +43,7 @@ def test_a_step_never_holds_more_distinct_adapters_than_max_loras():
 
 def test_pinned_adapters_count_against_max_loras():
     sched = _sched()
-    sched.pinned.add(9)
+    sched.pin(9)
     sched.add(_seq(0, adapter=1))
     sched.add(_seq(1, adapter=2))
     assert [c.seq.seq_id for c in sched.schedule().prefills] == [0]
@@ -211,3 +208,40 @@ def test_a_sequence_whose_pending_tokens_reach_its_limit_is_not_scheduled_again(
     seq.output_ids.append(9)  # read: the engine finishes it on length
     seq.num_pending = 0
     assert seq.at_limit and len(seq.output_ids) == seq.max_output
+
+
+def test_the_scheduler_accounts_for_what_was_dispatched_and_what_was_sampled():
+    sched = _sched(max_num_batched_tokens=16, max_prefill_chunk=4)
+    long, short = _seq(0, prompt_len=6), _seq(1, prompt_len=3)
+    sched.add(long)
+    sched.add(short)
+    batch = sched.schedule()
+    assert [(c.seq, c.start, c.length) for c in batch.prefills] == [(long, 0, 4), (short, 0, 3)]
+    # Only the chunk that completes its prompt samples; its row in the step is its position.
+    assert sched.dispatched(batch) == {short.seq_id: 1}
+    assert (long.num_cached, long.num_pending, long.started) == (4, 0, True)
+    assert (short.num_cached, short.num_pending, short.num_tokens) == (3, 1, 4)
+    batch = sched.schedule()  # the pending token counts: short decodes it on the device
+    assert batch.decodes == [short] and [(c.seq, c.start) for c in batch.prefills] == [(long, 4)]
+    sched.sampled(short, 42)
+    assert short.output_ids == [42] and short.num_pending == 0 and short.num_tokens == 4
+
+
+def test_finished_sequences_are_marked_and_give_back_their_row_and_blocks():
+    sched = _sched()
+    seq = _seq(0)
+    sched.add(seq)
+    _decode_all(sched, sched.schedule())
+    used = sched.kv.pool.num_used
+    sched.finish([seq])
+    assert seq.finished and seq.row is None and not sched.has_unfinished()
+    assert sched.kv.pool.num_used < used
+
+
+def test_unpinned_adapters_stop_counting_against_max_loras():
+    sched = _sched(max_loras=1)
+    sched.pin(9)
+    sched.add(_seq(0, adapter=1))
+    assert not sched.schedule() and sched.held_adapters() == {9}
+    sched.unpin(9)
+    assert [c.seq.seq_id for c in sched.schedule().prefills] == [0]

@@ -33,12 +33,32 @@ def _params(i: int, stop_token: int | None) -> SamplingParams:
                           **stops, **kinds[i % len(kinds)])
 
 
-def _summary(outputs):
-    return [(o.error, [(c.token_ids, c.finish_reason, c.stop_reason,
-                        None if c.logprobs is None else
-                        [{k: round(v, 4) for k, v in e.items()} for e in c.logprobs],
-                        round(c.cumulative_logprob, 4)) for c in o.outputs])
-            for o in outputs]
+# Logprobs are float32 sums whose order depends on how a step's batch is made up (a
+# preempted sequence is recomputed in another batch), so they may differ in the last bits:
+# well below this. Tokens, finish and stop reasons are compared exactly.
+LOGPROB_TOL = 1e-4
+
+
+def _exact(outputs):
+    return [(o.error, [(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs is None)
+                       for c in o.outputs]) for o in outputs]
+
+
+def _assert_logprobs_close(got, expected):
+    for g_out, e_out in zip(got, expected, strict=True):
+        for g, e in zip(g_out.outputs, e_out.outputs, strict=True):
+            assert g.cumulative_logprob == pytest.approx(e.cumulative_logprob,
+                                                         abs=LOGPROB_TOL * len(e.token_ids))
+            if e.logprobs is None:
+                continue
+            for token, g_top, e_top in zip(g.token_ids, g.logprobs, e.logprobs, strict=True):
+                assert token in g_top and token in e_top
+                for t in g_top.keys() & e_top.keys():
+                    assert g_top[t] == pytest.approx(e_top[t], abs=LOGPROB_TOL)
+                # A candidate at the edge of the top-k may swap with a near-tie.
+                for top, other in ((g_top, e_top), (e_top, g_top)):
+                    for t in top.keys() - other.keys():
+                        assert top[t] <= min(other.values()) + LOGPROB_TOL
 
 
 @pytest.mark.parametrize("num_kv_blocks", [None, 10], ids=["roomy_pool", "preempting_pool"])
@@ -58,11 +78,12 @@ def test_async_scheduling_gives_the_outputs_of_one_step_at_a_time(num_kv_blocks)
     expected = sync.generate(prompts, params, requests, use_tqdm=False)
     got = _llm(ref, True, num_kv_blocks=num_kv_blocks).generate(prompts, params, requests,
                                                                 use_tqdm=False)
-    assert _summary(got) == _summary(expected)
+    assert _exact(got) == _exact(expected)
+    _assert_logprobs_close(got, expected)
     assert any(c.finish_reason == "stop" and len(c.token_ids) < params[i].max_tokens
                for i, o in enumerate(expected) for c in o.outputs)
     if num_kv_blocks:
-        assert sync.engine.stats()["num_preemptions"] > 0
+        assert sync.engine.stats().num_preemptions > 0
 
 
 def test_a_step_is_dispatched_before_the_previous_steps_tokens_are_read():

@@ -138,12 +138,12 @@ def test_adapter_management_add_list_pin_remove(gqa):
     reqs = _requests(ref)
     assert llm.add_lora(reqs["qv_r8"]) and reqs["qv_r8"].lora_int_id in llm.list_loras()
     assert llm.pin_lora(reqs["qv_r8"].lora_int_id)
-    pinned_slot = llm.engine.slots.slot_of(reqs["qv_r8"].lora_int_id)
+    pinned_slot = llm.engine.adapters.slots.slot_of(reqs["qv_r8"].lora_int_id)
     # Two slots, one pinned: the other adapters take turns in the remaining slot.
     out = llm.generate([{"prompt_token_ids": ref.prompt(0)}] * 4, GREEDY,
                        [reqs["all_r4"], reqs["mlp_rslora"], reqs["patterns"], reqs["qv_r8"]])
     assert [o.outputs[0].token_ids for o in out] == [
         ref.greedy(n, 0) for n in ("all_r4", "mlp_rslora", "patterns", "qv_r8")]
-    assert llm.engine.slots.slot_of(reqs["qv_r8"].lora_int_id) == pinned_slot
+    assert llm.engine.adapters.slots.slot_of(reqs["qv_r8"].lora_int_id) == pinned_slot
     assert llm.remove_lora(reqs["qv_r8"].lora_int_id)
     assert reqs["qv_r8"].lora_int_id not in llm.list_loras()

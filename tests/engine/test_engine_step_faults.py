@@ -72,4 +72,4 @@ def test_a_failed_step_fails_only_its_requests(lose_device_state, async_scheduli
     while engine.has_unfinished_requests():
         outs += engine.step()
     assert outs[-1].outputs[0].token_ids == clean["r3"].outputs[0].token_ids
-    assert engine.core.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0

@@ -1,21 +1,18 @@
 """The online engine: add_request / abort_request / step with vLLM's output kinds."""
 
 import pytest
-from helpers.checkpoints import write_checkpoint
 
 from lora_jax import LLM, SamplingParams
 from lora_jax.engine.llm_engine import LLMEngine
 from lora_jax.sampling_params import RequestOutputKind
-from lora_jax.tools.tiny import char_tokenizer, config_dict, tiny_config
 
 DELTA, CUMULATIVE = RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = write_checkpoint(tmp_path_factory.mktemp("base"), config_dict(tiny_config()))
-    char_tokenizer().save(str(folder / "tokenizer.json"))
-    return str(folder)
+def base(base_model):
+    """The shared tiny checkpoint with its char tokenizer (tests/conftest.py)."""
+    return base_model
 
 
 @pytest.fixture(scope="module")

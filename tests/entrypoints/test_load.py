@@ -11,11 +11,10 @@ import httpx
 import openai
 import pytest
 from helpers.peft import TinyShapes, make_adapter, write_adapter
+from helpers.server import Throttle, scrape, serve_in_thread, value
 
 from lora_jax import LLM, LoRARequest, SamplingParams
 from lora_jax.engine.async_llm import AsyncLLM
-from tests.entrypoints.conftest import serve_in_thread
-from tests.entrypoints.test_metrics import Throttle, scrape, value
 
 SHAPES = TinyShapes(2, 64, 32, 192)  # the tiny base model's projections
 NUM_ADAPTERS, NUM_REQUESTS, MAX_TOKENS = 8, 64, 10
@@ -142,4 +141,4 @@ async def _drive(url: str, llm: AsyncLLM, root: Path):
         metrics = scrape((await http.get("/metrics")).text)
         assert value(metrics, "lora_jax:request_success_total", model_name="a5",
                      finished_reason="abort") == 4
-        return got, bad_results, llm.stats()["kv_blocks_used"]
+        return got, bad_results, llm.stats().kv_blocks_used

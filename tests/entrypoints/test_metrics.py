@@ -9,35 +9,15 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from helpers.peft import TinyShapes, make_adapter
-from prometheus_client.parser import text_string_to_metric_families
+from helpers.server import Throttle, scrape, value
 
 from lora_jax.entrypoints.openai.server import build_app
-
-
-def scrape(text: str) -> dict:
-    """{(sample name, sorted labels): value}."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def _metrics(server) -> dict:
     r = httpx.get(server[0] + "/metrics", timeout=30)
     assert r.status_code == 200
     return scrape(r.text)
-
-
-class Throttle:
-    """An AsyncLLM observer that slows every engine step, so a stream outlives a scrape."""
-
-    def on_step(self, outputs, now):
-        time.sleep(0.03)
-
-    def on_abort(self, request_id):
-        pass
 
 
 def test_requests_tokens_and_latency_histograms_are_counted(server):

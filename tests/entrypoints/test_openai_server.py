@@ -3,11 +3,11 @@
 import httpx
 import openai
 import pytest
+from helpers.server import TEMPLATE
 
 from lora_jax import SamplingParams
 from lora_jax.entrypoints.openai.protocol import ChatRequest
 from lora_jax.entrypoints.openai.serving_chat import ServingChat
-from tests.entrypoints.conftest import TEMPLATE
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
 

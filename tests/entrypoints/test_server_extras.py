@@ -9,6 +9,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers.peft import TinyShapes, make_adapter
+from helpers.server import Throttle, serve_in_thread
 
 from lora_jax.entrypoints.openai.server import build_app
 
@@ -47,9 +48,6 @@ def test_runtime_load_serves_the_adapter_and_unload_removes_it(app, adapter_dir,
 
 
 def test_unloading_an_adapter_lets_its_running_request_finish(server, base_model, adapter_dir):
-    from tests.entrypoints.conftest import serve_in_thread
-    from tests.entrypoints.test_metrics import Throttle
-
     llm = server[1]
     args = SimpleNamespace(model=base_model, served_model_name="tiny",
                            lora_requests=[server[2]], allow_runtime_lora_updating=True,

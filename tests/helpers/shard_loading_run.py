@@ -1,9 +1,10 @@
 """Load a tiny sharded checkpoint into tensor-parallel shards on 4 forced CPU devices.
 
-`python shard_loading_run.py FOLDER` prints one JSON object: per tp size and dtype, whether
-every split parameter equals the checkpoint's weights laid out for that split (built here with
-numpy from the unsplit load), and the shard shapes each device holds. A subprocess because the
-device count must be set before JAX is imported.
+`python shard_loading_run.py FOLDER [FAMILY_FOLDER ...]` prints one JSON object: per tp size and
+dtype, whether every split parameter equals the checkpoint's weights laid out for that split
+(built here with numpy from the unsplit load), and the shard shapes each device holds; each
+FAMILY_FOLDER (a models.families checkpoint) at tp 2 and 4 in float32, keyed by its folder's
+parent's name. A subprocess because the device count must be set before JAX is imported.
 """
 
 import json
@@ -29,17 +30,18 @@ from models.sharding import TensorParallel, interleave  # noqa: E402
 
 
 def expected(whole: dict, c: LlamaConfig, tp: int) -> dict:
-    """The split layout from the unsplit weights: q|k|v and gate|up shard-major, kv heads
-    repeated up to tp; everything else as stored."""
+    """The split layout from the unsplit weights: q|k|v (and its bias) and gate|up
+    shard-major, kv heads repeated up to tp; everything else as stored."""
     out = dict(whole)
     hd, repeat = c.head_dim, max(1, tp // c.num_key_value_heads)
-    for key in [k for k in whole if "['qkv']" in k]:
-        w = whole[key].T  # [D, (H + 2 KV) hd]
+    for key in [k for k in whole if "['qkv']" in k or "['qkv_bias']" in k]:
+        w = (whole[key] if whole[key].ndim == 2 else whole[key][:, None]).T  # [D, (H+2KV) hd]
         q, k, v = np.split(w, [c.num_attention_heads * hd,
                                (c.num_attention_heads + c.num_key_value_heads) * hd], -1)
         k, v = (np.repeat(x.reshape(x.shape[0], -1, hd), repeat, 1).reshape(x.shape[0], -1)
                 for x in (k, v))
-        out[key] = interleave([q, k, v], tp).T
+        packed = interleave([q, k, v], tp).T
+        out[key] = packed if whole[key].ndim == 2 else packed[:, 0]  # a bias: one column
     for key in [k for k in whole if "['gate_up']" in k]:
         out[key] = interleave(np.split(whole[key].T, 2, -1), tp).T
     return out
@@ -79,8 +81,11 @@ def _record(reads: list, array: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     folder = Path(sys.argv[1])
-    print(json.dumps({f"{tp}-{dtype}": run(folder, tp, dtype)
-                      for tp in (2, 4) for dtype in ("float32", "bfloat16")}))
+    out = {f"{tp}-{dtype}": run(folder, tp, dtype)
+           for tp in (2, 4) for dtype in ("float32", "bfloat16")}
+    for family in map(Path, sys.argv[2:]):
+        out.update({f"{family.parent.name}-{tp}": run(family, tp, "float32") for tp in (2, 4)})
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the outputs (token ids, logprobs), engine stats, compile stats and the shard sha
 split arrays. A subprocess because the device count must be set before JAX is imported.
 """
 
+import dataclasses
 import gc
 import json
 import os
@@ -26,13 +27,14 @@ def _shards(array) -> dict:
 
 
 def shard_shapes(llm: LLM) -> dict:
-    engine = llm.engine
+    engine = llm.engine.core
     layer0 = engine.runner.state["layers"][0]
     out = {name: _shards(layer0[name].get_value()) for name in ("qkv", "o", "gate_up", "down")}
     for name in ("embed", "lm_head"):
-        out[name] = _shards(engine.runner.state[name].get_value())
+        if name in engine.runner.state:  # no lm_head when tied to the embedding
+            out[name] = _shards(engine.runner.state[name].get_value())
     out["kv_k"] = _shards(engine.runner.kv.k)
-    lora = engine.slots.stacks.layers[0]
+    lora = engine.adapters.stacks.layers[0]
     for name in ("qkv_a", "q_b", "k_b", "o_a", "o_b", "gate_b", "down_a"):
         out[f"lora_{name}"] = _shards(getattr(lora, name))
     return out
@@ -40,7 +42,7 @@ def shard_shapes(llm: LLM) -> dict:
 
 def run(size: int, spec: dict) -> dict:
     gc.collect()  # the previous size's engine leaves nothing on the devices this one counts
-    ref = Reference("gqa")
+    ref = Reference(spec.get("variant", "gqa"))
     llm = LLM(ref.model, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
               tensor_parallel_size=size, num_kv_blocks=spec["num_kv_blocks"], block_size=8,
               max_num_batched_tokens=32, max_model_len=64,
@@ -63,13 +65,13 @@ def run(size: int, spec: dict) -> dict:
                                                             strict=True)],
                         "reference": ref.greedy(name, j)[:spec["max_tokens"]]}
                        for (name, j), o in zip(cases, outs, strict=True)])
-    result = {"rounds": rounds, "stats": llm.engine.stats(),
+    result = {"rounds": rounds, "stats": dataclasses.asdict(llm.engine.stats()),
               "compile": llm.engine.compile_stats()}
     if size > 1:
         result["shards"] = shard_shapes(llm)
-        engine = llm.engine
+        engine = llm.engine.core
         result["whole"] = whole_arrays(
-            {"model": engine.runner.state, "lora": engine.slots.stacks, "kv": engine.runner.kv,
+            {"model": engine.runner.state, "lora": engine.adapters.stacks, "kv": engine.runner.kv,
              "history": engine.runner.history, "carry": engine.runner.carry}, min_elements=256)
     return result
 
@@ -85,6 +87,10 @@ def error_of(size: int) -> str | None:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if "variants" in spec:  # one size, several fixture variants (the model families)
+        print(json.dumps({v: run(spec["sizes"][0], {**spec, "variant": v})
+                          for v in spec["variants"]}))
+        return
     out = {str(size): run(size, spec) for size in spec["sizes"]}
     out["errors"] = {str(size): error_of(size) for size in spec.get("errors", [])}
     print(json.dumps(out))

@@ -19,19 +19,12 @@ from helpers.kernels import (
     f64,
     normal,
     random_slots,
-    seeded_rng,
     shrink64,
     stacks,
 )
 
 import pallas_kernels as pk
 from pallas_kernels import pallas_backend
-
-
-@pytest.fixture
-def rng(request):
-    return seeded_rng(request)
-
 
 # (T, D_in, D_out, S, R, slots): odd sizes, S in {1, 4, 16}, R in {1, 8, 16, 64}, all slot kinds,
 # fewer tokens than slots.
@@ -47,7 +40,7 @@ CASES = [
 DTYPE_CASES = [(jnp.float32, case) for case in CASES] + [
     (jnp.bfloat16, case) for case in (CASES[0], CASES[2], CASES[3], CASES[5])
 ]
-IMPLS = ["gather", "grouped", "dense", "reference"]
+IMPLS = ["gather", "grouped", "tiled", "dense", "reference"]
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
@@ -134,7 +127,7 @@ def test_apply_in_float16(impl, rng):
     assert_close(out, expand64(y, shrink64(x, a, slot), (b,), slot), jnp.float16)
 
 
-@pytest.mark.parametrize("impl", ["gather", "grouped", "dense"])
+@pytest.mark.parametrize("impl", ["gather", "grouped", "tiled", "dense"])
 @pytest.mark.parametrize("widths", [(32,), (32, 16, 16)], ids=["single", "qkv"])
 def test_gradients_match_jax_grad_of_reference(impl, widths, rng):
     tokens, d_in, num_slots, rank = 10, 32, 4, 8

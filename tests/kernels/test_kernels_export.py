@@ -23,6 +23,9 @@ SHAPES = {
     "odd": (13, 96, 80, 1, 8, (80,)),
     "qkv_rank1": (24, 64, 64, 4, 1, (32, 16, 16)),
     "qkv_rank64": (40, 128, 256, 4, 64, (128, 64, 64)),
+    # Hundreds of slots (max_loras up to 256): the slot axis only offsets each program's loads.
+    "llama3_8b_qkv_slots256": (64, 4096, 6144, 256, 16, (4096, 1024, 1024)),
+    "bench_prefill_slots64": (1024, 1024, 1024, 64, 16, (1024,)),
 }
 
 
@@ -59,3 +62,23 @@ def test_forward_and_backward_kernels_lower_through_triton(pattern, dtype, shape
     # Forward shrink (h feeds db), a shrink per slice (dh), an expand per rank chunk (dx).
     assert backward.count("xla.gpu.triton") >= 1 + len(widths) + 1
     assert "mosaic" not in forward.lower() + backward.lower()
+
+
+@pytest.mark.parametrize("pattern", ["gather", "grouped"])
+def test_one_steps_metadata_feeds_every_site_and_groups_once(pattern):
+    tokens, d_in, num_slots, rank = 1024, 1024, 256, 16
+    spec = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.bfloat16)
+    kw = dict(backend="pallas", pattern=pattern)
+
+    def step(y, x, a, b, slot):
+        meta = pk.lora_meta(slot, num_slots, **kw)  # once per step
+        for _ in range(3):  # three layers' sites
+            y = pk.lora_apply(y, x, a, b, slot, meta=meta, **kw)
+        return y
+
+    text = _triton_calls(step, spec((tokens, d_in)), spec((tokens, d_in)),
+                         spec((d_in, num_slots, rank)), spec((num_slots, rank, d_in)),
+                         jax.ShapeDtypeStruct((tokens,), jnp.int32))
+    assert "xla.gpu.triton" in text
+    # The grouped pattern sorts the step's tokens by slot once, not at every site.
+    assert text.count("stablehlo.sort") == (1 if pattern == "grouped" else 0)

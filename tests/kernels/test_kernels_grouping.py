@@ -10,18 +10,12 @@ from helpers.kernels import (
     PALLAS_BACKEND,
     normal,
     random_slots,
-    seeded_rng,
     stacks,
 )
 from jax.experimental import pallas as pl
 
 import pallas_kernels as pk
 from pallas_kernels import blocks, grouping
-
-
-@pytest.fixture
-def rng(request):
-    return seeded_rng(request)
 
 
 @pytest.mark.parametrize(
@@ -83,8 +77,8 @@ def test_poisoned_launch_shows_elements_a_kernel_never_writes():
     np.testing.assert_array_equal(np.isnan(np.asarray(out)), [False] * 4 + [True] * 4)
 
 
-def test_default_backend_is_dense_off_gpu():
-    expected = "pallas" if jax.default_backend() == "gpu" else "dense"
+def test_default_backend_is_tiled_off_gpu():
+    expected = "pallas" if jax.default_backend() == "gpu" else "tiled"
     assert pk.default_backend() == expected
 
 

@@ -77,7 +77,7 @@ def ragged_batch(rng, q_lens, kv_lens, *, heads=4, kv_heads=2, dim=32, block_siz
     )
 
 
-def naive_attention(batch: Batch, sm_scale: float) -> np.ndarray:
+def naive_attention(batch: Batch, sm_scale: float, soft_cap=None, window=None) -> np.ndarray:
     """float64, one sequence and one query at a time, from contiguous copies of each cache."""
     q = np.asarray(jnp.asarray(batch.q, jnp.float32), np.float64)
     k_pages = np.asarray(jnp.asarray(batch.k_pages, jnp.float32), np.float64)
@@ -94,10 +94,13 @@ def naive_attention(batch: Batch, sm_scale: float) -> np.ndarray:
         q_len = starts[i + 1] - starts[i]
         for j in range(q_len):
             position = kv_len - q_len + j
+            lo = 0 if window is None else max(position - window + 1, 0)
             for h in range(q.shape[1]):
-                scores = k[: position + 1, h // group] @ q[starts[i] + j, h] * sm_scale
+                scores = k[lo: position + 1, h // group] @ q[starts[i] + j, h] * sm_scale
+                if soft_cap is not None:
+                    scores = np.tanh(scores / soft_cap) * soft_cap
                 weights = np.exp(scores - scores.max())
-                out[starts[i] + j, h] = weights @ v[: position + 1, h // group] / weights.sum()
+                out[starts[i] + j, h] = weights @ v[lo: position + 1, h // group] / weights.sum()
     return out
 
 
@@ -175,6 +178,30 @@ def test_reference_equals_naive_numpy_attention(rng):
     assert not np.any(got[batch.real_tokens:])
 
 
+def test_reference_with_window_and_soft_cap_equals_naive_numpy_attention(rng):
+    batch = ragged_batch(rng, [1, 6, 3], [20, 6, 35], heads=4, kv_heads=2, dim=8)
+    got = _run(batch, "reference", sliding_window=7, soft_cap=2.0)
+    np.testing.assert_allclose(got, naive_attention(batch, 8**-0.5, 2.0, 7), rtol=1e-5,
+                               atol=1e-5)
+    # The window is real: without it the long sequences' outputs differ.
+    assert np.abs(got - _run(batch, "reference", soft_cap=2.0)).max() > 1e-2
+
+
+# Windows shorter than a page, across a page, and longer than every context (= no window);
+# chunks of one page, so a query block starts past whole chunks its window never reaches.
+@pytest.mark.parametrize("window", [3, 20, 100])
+@pytest.mark.parametrize("scenario", ["mix", "prefill"])
+def test_windowed_kernel_matches_reference(scenario, window, rng):
+    batch = ragged_batch(rng, *SCENARIOS[scenario], heads=4, kv_heads=2)
+    got = _run(batch, PALLAS_BACKEND, sliding_window=window, soft_cap=3.0)
+    if PALLAS_BACKEND.startswith("pallas"):
+        paged = np.asarray(kernel.ragged_paged_attention(
+            *batch.args(), sm_scale=32 ** -0.5, interpret=PALLAS_BACKEND == "pallas_interpret",
+            pages=1, sliding_window=window, soft_cap=3.0), np.float64)
+        np.testing.assert_allclose(paged, got, rtol=0, atol=1e-5 * np.abs(got).max())
+    _assert_matches_reference(batch, got, jnp.float32, sliding_window=window, soft_cap=3.0)
+
+
 def test_default_backend_is_xla_off_gpu():
     assert default_backend() == ("pallas" if jax.default_backend() == "gpu" else "xla")
 
@@ -197,9 +224,10 @@ def test_bad_metadata_shape_is_rejected(rng):
         ragged_paged_attention(*batch.args(), backend="reference")
 
 
+@pytest.mark.parametrize("windowed", [False, True], ids=["full", "windowed"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
                          ids=lambda d: d.__name__)
-def test_kernel_lowers_for_cuda_through_triton(dtype):
+def test_kernel_lowers_for_cuda_through_triton(dtype, windowed):
     # Llama-3-8B: 32 heads over 8 kv heads of 128, pages of 16, a 512-token mixed batch.
     tokens, seqs, max_blocks = 512, 64, 128
     pages = jax.ShapeDtypeStruct((seqs * max_blocks, 16, 8, 128), dtype)
@@ -207,7 +235,9 @@ def test_kernel_lowers_for_cuda_through_triton(dtype):
     def ints(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.int32)
 
-    fn = functools.partial(ragged_paged_attention, backend="pallas")
+    # Windowed: Gemma 2's sliding layers (window 4096, soft-cap 50).
+    extra = dict(sliding_window=4096, soft_cap=50.0) if windowed else {}
+    fn = functools.partial(ragged_paged_attention, backend="pallas", **extra)
     module = export.export(
         jax.jit(fn), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)],

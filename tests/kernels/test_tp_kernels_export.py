@@ -7,6 +7,7 @@ intermediate 28672: per shard 8 heads, 1 kv head, 3584).
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ from jax import export
 from jax.sharding import AbstractMesh
 
 from models import tp_kernels
-from models.ragged import RaggedMeta
+from models.ragged import AttnSpec, RaggedMeta
+from pallas_kernels import lora_meta
 
 TRITON = "__gpu$xla.gpu.triton"
 TP = 8
@@ -71,18 +73,55 @@ def test_row_parallel_lora_shrinks_each_devices_rows_and_sums_over_devices(d_in)
     assert "all_reduce" in body  # the [T, R] partial shrinks summed
 
 
-@pytest.mark.parametrize("tokens", [64, 512], ids=["decode", "prefill"])
-def test_attention_runs_the_kernel_on_each_devices_heads_and_kv_heads(tokens):
+def _attention_module(tokens: int, spec: AttnSpec | None = None) -> str:
     seqs, pages, block = 64, 128, 16
     meta = RaggedMeta(*(_ints(tokens) for _ in range(3)), _ints(seqs, pages),
                       *(_ints(seqs) for _ in range(2)), *(_ints(1) for _ in range(3)),
                       _ints(seqs + 1), _ints(seqs), _ints(1))
     pool = BF16((1, seqs * pages, block, 8, 128))
     fn = functools.partial(tp_kernels.attention, MESH, layer=0, dtype=jnp.bfloat16,
-                           backend="pallas")
-    text = _module(lambda q, k, v, meta: fn(q, k, v, meta=meta), BF16((tokens, 64, 128)),
+                           backend="pallas", spec=spec)
+    return _module(lambda q, k, v, meta: fn(q, k, v, meta=meta), BF16((tokens, 64, 128)),
                    pool, pool, meta)
-    body = _per_shard(text)
+
+
+@pytest.mark.parametrize("tokens", [64, 512], ids=["decode", "prefill"])
+def test_attention_runs_the_kernel_on_each_devices_heads_and_kv_heads(tokens):
+    seqs, pages, block = 64, 128, 16
+    body = _per_shard(_attention_module(tokens))
     assert body.count(TRITON) == 1
     assert f"tensor<{tokens}x8x128xbf16>" in body  # 8 query heads a device
     assert f"tensor<{seqs * pages}x{block}x1x128xbf16>" in body  # its one kv head
+
+
+def test_sharded_attention_passes_the_layers_window_and_soft_cap_to_the_kernel():
+    """Gemma 2's sliding layers (window 4096, soft-cap 50) under shard_map: each device's
+    kernel is the windowed, soft-capped one, not the full-attention one."""
+    full = _per_shard(_attention_module(512))
+    windowed = _per_shard(_attention_module(512, AttnSpec(128 ** -0.5, 50.0, 4096)))
+    assert windowed.count(TRITON) == 1
+    assert windowed != full
+
+
+def test_row_parallel_kernels_read_the_steps_grouping_built_once_outside():
+    """A prefill step's tokens grouped by slot (pallas_kernels.lora_meta) once, replicated
+    into each device's shrink and expand: no device sorts the tokens again."""
+    def step(y, x, a, b, slot):
+        meta = lora_meta(slot, 4, backend="pallas")
+        return tp_kernels.row_apply(MESH, y, x, a, b, slot, "pallas", meta)
+
+    args = (BF16((512, 8192)), BF16((512, 8192)), BF16((8192, 4, 16)), BF16((4, 16, 8192)),
+            _ints(512))
+    grouped = _module(step, *args)
+    alone = _module(functools.partial(tp_kernels.row_apply, MESH, backend="pallas"), *args)
+    assert _per_shard(grouped).count(TRITON) == 2
+    # Without the step's grouping each kernel call sorts the tokens itself, on each device.
+    manual = alone.index("sdy.manual_computation")
+    assert [i > manual for i in _sorts(alone)] == [True, True]
+    manual = grouped.index("sdy.manual_computation")
+    assert [i > manual for i in _sorts(grouped)] == [False]
+
+
+def _sorts(text: str) -> list[int]:
+    """Where the module calls its token sort (pallas_kernels.grouping's argsort)."""
+    return [m.start() for m in re.finditer(r"call @argsort", text)]

@@ -73,9 +73,61 @@ def test_unsupported_architecture_is_named():
         LlamaConfig.from_dict(tiny_config(architectures=["MistralForCausalLM"]))
 
 
-def test_unsupported_model_type_is_named():
-    with pytest.raises(ValueError, match="qwen2"):
-        LlamaConfig.from_dict(tiny_config(model_type="qwen2"))
+@pytest.mark.parametrize(("model_type", "architecture"), [
+    ("mixtral", "MixtralForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("gemma3", "Gemma3ForConditionalGeneration"), ("llava", "LlavaForConditionalGeneration")])
+def test_moe_and_vision_models_are_refused_in_one_line_naming_the_supported_families(
+        model_type, architecture):
+    with pytest.raises(ValueError) as err:
+        LlamaConfig.from_dict(tiny_config(model_type=model_type, architectures=[architecture]))
+    message = str(err.value)
+    assert "\n" not in message and repr(model_type) in message
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"):
+        assert family in message
+
+
+def test_architecture_of_another_family_is_named():
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM"):
+        LlamaConfig.from_dict(tiny_config(model_type="mistral",
+                                          architectures=["Qwen2ForCausalLM"]))
+
+
+def test_qwen_windows_follow_use_sliding_window_and_max_window_layers():
+    qwen = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=4,
+                sliding_window=8, max_window_layers=2)
+    assert LlamaConfig.from_dict(tiny_config(**qwen)).layer_windows is None
+    config = LlamaConfig.from_dict(tiny_config(**qwen, use_sliding_window=True))
+    assert config.layer_windows == (None, None, 8, 8) and config.attention_bias
+
+
+def test_gemma3_transformers4_keys_give_pattern_windows_and_a_local_rope_base():
+    config = LlamaConfig.from_dict(tiny_config(
+        model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], num_hidden_layers=6,
+        sliding_window=16, sliding_window_pattern=3, rope_local_base_freq=500.0,
+        query_pre_attn_scalar=32, rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    assert config.layer_windows == (16, 16, None, 16, 16, None)
+    assert config.rope_local_theta == 500.0 and config.rope_scaling["factor"] == 8.0
+    assert config.attention_scale == 32 ** -0.5 and config.norm_offset and config.qk_norm
+    assert np.allclose(static_inv_freq(config, local=True)[1], 500.0 ** (-2 / 16))
+
+
+def test_phi3_longrope_fills_transformers_defaults_and_checks_factor_lengths():
+    scaling = {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    phi = dict(model_type="phi3", architectures=["Phi3ForCausalLM"],
+               max_position_embeddings=256, original_max_position_embeddings=64)
+    config = LlamaConfig.from_dict(tiny_config(**phi, rope_scaling=scaling))
+    assert config.rope_type == "longrope" and config.rope_scaling["factor"] == 4.0
+    assert config.rope_scaling["attention_factor"] == pytest.approx(
+        np.sqrt(1 + np.log(4.0) / np.log(64)))
+    assert hash(config) == hash(LlamaConfig.from_dict(tiny_config(**phi, rope_scaling=scaling)))
+    with pytest.raises(ValueError, match="short_factor"):
+        LlamaConfig.from_dict(tiny_config(**phi, rope_scaling={**scaling,
+                                                               "short_factor": [1.0] * 3}))
+
+
+def test_partial_rotary_factor_is_refused():
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        LlamaConfig.from_dict(tiny_config(partial_rotary_factor=0.5))
 
 
 def test_unsupported_activation_or_bias_is_named():

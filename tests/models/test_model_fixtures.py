@@ -18,7 +18,8 @@ from lora_jax.lora.adapters import load_adapter
 from models import forward, init_kv_cache, init_lora_stacks, load_llama, pack_adapter, set_slot
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "reference"
-VARIANTS = ("gqa", "tied", "llama3", "long_lora", "partial")
+VARIANTS = ("gqa", "tied", "llama3", "long_lora", "partial", "mistral", "qwen2", "qwen3", "gemma2",
+            "gemma3_text", "phi3")
 ATOL = 1e-4
 
 _forward = jax.jit(forward, static_argnums=0)

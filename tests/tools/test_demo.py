@@ -80,6 +80,23 @@ def test_demo_prints_every_model_side_by_side_and_fails_when_a_score_is_below_90
     assert "pretrained" in out and "below 90%" in out
     assert {p.name for p in (tmp_path / "adapters").iterdir()} == set(TASKS)
     assert not build_base(tmp_path / "base", TINY)  # cached: the next run reuses it
+    assert re.search(r"started \(every program compiled\) in \d+ s, then served \d+ requests "
+                     r"in mixed batches in [\d.]+ s \(\d+ generated tokens/s\)", out)
+
+
+def test_demo_model_saves_a_chat_template_that_asks_for_the_last_user_message(tmp_path):
+    from lora_jax.entrypoints.openai.protocol import APIError, ChatRequest
+    from lora_jax.entrypoints.openai.serving_chat import ServingChat, load_chat_template
+
+    build_base(tmp_path, TINY, progress=False)
+    (tmp_path / "chat_template.jinja").unlink()
+    assert not build_base(tmp_path, TINY, progress=False)  # cached, and the template is back
+    chat = ServingChat(None, None, load_chat_template(str(tmp_path)))
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hi"}, {"role": "user", "content": "2024"}]
+    assert chat.render(ChatRequest(model="demo", messages=messages)) == "2024="
+    with pytest.raises(APIError, match="must be a user one"):
+        chat.render(ChatRequest(model="demo", messages=messages[:3]))
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from helpers.fixtures import Reference
 
 from lora_jax.cli.main import main
 from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
-from lora_jax.tools.serving_bench import add_arguments, vllm_peer, workload
+from lora_jax.tools.serving_bench import add_arguments, vllm_peer
+from lora_jax.tools.workload import workload
 from models import LlamaConfig
 
 # Stands in for a venv's python: answers the "is vllm there" probe, and run as the peer it

@@ -6,12 +6,12 @@ from types import SimpleNamespace
 import pytest
 from helpers.checkpoints import write_checkpoint
 from helpers.peft import TinyShapes, make_adapter
+from helpers.server import serve_in_thread
 
 from lora_jax.cli.main import main
 from lora_jax.engine.async_llm import AsyncLLM
 from lora_jax.request import LoRARequest
 from lora_jax.tools.tiny import char_tokenizer, config_dict, tiny_config
-from tests.entrypoints.conftest import serve_in_thread
 
 
 @pytest.fixture(scope="module")

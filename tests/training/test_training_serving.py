@@ -45,10 +45,10 @@ def test_in_memory_adapter_serves_at_once_and_reregistering_swaps_weights_withou
     llm.add_lora(memo, adapter=first)
     base_answer, answer = _answers(llm, [None, memo])
     assert answer == "xyz" and base_answer != "xyz"
-    compiled = llm.engine.runner.compiled_count()
+    compiled = llm.engine.core.runner.compiled_count()
     llm.add_lora(memo, adapter=second)  # the same name and id, new weights: load in place
     assert _answers(llm, [None, memo]) == [base_answer, "qrs"]
-    assert llm.engine.runner.compiled_count() == compiled
+    assert llm.engine.core.runner.compiled_count() == compiled
 
 
 def test_an_adapter_saved_as_peft_serves_like_its_in_memory_arrays(setup, tmp_path):

@@ -50,10 +50,10 @@ def test_after_start_up_a_varied_workload_compiles_nothing(compile_events):
               max_model_len=256, max_num_batched_tokens=64, num_kv_blocks=12, block_size=8,
               compile_on_start=True)
     stats = llm.engine.compile_stats()
-    keys = llm.engine.runner.program_keys()
+    keys = llm.engine.core.runner.program_keys()
     # Token buckets 8, 16, 32, 64: sampling kinds and logprobs are flags, not programs.
     assert stats["programs_at_start"] == len(keys) == 4
-    assert llm.engine.runner.compiled_programs() == keys
+    assert llm.engine.core.runner.compiled_programs() == keys
     reqs = [None] + [LoRARequest(n, i + 1, ref.adapter_path(n))
                      for i, n in enumerate(ref.adapters)]
     long = LoRARequest("long", 9, ref.adapter_path(ref.adapters[0]), long_lora_max_len=256)
@@ -68,7 +68,7 @@ def test_after_start_up_a_varied_workload_compiles_nothing(compile_events):
         outs = llm.generate(prompts, params, loras, use_tqdm=False)
         assert all(o.error is None and o.finished for o in outs)
     # A tiny pool: some of those steps preempted and recomputed sequences.
-    assert llm.engine.stats()["num_preemptions"] > 0
+    assert llm.engine.stats().num_preemptions > 0
     assert compile_events == []
     assert llm.engine.compile_stats()["compiled_after_start"] == 0
 
@@ -76,12 +76,12 @@ def test_after_start_up_a_varied_workload_compiles_nothing(compile_events):
 def test_without_compile_on_start_programs_compile_as_shapes_appear():
     ref = Reference("gqa")
     llm = LLM(ref.model, max_num_seqs=4, compile_on_start=False)
-    assert llm.engine.runner.compiled_programs() == []
+    assert llm.engine.core.runner.compiled_programs() == []
     llm.generate({"prompt_token_ids": ref.prompt(2)}, SamplingParams(temperature=0.0, max_tokens=3))
     # The prompt's bucket (16 tokens), then the decode steps' (8).
-    compiled = llm.engine.runner.compiled_programs()
+    compiled = llm.engine.core.runner.compiled_programs()
     assert [k.tokens for k in compiled] == [16, 8]
-    assert set(compiled) <= set(llm.engine.runner.program_keys())
+    assert set(compiled) <= set(llm.engine.core.runner.program_keys())
 
 
 _START = textwrap.dedent("""

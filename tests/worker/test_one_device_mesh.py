@@ -33,7 +33,7 @@ def test_one_device_mesh_gives_the_unsplit_tokens_and_logprobs():
     ref = Reference("gqa")
     _, cases, whole = _generate(ref)
     llm, _, split = _generate(ref, mesh=make_mesh(1))
-    assert isinstance(llm.engine.runner.kv.k.sharding, NamedSharding)
+    assert isinstance(llm.engine.core.runner.kv.k.sharding, NamedSharding)
     for (req, j), a, b in zip(cases, split, whole, strict=True):
         assert a.token_ids == b.token_ids == ref.greedy(req.lora_name if req else "base", j)
         for lp_a, lp_b in zip(a.logprobs, b.logprobs, strict=True):

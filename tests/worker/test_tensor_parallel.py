@@ -97,8 +97,8 @@ def test_no_array_sits_whole_on_a_device_but_the_replicated_ones_listed(churn, s
 
 @pytest.mark.parametrize("size", [2, 4])
 def test_each_device_holds_its_share_of_the_weights_and_devices_balance(churn, size):
-    one = churn["1"]["stats"]["device_bytes_loaded"]["0"]
-    stats = churn[str(size)]["stats"]
+    one = churn["1"]["stats"]["memory"]["device_bytes_loaded"]["0"]
+    stats = churn[str(size)]["stats"]["memory"]
     loaded = [stats["device_bytes_loaded"][str(d)] for d in range(size)]
     assert max(loaded) <= 1.10 * one / size, (loaded, one)
     started = [stats["device_bytes_started"][str(d)] for d in range(size)]

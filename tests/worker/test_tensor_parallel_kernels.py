@@ -51,3 +51,26 @@ def test_split_pallas_kernels_match_one_device_logprobs_within_1e_4(interpreted,
     for a, b in zip(interpreted[size]["rounds"][0], interpreted["1"]["rounds"][0], strict=True):
         assert a["case"] == b["case"] and a["tokens"] == b["tokens"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma2", "qwen2"])
+def test_split_pallas_kernels_carry_the_familys_switches_equal_to_peft(family):
+    """Gemma 2 (sliding window, attention soft-cap, tied embedding split over the vocabulary)
+    and Qwen2 (q|k|v biases) at tp 2 with every kernel the Pallas one in interpret mode: the
+    window and soft-cap reach the attention kernel each device runs."""
+    import numpy as np
+    from helpers.fixtures import Reference
+
+    out = _run({"sizes": [2], "variants": [family], "num_kv_blocks": 64, "max_tokens": 4,
+                "compile_on_start": False, "rounds": 1, "num_prompts": 1,
+                "lora_backend": "pallas_interpret", "attention_backend": "pallas_interpret"},
+               timeout=900)[family]
+    ref = Reference(family)
+    for result in out["rounds"][0]:
+        name, j = result["case"]
+        assert result["tokens"] == result["reference"], (name, j)
+        want = ref.greedy_logprobs(name, j)
+        got = np.asarray(result["logprobs"])
+        np.testing.assert_allclose(got, want[np.arange(len(got)), result["tokens"]], atol=1e-4,
+                                   rtol=0, err_msg=f"{family} {name} {j}")

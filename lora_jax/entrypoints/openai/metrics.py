@@ -1,15 +1,26 @@
-"""/metrics: vLLM's metric names under a `lora_jax:` prefix, in Prometheus format.
+"""GET /metrics: vLLM's metric names under a `lora_jax:` prefix, in Prometheus format.
 
 Per-request figures (requests by finish reason, tokens, time to first token, inter-token and
 end-to-end latency) are observed in the engine thread as each step's outputs come out
 (AsyncLLM observers); gauges (running and waiting requests and adapters, KV blocks, prefix
 cache, slot loads) are read from the engine's stats when Prometheus scrapes.
+
+Label values stay bounded: per-model series of an unloaded adapter are removed (once its last
+request is done), and HTTP requests are counted by route template, never by raw path.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from fastapi import APIRouter, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,6 +29,15 @@ from lora_jax.entrypoints.openai.serving_models import ServingModels
 from lora_jax.outputs import RequestOutput
 
 P = "lora_jax:"
+router = APIRouter()
+
+
+@router.get("/metrics")
+async def metrics(raw: Request):
+    # Reading the engine's gauges waits for the step in progress: off the event loop.
+    text = await asyncio.to_thread(generate_latest, raw.app.state.metrics.registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
+
 # vLLM's buckets, cut to the range a CPU or one accelerator sees.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -55,9 +75,24 @@ class ServerMetrics:
                              "one choice", labels, buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to last token",
                              labels, buckets=E2E_BUCKETS, registry=r)
+        self.http_requests = Counter("lora_jax_http_requests", "HTTP requests served, by "
+                                     "route template", ["path", "status"], registry=r)
         r.register(_EngineGauges(self))
         self._live: dict[str, _Live] = {}
         llm.observers.append(self)
+
+    def _per_model(self):
+        return (self.success, self.prompt_tokens, self.generation_tokens, self.ttft, self.itl,
+                self.e2e)
+
+    def forget_model(self, model: str) -> None:
+        """Remove an unloaded adapter's series (they come back if a request still running
+        for it reports; that request's end removes them again)."""
+        for metric in self._per_model():
+            metric.remove_by_labels({"model_name": model})
+
+    def _served(self, model: str) -> bool:
+        return model == self.models.base_name or model in self.models.loras
 
     def model_of(self, out: RequestOutput) -> str:
         return out.lora_request.lora_name if out.lora_request else self.models.base_name
@@ -86,11 +121,15 @@ class ServerMetrics:
             if out.finished:
                 self.e2e.labels(live.model).observe(now - live.arrival)
                 del self._live[out.request_id]
+                if not self._served(live.model):
+                    self.forget_model(live.model)
 
     def on_abort(self, request_id: str) -> None:
         live = self._live.pop(request_id, None)
         if live is not None:
             self.success.labels(live.model, "abort").inc()
+            if not self._served(live.model):
+                self.forget_model(live.model)
 
 
 class _EngineGauges(Collector):
@@ -100,7 +139,7 @@ class _EngineGauges(Collector):
         self.metrics = metrics
 
     def _names(self, ids: list[int]) -> str:
-        by_id = {lr.lora_int_id: name for name, lr in self.metrics.models.loras.items()}
+        by_id = {lr.lora_int_id: name for name, lr in list(self.metrics.models.loras.items())}
         return ",".join(by_id.get(i, str(i)) for i in ids)
 
     def collect(self):
@@ -113,26 +152,26 @@ class _EngineGauges(Collector):
             return CounterMetricFamily(P + name, doc, value=value)
 
         yield gauge("num_requests_running", "Sequences running in the engine",
-                    s["num_running"])
-        yield gauge("num_requests_waiting", "Sequences waiting to start", s["num_waiting"])
+                    s.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to start", s.num_waiting)
         info = GaugeMetricFamily(P + "lora_requests_info", "Adapters of running and waiting "
                                  "requests (value: the time of this reading)",
                                  labels=["running_lora_adapters", "waiting_lora_adapters",
                                          "max_lora"])
-        info.add_metric([self._names(s["running_adapters"]), self._names(s["waiting_adapters"]),
-                         str(s["max_loras"])], time.time())
+        info.add_metric([self._names(s.running_adapters), self._names(s.waiting_adapters),
+                         str(s.max_loras)], time.time())
         yield info
-        yield gauge("kv_blocks_used", "KV cache blocks held by requests", s["kv_blocks_used"])
-        yield gauge("kv_blocks_total", "KV cache blocks in the pool", s["kv_blocks_total"])
+        yield gauge("kv_blocks_used", "KV cache blocks held by requests", s.kv_blocks_used)
+        yield gauge("kv_blocks_total", "KV cache blocks in the pool", s.kv_blocks_total)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)",
-                    s["kv_blocks_used"] / max(1, s["kv_blocks_total"]))
+                    s.kv_blocks_used / max(1, s.kv_blocks_total))
         yield counter("prefix_cache_queries", "Prompt blocks looked up in the prefix cache",
-                      s["prefix_cache_queries"])
+                      s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt blocks found in the prefix cache",
-                      s["prefix_cache_hits"])
+                      s.prefix_cache_hits)
         yield gauge("prefix_cache_hit_rate", "Prefix cache hits over queries, since start",
-                    s["prefix_cache_hits"] / max(1, s["prefix_cache_queries"]))
+                    s.prefix_cache_hits / max(1, s.prefix_cache_queries))
         yield counter("num_preemptions", "Sequences preempted (recomputed later)",
-                      s["num_preemptions"])
+                      s.num_preemptions)
         yield counter("lora_slot_loads", "Adapters written into a device slot (swaps)",
-                      s["adapter_slot_loads"])
+                      s.adapter_slot_loads)

@@ -1,61 +1,136 @@
-"""OpenAI request bodies (the fields we serve) and the error shape."""
+"""OpenAI request bodies (the fields we serve, with their ranges) and the error shape.
 
-from typing import Any
+Integer fields are strict (a JSON `true` is not 1) and range-checked here, so no value reaches
+the device that its int32 inputs cannot hold. Fields OpenAI defines that we do not implement
+are refused with a 400 naming the field (`refuse_unimplemented`) rather than ignored; fields no
+API defines (a client's extras) are ignored, as vLLM does.
+"""
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
 
-from lora_jax.sampling_params import RequestOutputKind, SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from lora_jax.sampling_params import (
+    INT32_MAX,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    RequestOutputKind,
+    SamplingParams,
+)
+
+MAX_STOP_TOKEN_IDS = 256
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(BaseModel):
-    # unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as vLLM does
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=None)
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)] = -1
     min_p: float = 0.0
-    seed: int | None = None
-    n: int = 1
+    seed: Annotated[StrictInt, Field(ge=-2**63, lt=2**64)] | None = None
+    n: Annotated[StrictInt, Field(ge=1)] = 1
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    ignore_eos: bool = False
-    stream: bool = False
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    return_tokens_as_token_ids: StrictBool | None = None
+    # Defined by OpenAI, not implemented: refused when set to anything but their no-op value.
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    def refuse_unimplemented(self) -> None:
+        if self.response_format not in (None, {"type": "text"}):
+            raise APIError("response_format is not supported (only {'type': 'text'})",
+                           param="response_format")
+        if self.tools:
+            raise APIError("tools are not supported", param="tools")
+        if self.tool_choice not in (None, "none"):
+            raise APIError("tool_choice is not supported (only 'none')", param="tool_choice")
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with OpenAI's string keys read as token ids."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): float(v) for k, v in self.logit_bias.items()}
+        except ValueError as exc:
+            raise APIError(f"logit_bias keys must be token ids (integers as strings): {exc}",
+                           param="logit_bias") from exc
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, seed=self.seed, max_tokens=max_tokens, stop=self.stop,
-            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            # Always deltas, streamed or not: the server sees every step of every request,
-            # which the metrics (inter-token latency) need; whole responses join them.
-            output_kind=RequestOutputKind.DELTA)
+        try:
+            return SamplingParams(
+                n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                min_p=self.min_p, seed=self.seed, max_tokens=max_tokens, stop=self.stop,
+                stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                logprobs=logprobs, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
+                logit_bias=self.token_bias(),
+                # Always deltas, streamed or not: the server sees every step of every request,
+                # which the metrics (inter-token latency) need; whole responses join them.
+                output_kind=RequestOutputKind.DELTA)
+        except ValueError as exc:  # SamplingParams' messages begin with the field's name
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(str(exc), param=field if field in type(self).model_fields
+                           else None) from exc
+
+
+LogprobCount = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    logprobs: LogprobCount | None = None
+    echo: StrictBool = False
+    suffix: str | None = None
+    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    def refuse_unimplemented(self) -> None:
+        super().refuse_unimplemented()
+        if self.suffix:
+            raise APIError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(f"best_of is not supported (only best_of equal to n, {self.n})",
+                           param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise APIError("echo with logprobs is not supported (no prompt logprobs)",
+                           param="echo")
 
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]]
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
-    add_generation_prompt: bool = True
+    logprobs: StrictBool = False
+    top_logprobs: LogprobCount | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    add_generation_prompt: StrictBool = True
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[TokenId]
+    model: str | None = None
 
 
 class APIError(Exception):

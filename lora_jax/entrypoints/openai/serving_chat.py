@@ -1,24 +1,35 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template, as HF does
 (jinja2's ImmutableSandboxedEnvironment), then generated like a completion."""
 
+import asyncio
 import json
 import time
 import uuid
 from contextlib import aclosing
 from pathlib import Path
 
+from fastapi import APIRouter, Request
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lora_jax.engine.async_llm import AsyncLLM
 from lora_jax.entrypoints.openai.logprobs import chat_logprobs
 from lora_jax.entrypoints.openai.protocol import APIError, ChatRequest, usage
-from lora_jax.entrypoints.openai.serving_completions import (
-    check_lengths,
+from lora_jax.entrypoints.openai.serving_engine import (
+    OpenAIServing,
+    ServerLimits,
     generate_whole,
+    respond,
     sse,
     stream_error,
 )
 from lora_jax.entrypoints.openai.serving_models import ServingModels
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat(req: ChatRequest, raw: Request):
+    return await respond(await raw.app.state.chat.create(req))
 
 
 def load_chat_template(model_dir: str, override: str | None = None) -> str | None:
@@ -60,10 +71,11 @@ def _raise_exception(message):
     raise APIError(f"chat template error: {message}")
 
 
-class ServingChat:
-    def __init__(self, llm: AsyncLLM, models: ServingModels, template: str | None,
-                 specials: dict[str, str] | None = None):
-        self.llm, self.models = llm, models
+class ServingChat(OpenAIServing):
+    def __init__(self, llm: AsyncLLM | None, models: ServingModels | None, template: str | None,
+                 specials: dict[str, str] | None = None, limits: ServerLimits | None = None):
+        if llm is not None:
+            super().__init__(llm, models, limits or ServerLimits())
         self.specials = specials or {"bos_token": "", "eos_token": ""}
         self.template = None
         if template is not None:
@@ -75,7 +87,7 @@ class ServingChat:
         if self.template is None:
             raise APIError("this model has no chat template (none in its tokenizer_config.json "
                            "or chat_template.jinja); start the server with --chat-template "
-                           "FILE, or use /v1/completions", param="messages")
+                           "FILE_OR_STRING, or use /v1/completions", param="messages")
         return self.template.render(messages=req.messages,
                                     add_generation_prompt=req.add_generation_prompt,
                                     **self.specials)
@@ -83,21 +95,19 @@ class ServingChat:
     def _logprobs(self, req: ChatRequest, c) -> dict | None:
         if not req.logprobs or c.logprobs is None:
             return None
-        return chat_logprobs(self.llm.engine.get_tokenizer(), c.token_ids, c.logprobs,
-                             req.top_logprobs or 0)
+        return chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, req.top_logprobs or 0,
+                             as_ids=self.as_token_ids(req))
 
     async def create(self, req: ChatRequest):
         lora = self.models.resolve(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        prompt = self.render(req)
-        ids = self.llm.engine.get_tokenizer().encode(prompt)
-        max_tokens = check_lengths(self.llm, ids, req.max_completion_tokens or req.max_tokens)
-        try:
-            params = req.sampling_params(max_tokens,
-                                         (req.top_logprobs or 0) if req.logprobs else None)
-        except ValueError as exc:
-            raise APIError(str(exc)) from exc
+        self.check_request(req)
+        prompt = await asyncio.to_thread(self.render, req)
+        ids = await self.encode(prompt, "messages")
+        max_tokens = self.check_lengths(ids, req.max_completion_tokens or req.max_tokens)
+        params = req.sampling_params(max_tokens,
+                                     (req.top_logprobs or 0) if req.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             return self._stream(req, rid, ids, params, lora)

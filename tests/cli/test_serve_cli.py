@@ -7,15 +7,9 @@ import sys
 import httpx
 import pytest
 from helpers.fixtures import Reference
+from helpers.server import free_port, serve_process
 
 from lora_jax.cli.serve import parse_lora_modules
-from tests.entrypoints.conftest import _free_port
-
-
-def _serve(*argv: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen([sys.executable, "-m", "lora_jax.cli.main", "serve", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_lora_modules_parse_both_forms_and_name_bad_ones():
@@ -29,8 +23,8 @@ def test_lora_modules_parse_both_forms_and_name_bad_ones():
 
 
 def test_a_bad_adapter_stops_start_up_with_its_reason(base_model, tmp_path):
-    proc = _serve(base_model, "--enable-lora", "--lora-modules", f"bad={tmp_path / 'missing'}",
-                  "--port", str(_free_port()))
+    proc = serve_process(base_model, "--enable-lora", "--lora-modules",
+                         f"bad={tmp_path / 'missing'}", "--port", str(free_port()))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -39,8 +33,8 @@ def test_a_bad_adapter_stops_start_up_with_its_reason(base_model, tmp_path):
 
 @pytest.mark.slow
 def test_serve_prints_its_url_and_answers(base_model, adapter_dir):
-    port = _free_port()
-    proc = _serve(base_model, "--served-model-name", "tiny", "--enable-lora",
+    port = free_port()
+    proc = serve_process(base_model, "--served-model-name", "tiny", "--enable-lora",
                   "--lora-modules", f"sql={adapter_dir}", "--port", str(port))
     try:
         line = proc.stdout.readline()
@@ -57,7 +51,7 @@ def test_a_tensor_parallel_size_the_model_cannot_take_stops_start_up_naming_the_
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, "-m", "lora_jax.cli.main", "serve",
                            Reference("gqa").model, "--tensor-parallel-size", "3", "--port",
-                           str(_free_port())], capture_output=True, text=True, env=env,
+                           str(free_port())], capture_output=True, text=True, env=env,
                           timeout=120)
     # A bad value the model cannot take (not a usage error): one line, exit status 1.
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
