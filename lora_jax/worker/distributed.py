@@ -23,8 +23,8 @@ HEADER = 4  # kind + up to three integers
 # (--xla_cpu_collective_timeout_seconds), which a follower's wait for the next header is under.
 KEEPALIVE_S = 10.0
 # A process that stops sending heartbeats for this long is declared dead by JAX's coordination
-# service, which then ends every other process (JAX's default, 100 s, leaves a leader serving
-# nothing for that long); and how long exiting waits for the others.
+# service, which then ends every other process (JAX's much longer default leaves a leader
+# serving nothing meanwhile); and how long exiting waits for the others.
 HEARTBEAT_S, SHUTDOWN_S = 10, 30
 
 
