@@ -23,10 +23,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     vLLM: presence and frequency (in [-2, 2], on generated tokens), repetition (> 0, 1 = off,
     on prompt and generated tokens).
     `logprobs=k` returns, for each generated token, the top-k log-probabilities (plus the
-    sampled token's). `min_tokens`: no EOS or stop token ends the output before that many
-    tokens (vLLM's rule: 0 <= min_tokens <= max_tokens). `logit_bias`: {token id: bias in
-    [-100, 100]} added to the logits before sampling (OpenAI's). Values are checked on
-    construction and again when a request is added.
+    sampled token's). `min_tokens`, vLLM's rule (0 <= min_tokens <= max_tokens): until that
+    many tokens are out, EOS and stop_token_ids cannot be sampled and stop strings are not
+    looked for (at most MAX_HELD_TOKEN_IDS such ids). `logit_bias`: {token id: bias in
+    [-100, 100]} added to the logits before penalties and sampling (OpenAI's; logprobs stay the
+    model's, as vLLM reports them). Values are checked on construction and again when a
+    request is added.
     """
 
     n: int = 1
@@ -80,7 +82,6 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
                              f"{self.min_tokens}")
         self._check_logit_bias()
-        self._check_wired()
 
     def _check_logit_bias(self) -> None:
         bias = self.logit_bias
@@ -97,14 +98,6 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
                     or not -100 <= value <= 100):
                 raise ValueError(f"logit_bias values must be numbers in [-100, 100], got "
                                  f"{value!r:.40} for token {token}")
-
-    def _check_wired(self) -> None:
-        # The compiled sampler does not take these per-row inputs yet: refuse rather than
-        # silently ignore them. Remove a name here once the device side applies it.
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported yet")
-        if self.min_tokens:
-            raise ValueError("min_tokens is not supported yet")
 
     def _check_types(self) -> None:
         # msgspec does not type-check on construction: a bool would pass as an int, a float
@@ -140,7 +133,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
 
 
 MAX_LOGPROBS = 20
-MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+# OpenAI's limit on logit_bias entries. Every row of a compiled step carries this many (token
+# id, bias) pairs (8 bytes each), whether or not its request has a bias.
+MAX_LOGIT_BIAS = 300
+# Token ids min_tokens can hold off (the model's EOS ids and stop_token_ids): also a fixed-size
+# per-row input of the compiled step.
+MAX_HELD_TOKEN_IDS = 64
 INT32_MAX = 2**31 - 1
 _INT_FIELDS = ("n", "top_k", "max_tokens", "seed", "logprobs", "min_tokens")
 _OPTIONAL = ("seed", "logprobs")

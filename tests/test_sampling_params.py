@@ -67,9 +67,6 @@ def test_integer_ranges_min_tokens_and_logit_bias_are_checked(kwargs, message):
         SamplingParams(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"logit_bias": {5: 10.0}}, {"min_tokens": 2}])
-def test_logit_bias_and_min_tokens_are_refused_until_the_sampler_applies_them(kwargs):
-    # Never silently ignored: remove this test with SamplingParams._check_wired.
-    with pytest.raises(ValueError, match="not supported yet"):
-        SamplingParams(**kwargs)
-    assert SamplingParams(logit_bias={}, min_tokens=0).min_tokens == 0
+def test_logit_bias_and_min_tokens_in_range_are_accepted():
+    p = SamplingParams(logit_bias={5: 10.0, 0: -100}, min_tokens=2, stop_token_ids=[7])
+    assert p.logit_bias == {5: 10.0, 0: -100} and p.min_tokens == 2

@@ -16,7 +16,7 @@ from lora_jax.config import EngineConfig
 from lora_jax.lora.adapters import LoRAAdapter
 from lora_jax.lora.manager import AdapterManager
 from lora_jax.request import LoRARequest
-from lora_jax.sampling_params import SamplingParams
+from lora_jax.sampling_params import MAX_HELD_TOKEN_IDS, SamplingParams
 from lora_jax.tokenizer import TextTokenizer
 from lora_jax.worker.input_batch import RowSampling
 from models.config import LlamaConfig
@@ -42,8 +42,9 @@ class NewRequest:
 class InputProcessor:
     def __init__(self, config: EngineConfig, model_config: LlamaConfig, *,
                  tokenizer: TextTokenizer | None, max_model_len: int, num_kv_blocks: int,
-                 adapters: AdapterManager):
+                 adapters: AdapterManager, eos_ids: frozenset[int] = frozenset()):
         self.config, self.model_config, self.tokenizer = config, model_config, tokenizer
+        self.eos_ids = eos_ids
         self.max_model_len, self.num_kv_blocks = max_model_len, num_kv_blocks
         self.adapters = adapters
         self._rng = np.random.default_rng(config.seed)
@@ -52,6 +53,7 @@ class InputProcessor:
                 params: SamplingParams, lora_request: LoRARequest | None) -> NewRequest:
         """Validate one request; ValueError / FileNotFoundError say what is wrong."""
         params.validate()
+        held = self._held_ids(request_id, params)
         prompt_ids = self._prompt_ids(request_id, prompt, prompt_ids)
         adapter = self.adapters.add(lora_request) if lora_request is not None else None
         rope_scale, max_len = self._context(lora_request)
@@ -65,7 +67,25 @@ class InputProcessor:
             lora_request=lora_request, adapter=adapter, rope_scale=rope_scale,
             max_output=min(params.max_tokens, max_len - len(prompt_ids)),
             cache_key=(identity, rope_scale),
-            rows=tuple(row_sampling(params, seed) for seed in seeds))
+            rows=tuple(row_sampling(params, seed, held) for seed in seeds))
+
+    def _held_ids(self, request_id: str, params: SamplingParams) -> tuple[int, ...]:
+        """The ids min_tokens holds off (vLLM's: stop_token_ids, and EOS unless ignore_eos),
+        which must fit the step's fixed-size list. Checks logit_bias's ids too: the device
+        would drop an id past the vocabulary without a word."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.logit_bias or () if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id}: logit_bias token ids {bad[:5]} are "
+                             f"outside the vocabulary [0, {vocab})")
+        if not params.min_tokens:
+            return ()
+        held = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_ids)
+        if len(held) > MAX_HELD_TOKEN_IDS:
+            raise ValueError(f"request {request_id}: min_tokens holds off at most "
+                             f"{MAX_HELD_TOKEN_IDS} token ids (EOS and stop_token_ids), this "
+                             f"request has {len(held)}; pass fewer stop_token_ids")
+        return tuple(sorted(held))
 
     def _prompt_ids(self, request_id: str, prompt: str | None,
                     prompt_ids: list[int] | None) -> list[int]:
@@ -119,9 +139,14 @@ class InputProcessor:
                              "a larger kv_cache_memory_bytes")
 
 
-def row_sampling(params: SamplingParams, seed: int) -> RowSampling:
+def row_sampling(params: SamplingParams, seed: int, held_ids: tuple[int, ...] = ()
+                 ) -> RowSampling:
     """One output's sampling record for the step's per-request columns."""
+    bias = params.logit_bias or {}
     return RowSampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                        min_p=params.min_p, seed=seed, presence_penalty=params.presence_penalty,
                        frequency_penalty=params.frequency_penalty,
-                       repetition_penalty=params.repetition_penalty)
+                       repetition_penalty=params.repetition_penalty,
+                       bias_ids=tuple(int(t) for t in bias),
+                       bias=tuple(float(v) for v in bias.values()),
+                       min_tokens=params.min_tokens if held_ids else 0, held_ids=held_ids)

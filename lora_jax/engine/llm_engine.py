@@ -47,7 +47,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(
             config, self.core.model_config, tokenizer=self.core.tokenizer,
             max_model_len=self.core.max_model_len, num_kv_blocks=self.core.num_kv_blocks,
-            adapters=self.adapters)
+            adapters=self.adapters, eos_ids=self.core.outputs.eos_ids)
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> "LLMEngine":

@@ -30,12 +30,15 @@ def check_stop(token: int, num_outputs: int, max_output: int | None, params: Sam
                eos_ids: frozenset[int] | set[int], text: str = "", piece: str = "") -> Stop | None:
     """Whether an output ends with `token`, its num_outputs-th token. text: the output's text
     with the token's `piece` at its end (needed for stop strings only). EOS first (unless
-    ignore_eos), then stop token ids, then stop strings, then the length limit."""
-    if token in eos_ids and not params.ignore_eos:
+    ignore_eos), then stop token ids, then stop strings, then the length limit. vLLM's
+    min_tokens: no EOS or stop id ends an output shorter than min_tokens, and stop strings are
+    looked for only once it is longer."""
+    held = num_outputs < params.min_tokens
+    if token in eos_ids and not params.ignore_eos and not held:
         return Stop("stop")
-    if params.stop_token_ids and token in params.stop_token_ids:
+    if params.stop_token_ids and token in params.stop_token_ids and not held:
         return Stop("stop", token)
-    if params.stop_strings and piece:
+    if params.stop_strings and piece and num_outputs > params.min_tokens:
         # A stop string can only end in the new text: search the tail that could hold one,
         # never the whole output per token.
         tail = max(0, len(text) - len(piece) - max(map(len, params.stop_strings)) + 1)

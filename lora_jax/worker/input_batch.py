@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lora_jax.core.buckets import MIN_TOKENS, bucket
+from lora_jax.sampling_params import MAX_HELD_TOKEN_IDS, MAX_LOGIT_BIAS
 from models.ragged import TILE, RaggedMeta, chunk_pages
 
 __all__ = ["MIN_TOKENS", "bucket", "RowSampling", "RowInput", "BatchShape", "ShapeLadder",
@@ -30,6 +31,10 @@ class RowSampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    bias_ids: tuple[int, ...] = ()  # logit_bias: ids and their biases, at most MAX_LOGIT_BIAS
+    bias: tuple[float, ...] = ()
+    min_tokens: int = 0  # until this many outputs, held_ids cannot be sampled
+    held_ids: tuple[int, ...] = ()  # EOS and stop ids, at most MAX_HELD_TOKEN_IDS
 
 
 GREEDY_ROW = RowSampling()
@@ -66,6 +71,12 @@ SAMPLING_COLUMNS = (("temperature", np.float32, 0.0), ("top_k", np.int32, 0),
                     ("frequency_penalty", np.float32, 0.0),
                     ("repetition_penalty", np.float32, 1.0))
 COLUMNS = ROW_COLUMNS + SAMPLING_COLUMNS
+# Per-request lists, padded to a fixed width: (field of RowSampling, dtype, pad, width). A pad
+# changes nothing: bias 0 added to token 0; held id -1 is no token. `hold` (a held row: fewer
+# outputs than min_tokens before this step's sample) is computed per step from `counter`.
+LIST_COLUMNS = (("bias_ids", np.int32, 0, MAX_LOGIT_BIAS),
+                ("bias", np.float32, 0.0, MAX_LOGIT_BIAS),
+                ("held_ids", np.int32, -1, MAX_HELD_TOKEN_IDS))
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,8 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
     dec_token, dec_req = np.full(r, t, np.int32), np.zeros(r, np.int32)
     tile_start, tile_len, tile_req = (np.zeros(nt, np.int32) for _ in range(3))
     cols = {name: np.full(r, pad, dtype) for name, dtype, pad in COLUMNS}
+    cols |= {name: np.full((r, width), pad, dtype) for name, dtype, pad, width in LIST_COLUMNS}
+    cols["hold"] = np.zeros(r, np.bool_)
     cursor = num_dec = num_tiles = 0
     for i, row in enumerate(rows):
         n = len(row.tokens)
@@ -175,6 +188,8 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
         sampling = row.sampling
         for name, _, _ in SAMPLING_COLUMNS:
             cols[name][i] = getattr(sampling, name)
+        if sampling.bias_ids or sampling.min_tokens:
+            _fill_lists(cols, i, row)
         cursor += n
     query_start[len(rows):] = cursor
     meta = RaggedMeta(positions=positions, slot_mapping=slot_mapping, token_req=token_req,
@@ -183,3 +198,14 @@ def build(rows: list[RowInput], shape: BatchShape, *, block_size: int, num_block
                       query_start=query_start, kv_lens=kv_lens,
                       num_seqs=np.array([len(rows)], np.int32))
     return HostBatch(tokens, src, meta, cols, logits_index)
+
+
+def _fill_lists(cols: dict[str, np.ndarray], i: int, row: RowInput) -> None:
+    sampling = row.sampling
+    for name, _, _, _ in LIST_COLUMNS:
+        values = getattr(sampling, name)
+        if values:
+            cols[name][i, :len(values)] = values
+    # The sample of this step is output number `counter` (pending ones counted): held while
+    # fewer than min_tokens came before it.
+    cols["hold"][i] = row.counter < sampling.min_tokens and bool(sampling.held_ids)

@@ -39,8 +39,9 @@ __all__ = ["RowInput", "RowSampling", "Runner", "Pending", "ProgramKey", "StepIn
            "GENERAL"]
 
 # Two sampling kinds, chosen per step: greedy rows without penalties only, or the general
-# sampler (any mix of temperature, filters, seeds and penalties; greedy rows included).
-GREEDY = SamplingMode(False, False, False, False, False)
+# sampler (any mix of temperature, filters, seeds, penalties, logit biases and min_tokens holds;
+# greedy rows included).
+GREEDY = SamplingMode(False, False, False, False, False, False)
 GENERAL = SamplingMode()
 
 

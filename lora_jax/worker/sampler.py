@@ -6,8 +6,9 @@ so a seeded request samples the same tokens whatever else shares its batch. Pena
 vLLM: repetition (prompt and output tokens: positive logits divided by it, negative ones
 multiplied), then frequency (times the output count) and presence (once per output token seen).
 Filters follow vLLM's order on the temperature-scaled logits: min-p on the full distribution,
-then top-k, then top-p on what top-k kept, renormalized. Logprobs stay those of the model's raw
-distribution, as vLLM reports them by default.
+then top-k, then top-p on what top-k kept, renormalized. Before all of these, as in vLLM, each
+row's logit bias is added and, while min_tokens is not reached, its EOS and stop ids are set to
+-inf. Logprobs stay those of the model's raw distribution, as vLLM reports them by default.
 
 No sort of the vocabulary anywhere: on XLA:CPU sorting [32, 32000] costs several whole decode
 steps of the bench model (the README's design measurements). Top-k and top-p become per-row
@@ -34,6 +35,11 @@ class SamplingArrays(NamedTuple):
     presence_penalty: jax.Array  # float32, 0 = off
     frequency_penalty: jax.Array  # float32, 0 = off
     repetition_penalty: jax.Array  # float32, 1 = off
+    # logit_bias and min_tokens (None: no row has any). Pads are no-ops (see input_batch).
+    hold: jax.Array | None = None  # bool: held_ids cannot be sampled this step
+    bias_ids: jax.Array | None = None  # [B, MAX_LOGIT_BIAS] int32
+    bias: jax.Array | None = None  # [B, MAX_LOGIT_BIAS] float32, added to the logits
+    held_ids: jax.Array | None = None  # [B, MAX_HELD_TOKEN_IDS] int32, -1 = none
 
 
 class History(NamedTuple):
@@ -56,6 +62,7 @@ class SamplingMode(NamedTuple):
     top_p: bool = True  # some sampled row uses top-p
     min_p: bool = True  # some sampled row uses min-p
     penalties: bool = True  # some row has a presence, frequency or repetition penalty
+    adjust: bool = True  # some row has a logit bias or holds tokens off (min_tokens)
 
 
 def mode_of(p: SamplingArrays) -> SamplingMode:
@@ -64,9 +71,11 @@ def mode_of(p: SamplingArrays) -> SamplingMode:
     hot = p.temperature > 0
     penalties = (p.presence_penalty != 0) | (p.frequency_penalty != 0) | (
         p.repetition_penalty != 1)
+    adjust = (p.bias is not None and bool((p.bias != 0).any())) or (
+        p.hold is not None and bool(p.hold.any()))
     return SamplingMode(bool(hot.any()), bool((hot & (p.top_k > 0)).any()),
                         bool((hot & (p.top_p < 1)).any()), bool((hot & (p.min_p > 0)).any()),
-                        bool(penalties.any()))
+                        bool(penalties.any()), adjust)
 
 
 EVERYTHING = SamplingMode()
@@ -179,6 +188,19 @@ def _draw(logits: jax.Array, p: SamplingArrays, mode: SamplingMode) -> jax.Array
     return jnp.where(p.temperature == 0, greedy, drawn)
 
 
+def adjust(logits: jax.Array, p: SamplingArrays) -> jax.Array:
+    """logits [B, V] -> with each row's logit bias added, then its held ids (EOS and stop
+    ids while min_tokens is not reached) at -inf, as vLLM applies them before penalties."""
+    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)[:, None]
+    if p.bias_ids is not None:
+        logits = logits.at[rows, p.bias_ids].add(p.bias, mode="drop")
+    if p.held_ids is not None:
+        # A row not held, and a pad, point past the vocabulary: dropped.
+        held = jnp.where(p.hold[:, None] & (p.held_ids >= 0), p.held_ids, logits.shape[-1])
+        logits = logits.at[rows, held].set(-jnp.inf, mode="drop")
+    return logits
+
+
 def penalize(logits: jax.Array, p: SamplingArrays, history: History,
              rows: jax.Array) -> jax.Array:
     """logits [B, V] float32 of the sequences in cache rows [B] -> with each row's repetition,
@@ -194,13 +216,15 @@ def penalize(logits: jax.Array, p: SamplingArrays, history: History,
 def sample(logits: jax.Array, params: SamplingArrays, num_logprobs: int = 0,
            history: History | None = None, rows: jax.Array | None = None,
            mode: SamplingMode = EVERYTHING) -> Sampled:
-    """logits [B, V] float32 -> Sampled, drawn after the penalties when the history of the
-    batch's cache rows [B] is given; logprobs are of the model's raw distribution. `mode`
-    (static) may leave out work no row needs; the default does everything, correct for any
-    batch."""
+    """logits [B, V] float32 -> Sampled, drawn after the logit biases and min_tokens holds,
+    then the penalties when the history of the batch's cache rows [B] is given; logprobs are
+    of the model's raw distribution. `mode` (static) may leave out work no row needs; the
+    default does everything, correct for any batch."""
     scores = logits
+    if mode.adjust:
+        scores = adjust(scores, params)
     if history is not None and mode.penalties:
-        scores = penalize(logits, params, history, rows)
+        scores = penalize(scores, params, history, rows)
     tokens = _draw(scores, params, mode)
     # log p(token) = logit - logsumexp: no [B, V] log-softmax unless top logprobs are asked.
     lse = jax.nn.logsumexp(logits, axis=-1)

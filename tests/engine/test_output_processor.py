@@ -38,6 +38,20 @@ def test_a_stop_string_ending_in_the_new_text_cuts_the_output_before_it():
     assert check_stop(5, 4, 10, p, EOS, "a xy", "") is None
 
 
+def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllm_does():
+    p = SamplingParams(min_tokens=3, stop_token_ids=[7], stop=["END"])
+    # Outputs 1 and 2 (fewer than min_tokens): neither EOS nor a stop id ends them.
+    assert check_stop(2, 2, 10, p, EOS) is None
+    assert check_stop(7, 2, 10, p, EOS) is None
+    assert check_stop(2, 3, 10, p, EOS) == Stop("stop")
+    assert check_stop(7, 3, 10, p, EOS) == Stop("stop", 7)
+    # Stop strings only once the output is longer than min_tokens (vLLM's `>`).
+    assert check_stop(5, 3, 10, p, EOS, "abEND", "END") is None
+    assert check_stop(5, 4, 10, p, EOS, "abEND", "END") == Stop("stop", "END", "ab")
+    # The length limit is not held off.
+    assert check_stop(5, 3, 3, SamplingParams(min_tokens=3, max_tokens=3), EOS) == Stop("length")
+
+
 def _processor(params: SamplingParams, n: int = 1):
     new = NewRequest(request_id="r", prompt=None, prompt_ids=[1, 3], params=params,
                      lora_request=None, adapter=None, rope_scale=1.0, max_output=3,

@@ -224,11 +224,6 @@ def test_7_unsupported_or_bad_fields_are_400_naming_the_field(hard, body, param)
     error(complete(hard, **body), 400, param)
 
 
-@pytest.mark.parametrize("body", [{"logit_bias": {"5": 10}}, {"min_tokens": 2}])
-def test_7_logit_bias_and_min_tokens_are_refused_until_the_sampler_applies_them(hard, body):
-    assert "not supported yet" in error(complete(hard, **body), 400)
-
-
 def test_7_no_op_values_of_unimplemented_fields_are_accepted(hard):
     r = complete(hard, best_of=1, response_format={"type": "text"}, tools=[],
                  tool_choice="none", suffix="", logit_bias={}, min_tokens=0)
@@ -302,17 +297,12 @@ def test_10_a_safe_name_loads_and_unloads(hard):
     assert name not in metrics  # its series went with it
 
 
-# logit_bias and min_tokens as vLLM applies them. The compiled sampler does not take them yet
-# (SamplingParams._check_wired refuses them); these turn green once it does.
-
-WIRING = "device side of logit_bias / min_tokens wired by lead"
-
+# logit_bias and min_tokens as vLLM applies them, inside the compiled step.
 
 def _first_token(hard, text: str) -> int:
     return hard[1].post("/tokenize", json={"prompt": text}).json()["tokens"][-1]
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_logit_bias_of_100_makes_greedy_pick_the_token(hard):
     target = "z" if not hard[2].startswith("z") else "q"
     r = hard[1].post("/v1/completions", json={
@@ -324,7 +314,6 @@ def test_logit_bias_of_100_makes_greedy_pick_the_token(hard):
     assert r.status_code == 200 and not r.json()["choices"][0]["text"].startswith(hard[2][0])
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_min_tokens_holds_off_stop_tokens_and_eos(hard):
     stop = _first_token(hard, hard[2][0])  # greedy's first token
     body = {**GREEDY, "stop_token_ids": [stop], "max_tokens": 6}

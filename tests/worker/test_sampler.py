@@ -11,6 +11,7 @@ from lora_jax.worker.sampler import (
     _filter,
     _largest_threshold,
     _sortable,
+    adjust,
     first_argmax,
     mode_of,
     penalize,
@@ -97,11 +98,55 @@ def test_first_argmax_is_argmax_and_takes_the_first_of_ties():
 
 
 def _host(params: SamplingArrays) -> SamplingArrays:
-    return SamplingArrays(*(np.asarray(x) for x in params))
+    return SamplingArrays(*(None if x is None else np.asarray(x) for x in params))
+
+
+def _adjusted(params: SamplingArrays, bias: dict, held: dict, width: int = 6) -> SamplingArrays:
+    """params with logit biases ({row: {id: bias}}) and held ids ({row: [ids]}, held this
+    step), padded as input_batch pads them: (0, 0.0) and -1."""
+    n = params.temperature.shape[0]
+    bias_ids, values = np.zeros((n, width), np.int32), np.zeros((n, width), np.float32)
+    held_ids, hold = np.full((n, width), -1, np.int32), np.zeros(n, bool)
+    for r, pairs in bias.items():
+        bias_ids[r, :len(pairs)], values[r, :len(pairs)] = list(pairs), list(pairs.values())
+    for r, ids in held.items():
+        held_ids[r, :len(ids)], hold[r] = ids, True
+    return params._replace(hold=jnp.asarray(hold), bias_ids=jnp.asarray(bias_ids),
+                           bias=jnp.asarray(values), held_ids=jnp.asarray(held_ids))
+
+
+def test_adjust_adds_each_rows_bias_and_holds_its_ids_off_pads_change_nothing():
+    logits = _logits(4, seed=12)
+    bias, held = {0: {3: 100.0, 9: -100.0, 0: 0.5}, 2: {V - 1: 7.25}}, {1: [2, 5], 2: [V - 1]}
+    got = np.asarray(adjust(logits, _adjusted(_params(4), bias, held)))
+    want = np.array(logits)
+    for r, pairs in bias.items():
+        for t, b in pairs.items():
+            want[r, t] += np.float32(b)
+    for r, ids in held.items():
+        want[r, ids] = -np.inf  # a held id stays out whatever its bias
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.array_equal(got[3], np.asarray(logits)[3])  # a row with pads only: untouched
+
+
+def test_a_biased_or_held_row_samples_accordingly_with_raw_logprobs():
+    logits = _logits(3, seed=13)
+    top = np.asarray(jnp.argmax(logits, -1))
+    target = (int(top[0]) + 1) % V
+    params = _adjusted(_params(3, temperature=0.0), {0: {target: 100.0}, 2: {int(top[2]): 100.0}},
+                       {1: [int(top[1])], 2: [int(top[2])]})
+    out = jax.jit(sample, static_argnums=(2, 5))(logits, params, 0, None, None,
+                                                 mode_of(_host(params)))
+    second = np.argsort(-np.asarray(logits[1]))[1]
+    assert out.tokens[0] == target and out.tokens[1] == second
+    assert out.tokens[2] != top[2]  # held beats a +100 bias
+    raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(out.logprob, raw[np.arange(3), np.asarray(out.tokens)],
+                               rtol=1e-6)
 
 
 def test_the_mode_of_a_batch_names_only_the_work_some_row_needs():
-    none = SamplingMode(False, False, False, False, False)
+    none = SamplingMode(False, False, False, False, False, False)
     assert mode_of(_host(_params(4, temperature=0.0))) == none
     # A filter on a greedy row changes nothing, so it asks for no filtering.
     assert mode_of(_host(_params(4, temperature=0.0, top_k=3))) == none
@@ -112,6 +157,11 @@ def test_the_mode_of_a_batch_names_only_the_work_some_row_needs():
         random=True, top_k=True)
     assert mode_of(_host(_params(4, temperature=0.0, repetition=1.2))) == none._replace(
         penalties=True)
+    biased = _adjusted(_params(4, temperature=0.0), {1: {5: 2.0}}, {})
+    assert mode_of(_host(biased)) == none._replace(adjust=True)
+    held = _adjusted(_params(4, temperature=0.0), {}, {2: [7]})
+    assert mode_of(_host(held)) == none._replace(adjust=True)
+    assert mode_of(_host(_adjusted(_params(4, temperature=0.0), {}, {}))) == none
 
 
 def _vllm_kept(scaled, top_k, top_p, min_p):

@@ -121,6 +121,9 @@ class ChatRequest(_Sampling):
     top_logprobs: LogprobCount | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     add_generation_prompt: StrictBool = True
+    # vLLM's: the reply starts with the last message's content when that message has the
+    # reply's role (continuing an assistant message; see ServingChat.echo).
+    echo: StrictBool = False
 
 
 class TokenizeRequest(BaseModel):

@@ -92,6 +92,21 @@ class ServingChat(OpenAIServing):
                                     add_generation_prompt=req.add_generation_prompt,
                                     **self.specials)
 
+    @staticmethod
+    def echo(req: ChatRequest) -> str:
+        """What `echo` puts before each reply, as vLLM does: the last message's content (text
+        parts joined by newlines) when its role is the reply's: the assistant's, or with
+        add_generation_prompt false the last message's own (the model continues it)."""
+        if not req.echo or not req.messages:
+            return ""
+        last = req.messages[-1]
+        role = "assistant" if req.add_generation_prompt else last.get("role")
+        content = last.get("content") if last.get("role") == role else None
+        if isinstance(content, list):
+            content = "\n".join(part.get("text", "") for part in content
+                                if isinstance(part, dict) and part.get("type") == "text")
+        return content if isinstance(content, str) else ""
+
     def _logprobs(self, req: ChatRequest, c) -> dict | None:
         if not req.logprobs or c.logprobs is None:
             return None
@@ -112,7 +127,8 @@ class ServingChat(OpenAIServing):
         if req.stream:
             return self._stream(req, rid, ids, params, lora)
         final = await generate_whole(self.llm, ids, params, rid, lora)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+        echo = self.echo(req)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": echo + c.text},
                     "logprobs": self._logprobs(req, c), "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason} for c in final.outputs]
         n_out = sum(len(c.token_ids) for c in final.outputs)
@@ -130,6 +146,10 @@ class ServingChat(OpenAIServing):
                 yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant",
                                                                       "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
+            if echo := self.echo(req):  # as vLLM: one chunk per choice, after the roles
+                for i in range(req.n):
+                    yield sse({**head, "choices": [{"index": i, "delta": {"content": echo},
+                                                    "logprobs": None, "finish_reason": None}]})
             try:
                 out = first
                 while True:
