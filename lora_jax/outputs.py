@@ -1,6 +1,6 @@
 """What generate returns, shaped like vLLM's RequestOutput / CompletionOutput."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_jax.request import LoRARequest
 
@@ -63,3 +63,6 @@ class EngineStats:
     waiting_adapters: list[int]  # lora_int_ids of waiting sequences
     max_loras: int
     adapter_slot_loads: int  # adapters written into a device slot (swaps in and reloads)
+    # Start-up memory (lora_jax.worker.memory.MemoryReport.stats): host RSS before loading and
+    # its peaks while loading and through start-up, bytes per device after each, in bytes.
+    memory: dict = field(default_factory=dict)
