@@ -70,11 +70,6 @@ class EngineConfig:
         if self.compile_on_start not in (None, True, False):
             raise ValueError(f"compile_on_start must be True or False, got "
                              f"{self.compile_on_start!r}")
-        if self.tensor_parallel_size > 1 and self.lora_backend not in (None, "dense",
-                                                                       "reference"):
-            raise ValueError(f"lora_backend {self.lora_backend!r} does not run split over "
-                             "devices yet; use lora_backend='dense' (the default with "
-                             "tensor_parallel_size > 1)")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
 

@@ -85,3 +85,6 @@ class EngineStats:
     adapters_by_tier: dict[str, int] = field(default_factory=dict)  # disk, cpu, slot, loading
     # The adapters in a slot, in host memory or loading (never the disk-only ones: bounded).
     adapters: list[AdapterStat] = field(default_factory=list)
+    # Start-up memory (lora_jax.worker.memory.MemoryReport.stats): host RSS before loading and
+    # its peaks while loading and through start-up, bytes per device after each, in bytes.
+    memory: dict = field(default_factory=dict)

@@ -12,8 +12,19 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 
+def config_adds_bos(folder: Path) -> bool:
+    """Whether transformers' tokenizer for this folder puts bos first: tokenizer_config.json's
+    add_bos_token where given; no bos where it sets bos_token to null (Qwen); else yes."""
+    file = folder / "tokenizer_config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    return not ("bos_token" in config and config["bos_token"] is None)
+
+
 class TextTokenizer:
-    """Encodes prompts and decodes outputs; bos is added when the folder's config asks for it."""
+    """Encodes prompts and decodes outputs; bos is added when the folder's config asks for it
+    (a model's bos id, and its tokenizer_config.json does not turn it off)."""
 
     def __init__(self, path: str | Path, bos_token_id: int | None = None, add_bos: bool = True):
         path = Path(path)
@@ -23,7 +34,7 @@ class TextTokenizer:
                                     "prompts as {'prompt_token_ids': [...]}")
         self._tok = Tokenizer.from_file(str(file))
         self.bos_token_id = bos_token_id
-        self.add_bos = add_bos and bos_token_id is not None
+        self.add_bos = add_bos and bos_token_id is not None and config_adds_bos(file.parent)
 
     @property
     def vocab_size(self) -> int:

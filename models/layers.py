@@ -4,13 +4,15 @@ Numerics follow transformers' Llama: RMSNorm in float32, the residual stream and
 the model dtype, matmuls accumulated in float32, softmax in float32.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from models import kv_cache
+from models import kv_cache, tp_kernels
 from models.config import LlamaConfig
 from models.lora import LayerLora
 from models.ragged import AttnSpec, RaggedMeta, ragged_attention, write_tokens
@@ -51,6 +53,7 @@ class TokenBatch(NamedTuple):
     attention_backend: str | None = None  # static: see models.ragged.ragged_attention
     local_rope: tuple[jax.Array, jax.Array] | None = None  # sliding layers' (cos, sin)
     lora_meta: object = None  # the step's LoRA metadata (pallas_kernels.lora_meta), built once
+    mesh: Mesh | None = None  # static: a tensor-parallel mesh (Pallas kernels: shard_map)
 
 
 def with_lora_meta(batch: TokenBatch, num_slots: int) -> TokenBatch:
@@ -87,6 +90,9 @@ def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple
     if lora_a is None:
         return y
     x = _dropout(x, batch, dropout_key)
+    if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
+        return tp_kernels.row_apply(batch.mesh, y, x, lora_a, lora_bs[0], batch.slot,
+                                    batch.lora_backend, batch.lora_meta)  # o, down
     if len(lora_bs) == 1:
         return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend,
                           meta=batch.lora_meta)
@@ -126,11 +132,15 @@ def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: 
         y = y + bias.astype(jnp.float32)
     parts = split_packed(y, widths, shards)
     if lora_a is not None:
-        h = lora_shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,
-                        backend=batch.lora_backend, meta=batch.lora_meta)
+        shrink, expand = lora_shrink, lora_expand
+        if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
+            shrink = functools.partial(tp_kernels.column_shrink, batch.mesh)
+            expand = functools.partial(tp_kernels.column_expand, batch.mesh)
+        h = shrink(_dropout(x, batch, dropout_key), lora_a, batch.slot,
+                   backend=batch.lora_backend, meta=batch.lora_meta)
         rank = h.shape[1] // len(lora_bs)
-        parts = [lora_expand(p, h[:, i * rank:(i + 1) * rank], b, batch.slot,
-                             backend=batch.lora_backend, meta=batch.lora_meta)
+        parts = [expand(p, h[:, i * rank:(i + 1) * rank], b, batch.slot,
+                        backend=batch.lora_backend, meta=batch.lora_meta)
                  for i, (p, b) in enumerate(zip(parts, lora_bs, strict=True))]
     return [p.astype(x.dtype) for p in parts]
 
@@ -207,8 +217,11 @@ def _attention(config: LlamaConfig, normed: jax.Array, cache: tuple, layer: int,
         k_cache = write_tokens(cache[0], layer, meta.slot_mapping, k[0], batch.kv_dtype)
         v_cache = write_tokens(cache[1], layer, meta.slot_mapping,
                                v.reshape(length, kv, hd), batch.kv_dtype)
-        attn = ragged_attention(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype,
-                                batch.attention_backend, spec)[None]
+        ragged = ragged_attention
+        if batch.mesh is not None and tp_kernels.attention_runs_pallas(batch.attention_backend):
+            ragged = functools.partial(tp_kernels.attention, batch.mesh)
+        attn = ragged(q[0], k_cache, v_cache, layer, meta, batch.kv_dtype,
+                      batch.attention_backend, spec)[None]
     else:
         k_cache = kv_cache.write_layer(cache[0], layer, batch.rows, batch.positions, k,
                                        batch.kv_dtype)

@@ -175,6 +175,7 @@ class Llama(nnx.Module):
         *,
         lora_backend: str | None = None,
         attention_backend: str | None = None,
+        mesh=None,
     ) -> tuple[jax.Array, KVCache]:
         """One ragged step over the paged pool (see models.ragged).
 
@@ -182,6 +183,8 @@ class Llama(nnx.Module):
         layouts); adapter_slot [R] int32 (-1 = base), rope_scale [R] float32, seq_len [R] int32
         (each request's last position in this step + 1, for dynamic NTK RoPE) -> (hidden
         [T, D] after the final norm, kv_cache with this step's keys and values written).
+        mesh: the tensor-parallel mesh of a split model (its Pallas kernels run under
+        shard_map, models.tp_kernels), else None.
         """
         config = self.config
         req = jnp.minimum(meta.token_req, meta.tables.shape[0] - 1)
@@ -198,7 +201,7 @@ class Llama(nnx.Module):
         local = _local_rope(config, positions, None if rope_scale is None else rope_scale[req])
         batch = TokenBatch(meta.positions[None], None, cos[:, 0][None], sin[:, 0][None], slot,
                            lora_backend, kv_dtype=kv_cache.dtype, ragged=meta,
-                           attention_backend=attention_backend,
+                           attention_backend=attention_backend, mesh=mesh,
                            local_rope=None if local is None else (local[0][:, 0][None],
                                                                   local[1][:, 0][None]))
         if lora is not None:

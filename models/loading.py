@@ -91,7 +91,7 @@ def _shard_files(folder: Path) -> dict[str, Path]:
 
 
 class _Reader:
-    """Open shards lazily and hand out one tensor at a time."""
+    """Shapes from the shards' headers (opened lazily), and one tensor at a time."""
 
     def __init__(self, files: dict[str, Path], stack: contextlib.ExitStack):
         self.files, self._stack, self._open = files, stack, {}
@@ -106,7 +106,10 @@ class _Reader:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
+        # Opened for this one read: a mapped file's touched pages count in the process's RSS
+        # until it is closed, which over a whole load is the whole checkpoint.
+        with safe_open(self.files[name], framework="np") as f:
+            return f.get_tensor(name)
 
 
 def _check_names_and_shapes(reader: _Reader, config: LlamaConfig, folder: Path) -> None:

@@ -16,10 +16,15 @@ how the model splits is decided here, in one table, and nowhere else. Megatron's
   query heads read: the sharded model is an ordinary GQA model with tp kv heads.
 - LoRA: column-parallel projections keep A whole and split B's output; row-parallel ones
   split A's input (the [T, slots * R] shrink result is all-reduced, small) and keep B whole.
+- Embedding and lm_head split over the vocabulary (when tp divides it): Llama-3's are 1 GB
+  each in bfloat16, a copy per device. The lookup is a gather from a split table (each device
+  contributes the rows it holds); the logits come out split and are gathered whole per row
+  for the sampler ([rows, V], small). A tied lm_head is the embedding: split the same way.
 - Family weights (models.families): q|k|v biases split with their columns, in the same
   shard-major layout; q/k norms and Gemma's extra norms replicated.
-- Embedding, lm_head and norms replicated: the sampler needs whole logits rows anyway, and
-  the vocabularies served here are small next to the layers.
+- Norms ([D], [head_dim]) are replicated: each is a few KiB.
+- The model is loaded straight into this split (models.shard_loading): each device's slice is
+  read from the checkpoint; no device and no host buffer ever holds a whole model.
 """
 
 from dataclasses import fields, replace
@@ -32,15 +37,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from models.config import LlamaConfig
 from models.kv_cache import KV_AXES, KVCache, init_paged_kv_cache
 from models.llama import PARAM_AXES
-from models.lora import LORA_AXES, LayerLora, LoraStacks
-
-TP = "tp"
+from models.lora import LORA_AXES, LayerLora, LoraStacks, init_lora_stacks
+from models.tp_kernels import TP
 
 # Logical axis -> mesh axis (None: replicated). A "dp" axis would map a batch axis here.
 RULES: dict[str, str | None] = {
     "heads": TP, "kv_heads": TP, "mlp": TP, "qkv": TP, "gate_up": TP,
-    "vocab": None, "embed": None, "head_dim": None, "slots": None, "rank": None,
-    "layers": None, "blocks": None, "block": None,
+    "vocab": TP, "embed": None, "head_dim": None, "slots": None, "rank": None,
+    "layers": None, "blocks": None, "block": None, "rows": None,
 }
 
 
@@ -72,6 +76,8 @@ class TensorParallel:
     def __init__(self, config: LlamaConfig, mesh: Mesh, rules: dict | None = None):
         self.mesh, self.rules = mesh, dict(RULES if rules is None else rules)
         self.size = mesh.shape[TP]
+        if config.vocab_size % self.size:  # an uneven split is not a NamedSharding: replicate
+            self.rules["vocab"] = None
         self.base_config = config
         self.config = sharded_config(config, self.size)
         self.kv_repeat = self.config.num_key_value_heads // config.num_key_value_heads
@@ -85,32 +91,9 @@ class TensorParallel:
 
     # The model -----------------------------------------------------------------------------
 
-    def place_state(self, state):
-        """nnx state of the checkpoint's Llama -> the split model's state, on the mesh."""
-        def place(path, x):
-            name = next(k.key for k in reversed(path) if isinstance(getattr(k, "key", None), str))
-            if name == "qkv":
-                x = self._pack_qkv(x)
-            elif name == "qkv_bias":  # split with its columns: the same layout as qkv's rows
-                x = self._pack_qkv(np.asarray(x)[:, None])[:, 0]
-            elif name == "gate_up":
-                x = self._pack_gate_up(x)
-            # From the host: with several processes, a mesh spans devices of the others.
-            return jax.device_put(np.asarray(x), self.sharding(PARAM_AXES[name]))
-
-        return jax.tree_util.tree_map_with_path(place, state)
-
-    def _pack_qkv(self, w) -> np.ndarray:
-        """[q | k | v rows, D] -> shard-major rows, kv heads repeated as the mesh needs."""
-        c, n = self.base_config, self.size
-        w = np.asarray(w).T
-        q, k, v = np.split(w, [c.num_attention_heads * c.head_dim,
-                               (c.num_attention_heads + c.num_key_value_heads) * c.head_dim], -1)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        return interleave([q, k, v], n).T
-
-    def _pack_gate_up(self, w) -> np.ndarray:
-        return interleave(np.split(np.asarray(w).T, 2, axis=-1), self.size).T
+    def param_sharding(self, name: str) -> NamedSharding:
+        """The sharding of the split model's parameter `name` (a PARAM_AXES key)."""
+        return self.sharding(PARAM_AXES[name])
 
     def _repeat_kv(self, w):
         """[..., KV * hd] -> [..., KV * repeat * hd]: each kv head `repeat` times, in place."""
@@ -147,10 +130,14 @@ class TensorParallel:
             replace(layer, k_b=self._repeat_kv(layer.k_b), v_b=self._repeat_kv(layer.v_b))
             for layer in stacks.layers))
 
-    def place_stacks(self, stacks: LoraStacks) -> LoraStacks:
-        """Empty stacks in the checkpoint's shapes -> laid out and placed in their shards."""
-        stacks = self.layout_lora(stacks)
-        return jax.device_put(jax.tree.map(np.asarray, stacks), self.stack_shardings(stacks))
+    def init_stacks(self, num_slots: int, max_rank: int, dtype) -> LoraStacks:
+        """Empty adapter stacks made directly in their shards, in the split model's shapes
+        (k and v expand matrices as wide as the repeated kv heads)."""
+        shapes = jax.eval_shape(lambda: init_lora_stacks(self.config, num_slots, max_rank,
+                                                         dtype))
+        make = jax.jit(lambda: init_lora_stacks(self.config, num_slots, max_rank, dtype),
+                       out_shardings=self.stack_shardings(shapes))
+        return make()
 
 
 def interleave(parts: list[np.ndarray], shards: int) -> np.ndarray:

@@ -104,10 +104,35 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null; then
     2>&1 | tee "$out_dir/tp_tests.log" || status=1
   gpus=$("$python" -c "import jax; print(len(jax.devices()))")
   if [ "$JAX_PLATFORMS" = cuda ] && [ "$gpus" -gt 1 ]; then
+    # The split model through the Pallas kernels under shard_map (the GPU default backends):
+    # gqa's reference tokens at TP = 1, 2 and (with 4 GPUs or more) 4; one JSON line.
+    sizes="[1, 2$([ "$gpus" -ge 4 ] && echo ", 4")]"
+    JAX_DEFAULT_MATMUL_PRECISION=highest LORA_JAX_COMPILE_ON_START=0 \
+      PYTHONPATH=$PWD/tests:$PYTHONPATH timeout 300 "$python" tests/helpers/tensor_parallel_run.py \
+      "{\"sizes\": $sizes, \"num_kv_blocks\": 10, \"compile_on_start\": false, \"max_tokens\": 8, \"rounds\": 1}" \
+      >"$out_dir/tp_gqa.json" 2>"$out_dir/tp_gqa.err" || status=1
+    "$python" - "$out_dir/tp_gqa.json" <<'PY' || status=1
+import json, sys
+runs = {k: v for k, v in json.load(open(sys.argv[1])).items() if k != "errors"}
+bad = [(size, o["case"]) for size, r in runs.items() for o in r["rounds"][0]
+       if o["tokens"] != o["reference"]]
+print(f"tp gqa: tokens differ from the reference: {bad}" if bad else
+      f"tp gqa: the reference tokens at sizes {list(runs)}")
+sys.exit(1 if bad else 0)
+PY
     timeout 300 "$python" scripts/benchmark.py --num-adapters 8 --max-loras 8 \
       --tensor-parallel-size 1 "$gpus" --bench-dir /tmp/lora_jax_bench \
       --json-out "$out_dir/bench_tp.json" >"$out_dir/bench_tp.log" 2>&1 || status=1
     head -n 4 "$out_dir/bench_tp.log"
+    # Decode tokens/s of Llama-3-8B's shapes (8 of its 32 layers, bf16) split over every GPU
+    # against one GPU.
+    timeout 420 "$python" scripts/benchmark.py --model-shape llama3-8b --num-layers 8 \
+      --num-adapters 8 --num-requests 64 --rank 16 --max-loras 8 --max-num-seqs 64 \
+      --prompt-len 128 --output-len 64 --max-model-len 1024 --dtype bfloat16 \
+      --tensor-parallel-size 1 "$gpus" --bench-dir /tmp/lora_jax_bench \
+      --json-out "$out_dir/bench_tp_llama3_8b.json" >"$out_dir/bench_tp_llama3_8b.log" 2>&1 \
+      || status=1
+    head -n 4 "$out_dir/bench_tp_llama3_8b.log"
   fi
 else
   echo "tensor-parallel check skipped: msgspec/tqdm not importable (carry their wheels in .whl/)"

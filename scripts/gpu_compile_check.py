@@ -77,6 +77,56 @@ LORA_SMALL = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64), (64, 4096, 40
 # (T, H, KV, d, block_size, S, MB): Llama-3-8B, 64 decode rows and a 512-token prefill mix over
 # 2048-token block tables. The tiles depend on G, d, block_size and dtype, not on T or S.
 ATTENTION_SHAPES = [(64, 32, 8, 128, 16, 64, 128), (512, 32, 8, 128, 16, 64, 128)]
+
+
+def _tp_case(dtype, shape):
+    """A kernel of a tensor-parallel model under shard_map (models.tp_kernels) over an
+    abstract mesh of `tp` devices, built from the whole model's shapes: the Triton calls are
+    the per-shard ones. shape: (kind, tp, T, ...) with kind one of TP_KINDS."""
+    from jax.sharding import AbstractMesh
+
+    from models import tp_kernels
+    from models.ragged import AttnSpec, RaggedMeta
+
+    kind, tp, tokens, *rest = shape
+    mesh = AbstractMesh((tp,), (tp_kernels.TP,))
+    spec = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
+
+    def ints(*s):
+        return jax.ShapeDtypeStruct(s, jnp.int32)
+    if kind.startswith("attention"):  # "attention_windowed_softcap": Gemma 2's switches
+        heads, kv_heads, dim, block_size, num_seqs, max_blocks = rest
+        spec_ = AttnSpec(dim ** -0.5, *((50.0, 4096) if kind != "attention" else ()))
+        pool = spec((1, num_seqs * max_blocks, block_size, kv_heads, dim))
+        meta = RaggedMeta(*(ints(tokens) for _ in range(3)), ints(num_seqs, max_blocks),
+                          *(ints(num_seqs) for _ in range(2)), *(ints(1) for _ in range(3)),
+                          ints(num_seqs + 1), ints(num_seqs), ints(1))
+        fn = functools.partial(tp_kernels.attention, mesh, layer=0, dtype=dtype,
+                               backend="pallas", spec=spec_)
+        return (lambda q, k, v, meta: fn(q, k, v, meta=meta)), (
+            spec((tokens, heads, dim)), pool, pool, meta)
+    d_in, d_out, slots, rank = rest
+    slot = ints(tokens)
+    if kind == "row_apply":  # o / down: input split, output whole
+        return functools.partial(tp_kernels.row_apply, mesh, backend="pallas"), (
+            spec((tokens, d_out)), spec((tokens, d_in)), spec((d_in, slots, rank)),
+            spec((slots, rank, d_out)), slot)
+    h = jax.ShapeDtypeStruct((tokens, rank), jnp.float32)  # column-parallel expand
+    return functools.partial(tp_kernels.column_expand, mesh, backend="pallas"), (
+        spec((tokens, d_out)), h, spec((slots, rank, d_out)), slot)
+
+
+# Llama-3-70B at TP=8 (hidden 8192, 64 heads and 8 kv heads of 128, intermediate 28672): per
+# shard 8 heads, 1 kv head, 3584 of the intermediate. (kind, tp, T, ...) as _tp_case reads it.
+TP_SHAPES = [("column_expand", 8, 32, 8192, 8192, 16, 16),   # q
+             ("column_expand", 8, 512, 8192, 1024, 4, 32),   # k, v
+             ("column_expand", 8, 32, 8192, 28672, 16, 16),  # gate, up
+             ("row_apply", 8, 32, 8192, 8192, 16, 16),       # o
+             ("row_apply", 8, 512, 28672, 8192, 4, 32),      # down
+             ("attention", 8, 64, 64, 8, 128, 16, 64, 128),
+             ("attention", 8, 512, 64, 8, 128, 16, 64, 128),
+             ("attention_windowed_softcap", 8, 512, 64, 8, 128, 16, 64, 128)]
+TP_SMALL = [TP_SHAPES[2], TP_SHAPES[4], TP_SHAPES[5], TP_SHAPES[7]]
 CASES = [(f"lora_{p}_{d}", _lora_case(p, d == "bwd"), LORA_SHAPES, LORA_SMALL)
          for p in ("gather", "grouped") for d in ("fwd", "bwd")]
 CASES.append(("ragged_paged_attention", _attention_case, ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
@@ -88,6 +138,7 @@ CASES.append(("ragged_paged_attention_windowed",
 CASES.append(("ragged_paged_attention_windowed_softcap",
               functools.partial(_attention_case, sliding_window=4096, soft_cap=50.0),
               ATTENTION_SHAPES, ATTENTION_SHAPES[:1]))
+CASES.append(("tp8_llama3_70b", _tp_case, TP_SHAPES, TP_SMALL))
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 

@@ -1,14 +1,21 @@
 """Shared test setup. Helpers that build tiny checkpoints and adapters live in tests/helpers/."""
 
 import os
+import shutil
+import tempfile
 
 # Tests run on the CPU backend; keep XLA from grabbing every core for its own thread pool twice.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most tests build small LLMs that run a handful of shapes: compiling every program at start-up
-# (the default for users) is left to the tests that check it, and the persistent compilation
-# cache stays off so tests never depend on what an earlier run left on disk.
+# (the default for users) is left to the tests that check it.
 os.environ.setdefault("LORA_JAX_COMPILE_ON_START", "0")
-os.environ.setdefault("LORA_JAX_COMPILATION_CACHE_DIR", "")
+# Many tests build the same tiny programs again: one persistent compilation cache per test run
+# lets later tests load them instead of compiling. The first process to read this file (the
+# xdist controller, or pytest alone) makes an empty folder; the xdist workers it starts inherit
+# it; the process that made it removes it at the end. Nothing left by an earlier run is read.
+_OWN_XLA_CACHE = "LORA_JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_XLA_CACHE:
+    os.environ["LORA_JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora-jax-test-xla-")
 
 import pytest  # noqa: E402
 from helpers.checkpoints import write_checkpoint  # noqa: E402
@@ -30,3 +37,10 @@ def adapter_dir(tmp_path_factory):
     """A tiny PEFT adapter for base_model (one per test package)."""
     return str(make_adapter(tmp_path_factory.mktemp("lora") / "sql", seed=3,
                             shapes=TinyShapes(2, 64, 32, 96)))
+
+
+
+def pytest_sessionfinish(session):
+    """The process that made this run's compilation cache removes it."""
+    if _OWN_XLA_CACHE:
+        shutil.rmtree(os.environ["LORA_JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

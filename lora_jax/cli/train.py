@@ -20,7 +20,8 @@ from lora_jax.cli.options import (
     positive_int,
 )
 
-TARGETS_HELP = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+TARGETS_HELP = ("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (Phi-3 also its "
+                "fused qkv_proj, gate_up_proj: one A per module, as PEFT trains them)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,15 +82,16 @@ def _named_files(values: list[str]) -> dict[str, Path]:
 
 
 def _targets(value: str) -> tuple[str, ...]:
-    from models.config import PROJECTIONS
+    from models.config import FUSED, PROJECTIONS
 
     if value == "all":
         return PROJECTIONS
     targets = tuple(t.strip() for t in value.split(","))
-    unknown = [t for t in targets if t not in PROJECTIONS]
+    unknown = [t for t in targets if t not in PROJECTIONS and t not in FUSED]
     if unknown or not targets:
         raise ValueError(f"--targets: {unknown} are not projections; use a comma-separated "
-                         f"subset of {','.join(PROJECTIONS)}, or 'all'")
+                         f"subset of {','.join(PROJECTIONS)} (Phi-3: {','.join(FUSED)}, "
+                         "o_proj, down_proj), or 'all'")
     return targets
 
 
@@ -136,6 +138,8 @@ def train(args: argparse.Namespace) -> list[Path]:
     tokenizer = TextTokenizer(args.tokenizer or args.model,
                               LlamaConfig.from_pretrained(args.model).bos_token_id)
     model = load_llama(args.model, dtype=args.dtype)
+    if args.targets == "all":  # every linear module as the family names it (Phi-3's fused)
+        targets = model.config.peft_modules
     train_sets, eval_sets, specs = [], [], []
     for i, (name, file) in enumerate(files.items()):
         examples = tokenize(datasets[name], tokenizer, model.config.eos_token_id)

@@ -13,6 +13,8 @@ Observers (metrics) see every step's outputs and every abort in the engine threa
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +25,7 @@ from lora_jax.engine.llm_engine import LLMEngine, Prompt
 from lora_jax.outputs import EngineStats, RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
-from lora_jax.worker.distributed import STOP
+from lora_jax.worker.distributed import ALIVE, KEEPALIVE_S, STOP
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +56,32 @@ class AsyncLLM:
     # The engine thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:
+            if self.engine.core.channel is None:
+                raise
+            # Several processes: a step or announcement failed because another process is
+            # gone; the mesh cannot go on without it, so this process ends rather than hang.
+            print(f"lora-jax: another process of the mesh is lost ({type(exc).__name__}: "
+                  f"{exc}); exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def _loop(self) -> None:
+        several = self.engine.core.channel is not None
         while True:
+            idle = False
             with self._cond:
                 while not (self._stopped or self._commands
                            or self.engine.has_unfinished_requests()):
-                    self._cond.wait()
+                    if not self._cond.wait(timeout=KEEPALIVE_S if several else None):
+                        idle = True
+                        break
                 commands, self._commands = self._commands, []
                 stopped = self._stopped
+            if idle and not commands:
+                self.engine.core.announce(ALIVE)  # the followers' wait must not time out
+                continue
             for future, fn, args in commands:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -77,6 +98,8 @@ class AsyncLLM:
             except Exception as exc:  # the engine is broken: fail everyone waiting
                 logger.exception("engine step failed")
                 self._abort_all(exc)
+                if several:
+                    raise
                 continue
             self._notify("on_step", outputs, time.perf_counter())
             with self._cond:

@@ -15,7 +15,7 @@ from lora_jax.core.scheduler import Batch, Scheduler, Sequence
 from lora_jax.engine.failures import fail_loads, fail_requests, fail_unschedulable
 from lora_jax.engine.input_processor import NewRequest
 from lora_jax.engine.output_processor import OutputProcessor
-from lora_jax.engine.setup import load_model, pool_blocks, tensor_parallel
+from lora_jax.engine.setup import load_model, lora_backend_for, pool_blocks
 from lora_jax.lora.manager import AdapterManager
 from lora_jax.lora.slots import AdapterSlots
 from lora_jax.outputs import EngineStats, RequestOutput
@@ -47,7 +47,7 @@ class EngineCore:
         distributed = config.distributed()
         if distributed is not None:
             distributed.initialize()  # before the model touches a device
-        loaded = load_model(config)
+        loaded = load_model(config, mesh)  # with tensor parallelism: read into its shards
         self.model_path, self.tokenizer = loaded.path, loaded.tokenizer
         self.model_config, self.max_model_len = mc, max_len = loaded.config, loaded.max_model_len
         dtype = loaded.model.dtype
@@ -59,7 +59,7 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_prefill_chunk=config.max_prefill_chunk,
             max_prefill_seqs=config.max_prefill_seqs, kv=self.kv)
-        tp, lora_backend = tensor_parallel(config, mc, mesh)
+        tp, lora_backend = loaded.tensor_parallel, lora_backend_for(config, loaded.tensor_parallel)
         slots = (AdapterSlots(mc, config.max_loras, config.max_lora_rank, dtype,
                               tensor_parallel=tp) if config.enable_lora else None)
         self.runner = Runner(loaded.model, num_rows=config.max_num_seqs, max_len=max_len,
@@ -84,6 +84,7 @@ class EngineCore:
         if config.should_compile_on_start():
             self.compile_report = compile_all(self.runner, self.adapters.stacks, slots,
                                               cache_dir=cache_dir)
+        self.memory = loaded.memory.started()
 
     # Several processes --------------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class EngineCore:
             running_adapters=sorted({s.adapter for s in sched.running} - {None}),
             waiting_adapters=sorted({s.adapter for s in sched.waiting} - {None}),
             max_loras=self.config.max_loras, adapter_slot_loads=self.adapters.num_loads,
+            memory=self.memory.stats(),
             **self.adapters.stats(list(sched.waiting)))
 
     def reset_prefix_cache(self) -> None:

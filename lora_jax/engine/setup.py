@@ -1,15 +1,22 @@
 """Engine set-up: where the model comes from, how big the KV pool is, and the device mesh."""
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_jax.config import EngineConfig
 from lora_jax.tokenizer import TextTokenizer
-from lora_jax.worker.mesh import check_mesh, make_mesh
+from lora_jax.worker.memory import LoadMemory
+from lora_jax.worker.mesh import tensor_parallel_for
 from models import load_llama
 from models.config import LlamaConfig
 from models.kv_cache import kv_bytes_per_token
+from models.shard_loading import load_llama_sharded
 from models.sharding import TensorParallel
+from models.tp_kernels import attention_runs_pallas, lora_runs_pallas
+from pallas_kernels import default_backend
+
+logger = logging.getLogger("lora_jax")
 
 # The CPU default pool: what max_num_seqs full-length sequences need, at most this.
 DEFAULT_KV_CACHE_BYTES = 4 << 30
@@ -33,29 +40,36 @@ def resolve_model_path(model: str) -> Path:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """The model, its tokenizer (None without a tokenizer.json) and the facts taken from it."""
+    """The model, its tokenizer (None without a tokenizer.json) and the facts taken from it.
+    config is the checkpoint's (a split model's own repeats kv heads for its shards)."""
 
     path: Path
     model: object  # models.Llama
+    config: LlamaConfig
     tokenizer: TextTokenizer | None
     max_model_len: int
     eos_ids: frozenset[int]
-
-    @property
-    def config(self) -> LlamaConfig:
-        return self.model.config
+    tensor_parallel: TensorParallel | None  # the split over a mesh, None on one device
+    memory: LoadMemory  # host and device memory since loading began
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: EngineConfig, mesh=None) -> LoadedModel:
+    """The model of config.model, on one device or (tensor_parallel_size > 1 or a `mesh`)
+    read straight into its shards: no whole copy on any device or in host memory."""
     path = resolve_model_path(config.model)
-    model = load_llama(path, dtype=config.dtype)
-    mc = model.config
+    tp = tensor_parallel_for(path, config.tensor_parallel_size, mesh)
+    memory = LoadMemory()
+    model = (load_llama(path, dtype=config.dtype) if tp is None else
+             load_llama_sharded(path, tp, dtype=config.dtype))
+    memory.loaded()
+    mc = model.config if tp is None else tp.base_config
     tok_path = Path(config.tokenizer) if config.tokenizer else path
     tokenizer = (TextTokenizer(tok_path, mc.bos_token_id)
                  if config.tokenizer or (tok_path / "tokenizer.json").is_file() else None)
     eos = {mc.eos_token_id} if isinstance(mc.eos_token_id, int) else set(mc.eos_token_id or ())
-    return LoadedModel(path, model, tokenizer, config.max_model_len or mc.max_position_embeddings,
-                       frozenset(eos))
+    return LoadedModel(path, model, mc, tokenizer,
+                       config.max_model_len or mc.max_position_embeddings, frozenset(eos), tp,
+                       memory)
 
 
 def pool_blocks(config: EngineConfig, model_config: LlamaConfig, dtype,
@@ -75,15 +89,15 @@ def pool_blocks(config: EngineConfig, model_config: LlamaConfig, dtype,
     return int(blocks)
 
 
-def tensor_parallel(config: EngineConfig, model_config: LlamaConfig,
-                    mesh) -> tuple[TensorParallel | None, str | None]:
-    """The model's split over `mesh` (made from tensor_parallel_size when None and that is
-    above 1), and the LoRA backend that goes with it."""
-    lora_backend = config.lora_backend
-    if mesh is None and config.tensor_parallel_size > 1:
-        mesh = make_mesh(config.tensor_parallel_size, model_config)
-    if mesh is None:
-        return None, lora_backend
-    check_mesh(mesh, config.tensor_parallel_size, model_config)
-    # The Pallas kernels are not wrapped in shard_map yet; the dense path splits.
-    return TensorParallel(model_config, mesh), lora_backend or "dense"
+def lora_backend_for(config: EngineConfig, tp: TensorParallel | None) -> str | None:
+    """The LoRA backend to run (None: the platform's default). Every backend runs split: the
+    Pallas ones per device under shard_map (models.tp_kernels), the plain-XLA ones (tiled,
+    dense, reference) split by GSPMD. With a split the choice is logged."""
+    if tp is not None:
+        lora = config.lora_backend or default_backend()
+        how = "per device under shard_map" if lora_runs_pallas(lora) else "split by GSPMD"
+        attention = ("Pallas per device under shard_map"
+                     if attention_runs_pallas(config.attention_backend) else "XLA split by GSPMD")
+        logger.info("tensor parallel over %d devices: LoRA backend %r %s; attention %s",
+                    tp.size, lora, how, attention)
+    return config.lora_backend

@@ -343,13 +343,20 @@ def save_adapter(
 
 def fuse_modules(modules: dict[str, LoRAWeights],
                  shapes: dict[str, tuple[int, int]]) -> dict[str, LoRAWeights]:
-    """Per-projection weights -> a fused module per FUSED group that has any of its parts:
-    a = the parts' A side by side [L, D_in, sum r], b block-diagonal [L, sum r, sum D_out]
-    (a part the adapter lacks adds no rank and zero columns)."""
+    """Per-projection weights -> a fused module per FUSED group that has any of its parts.
+    Parts that share one A (a fused PEFT module loaded, or trained with the fused name) give it
+    back as it was: that A [L, D_in, r] and the parts' B side by side [L, r, sum D_out].
+    Otherwise a = the parts' A side by side [L, D_in, sum r], b block-diagonal
+    [L, sum r, sum D_out] (a part the adapter lacks adds no rank and zero columns)."""
     out = {p: w for p, w in modules.items() if not any(p in parts for parts in FUSED.values())}
     for fused, parts in FUSED.items():
         present = [p for p in parts if p in modules]
         if not present:
+            continue
+        if len(present) == len(parts) and all(
+                np.array_equal(modules[p].a, modules[parts[0]].a) for p in parts):
+            out[fused] = LoRAWeights(modules[parts[0]].a,
+                                     np.concatenate([modules[p].b for p in parts], axis=-1))
             continue
         layers = modules[present[0]].a.shape[0]
         a = np.concatenate([modules[p].a for p in present], axis=-1)

@@ -24,17 +24,17 @@ class AdapterSlots:
         """tensor_parallel: the stacks live in the shards of that split (models.sharding), and
         every fill writes each device's part in place."""
         self.config, self.max_rank, self.dtype = config, max_rank, dtype
-        self.stacks: LoraStacks = init_lora_stacks(config, num_slots, max_rank, dtype)
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, LRU first
         self._free = list(range(num_slots - 1, -1, -1))
         self.num_loads = 0  # adapters written into a slot (swaps in and reloads), for metrics
         # Several processes sharing the mesh: a lora_jax.worker.distributed.StepChannel.
         self.channel = None
         if tensor_parallel is None:
+            self.stacks: LoraStacks = init_lora_stacks(config, num_slots, max_rank, dtype)
             self._set = jax.jit(set_slot, donate_argnums=0)
         else:
             tp = tensor_parallel
-            self.stacks = tp.place_stacks(self.stacks)
+            self.stacks = tp.init_stacks(num_slots, max_rank, dtype)
             self._set = jax.jit(lambda stacks, slot, packed: set_slot(
                 stacks, slot, tp.layout_lora(packed)), donate_argnums=0,
                 out_shardings=tp.stack_shardings(self.stacks))

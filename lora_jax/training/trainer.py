@@ -24,6 +24,7 @@ from flax import nnx
 from lora_jax.lora.adapters import LoRAAdapter, LoRAWeights, save_adapter
 from lora_jax.progress import progress_bar
 from lora_jax.training.datasets import Batch, Example, eval_rows, make_batch, shuffled_rows, stack
+from lora_jax.training.fused import TIED_FIELDS, check_fused, count_shared_once, tie
 from models import (
     PROJECTIONS,
     LayerLora,
@@ -33,6 +34,7 @@ from models import (
     init_kv_cache,
     pack_adapter,
 )
+from models.config import FUSED
 from models.lora import EXPAND, PACKED, map_with_slot_axis, stack_slots
 
 
@@ -54,10 +56,22 @@ class AdapterSpec:
             raise ValueError(f"{where} rank must be a positive int, got {self.rank!r}")
         if not self.alpha > 0:
             raise ValueError(f"{where} alpha must be positive, got {self.alpha!r}")
-        unknown = sorted(set(self.target_modules) - set(PROJECTIONS))
+        unknown = sorted(set(self.target_modules) - set(PROJECTIONS) - set(FUSED))
         if unknown or not self.target_modules:
             raise ValueError(f"{where} target_modules must be a non-empty subset of "
-                             f"{list(PROJECTIONS)}, got {list(self.target_modules)}")
+                             f"{list(PROJECTIONS)} (or Phi-3's fused {list(FUSED)}), got "
+                             f"{list(self.target_modules)}")
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The projections trained: a fused module (Phi-3's qkv_proj) stands for its parts."""
+        parts = [p for t in self.target_modules for p in FUSED.get(t, (t,))]
+        return tuple(p for p in PROJECTIONS if p in parts)
+
+    @property
+    def tied(self) -> tuple[str, ...]:
+        """The fused modules among the targets: one A shared by their parts, as PEFT has it."""
+        return tuple(f for f in FUSED if f in self.target_modules)
 
     @property
     def scale(self) -> float:
@@ -129,9 +143,11 @@ def _per_slot(values: jax.Array, slot: jax.Array, num_slots: int) -> jax.Array:
     return jax.ops.segment_sum(values.sum(axis=1), slot, num_segments=num_slots)
 
 
-def _clip_per_slot(grads: LoraStacks, max_norm: float) -> LoraStacks:
-    """optax.clip_by_global_norm for each adapter on its own: norms over the slot's entries."""
-    squares = map_with_slot_axis(lambda g, axis: jnp.sum(g * g, axis=_others(g, axis)), grads)
+def _clip_per_slot(grads: LoraStacks, max_norm: float, ties: jax.Array) -> LoraStacks:
+    """optax.clip_by_global_norm for each adapter on its own: norms over the slot's entries
+    (a shared A counted once, as PEFT's one tensor, not once per part)."""
+    squares = map_with_slot_axis(lambda g, axis: jnp.sum(g * g, axis=_others(g, axis)),
+                                 count_shared_once(grads, ties))
     norms = jnp.sqrt(sum(jax.tree.leaves(squares)))
     return _times_per_slot(grads, max_norm / jnp.maximum(norms, max_norm))
 
@@ -156,8 +172,8 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
 # Module-level jits with hashable static arguments: trainers of the same shapes share programs.
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "lora_backend"),
                    donate_argnums=(0, 1))
-def _train_step(params, opt_state, state, masks, scales, batches: Batch, key, *, graphdef,
-                config: TrainConfig, lora_backend):
+def _train_step(params, opt_state, state, masks, ties, scales, batches: Batch, key, *,
+                graphdef, config: TrainConfig, lora_backend):
     """One optimizer step over batches [grad_accum, B, L] -> (params, opt_state, loss per slot)."""
     model = nnx.merge(graphdef, state)
     num_slots = scales.shape[0]
@@ -183,9 +199,9 @@ def _train_step(params, opt_state, state, masks, scales, batches: Batch, key, *,
     # Each adapter's gradient is that of the mean over its own tokens, whatever else is in the
     # batch; the masks keep projections an adapter does not target (and padded ranks) at zero.
     inverse = 1.0 / jnp.maximum(counts, 1.0)
-    grads = _times_per_slot(jax.tree.map(jnp.multiply, grads, masks), inverse)
+    grads = tie(_times_per_slot(jax.tree.map(jnp.multiply, grads, masks), inverse), ties)
     if config.max_grad_norm is not None:
-        grads = _clip_per_slot(grads, config.max_grad_norm)
+        grads = _clip_per_slot(grads, config.max_grad_norm, ties)
     updates, opt_state = _optimizer(config).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, sums * inverse
 
@@ -210,6 +226,9 @@ class LoRATrainer:
             raise ValueError(f"adapters must be a non-empty list with unique names, got {names}")
         self.specs, self.config = tuple(adapters), config
         self.model_config: LlamaConfig = model.config
+        check_fused(self.specs, model.config)
+        self.ties = jnp.asarray([[f in a.tied for f in TIED_FIELDS.values()] for a in adapters],
+                                jnp.float32)
         graphdef, self.state = nnx.split(model)
         self.max_rank = max(a.rank for a in adapters)
         self.params, self.masks = self._init_params()
@@ -224,9 +243,13 @@ class LoRATrainer:
         params, masks = [], []
         for spec in self.specs:
             modules, ones = {}, {}
-            for proj in spec.target_modules:
+            for proj in spec.projections:
                 d_in, d_out = shapes[proj]
-                rng, bound = np.random.default_rng([spec.seed, PROJECTIONS.index(proj)]), d_in**-0.5
+                # A fused module's parts draw the same A (one shared A, as in PEFT).
+                first = next((p[0] for f, p in FUSED.items() if f in spec.tied and proj in p),
+                             proj)
+                rng = np.random.default_rng([spec.seed, PROJECTIONS.index(first)])
+                bound = d_in**-0.5
                 a = rng.uniform(-bound, bound, (layers, d_in, spec.rank)).astype(np.float32)
                 modules[proj] = LoRAWeights(a, np.zeros((layers, spec.rank, d_out), np.float32))
                 ones[proj] = LoRAWeights(np.ones_like(a), np.ones((layers, spec.rank, d_out)))
@@ -253,8 +276,8 @@ class LoRATrainer:
             batches = stack([make_batch([row for s in streams for row in next(s)], cfg.seq_len)
                              for _ in range(cfg.grad_accum)])
             self.params, self.opt_state, loss = _train_step(
-                self.params, self.opt_state, self.state, self.masks, self.scales, batches,
-                jax.random.fold_in(base_key, step), config=cfg, **self._static)
+                self.params, self.opt_state, self.state, self.masks, self.ties, self.scales,
+                batches, jax.random.fold_in(base_key, step), config=cfg, **self._static)
             self.step = step + 1
             record = {"step": self.step, "loss": self._by_name(np.asarray(loss))}
             bar.set_postfix({k: f"{v:.3f}" for k, v in record["loss"].items()}, refresh=False)
@@ -287,7 +310,7 @@ class LoRATrainer:
         out = []
         for slot, spec in enumerate(self.specs):
             modules = {}
-            for proj in spec.target_modules:
+            for proj in spec.projections:
                 a_field = next(f for f, group in PACKED.items() if proj in group)
                 start = PACKED[a_field].index(proj) * self.max_rank
                 a = np.stack([getattr(layer, a_field)[:, slot, start:start + spec.rank]

@@ -15,9 +15,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-# Header kinds: a ragged step, an adapter slot fill, the end of one LLM.generate, shutdown.
-STEP, FILL, DONE, STOP = 1, 2, 3, 4
+# Header kinds: a ragged step, an adapter slot fill, the end of one LLM.generate, shutdown, and
+# a keep-alive an idle leader sends (a follower waits inside a collective, which times out).
+STEP, FILL, DONE, STOP, ALIVE = 1, 2, 3, 4, 5
 HEADER = 4  # kind + up to three integers
+# An idle leader sends ALIVE this often: well inside XLA's CPU collective timeout
+# (--xla_cpu_collective_timeout_seconds), which a follower's wait for the next header is under.
+KEEPALIVE_S = 10.0
+# A process that stops sending heartbeats for this long is declared dead by JAX's coordination
+# service, which then ends every other process (JAX's much longer default leaves a leader
+# serving nothing meanwhile); and how long exiting waits for the others.
+HEARTBEAT_S, SHUTDOWN_S = 10, 30
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,8 @@ class Distributed:
             return
         try:
             jax.distributed.initialize(self.coordinator_address, self.num_processes,
-                                       self.process_id)
+                                       self.process_id, heartbeat_timeout_seconds=HEARTBEAT_S,
+                                       shutdown_timeout_seconds=SHUTDOWN_S)
         except RuntimeError as err:
             raise ValueError(f"jax.distributed.initialize failed ({err}); it must run before "
                              "anything in this process uses JAX devices, and every process "

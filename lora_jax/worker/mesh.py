@@ -1,11 +1,13 @@
 """The device mesh a tensor-parallel engine runs on: N devices along a "tp" axis."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from models.config import LlamaConfig
-from models.sharding import TP, check_divisible
+from models.sharding import TP, TensorParallel, check_divisible
 
 FORCE_DEVICES = "--xla_force_host_platform_device_count"
 
@@ -46,3 +48,17 @@ def check_mesh(mesh: Mesh, tensor_parallel_size: int, config: LlamaConfig) -> No
         raise ValueError(f"tensor_parallel_size {tensor_parallel_size} differs from the mesh's "
                          f"{TP!r} axis of {size}; give one or the other")
     check_divisible(config, size)
+
+
+def tensor_parallel_for(model_folder: str | Path, tensor_parallel_size: int,
+                        mesh: Mesh | None = None) -> TensorParallel | None:
+    """The split of the model in `model_folder` over `mesh` (or over a new mesh of
+    tensor_parallel_size devices); None for one device and no mesh. Made from config.json
+    alone, before any weight is read, so the weights can be read into their shards."""
+    if mesh is None and tensor_parallel_size == 1:
+        return None
+    config = LlamaConfig.from_pretrained(model_folder)
+    if mesh is None:
+        mesh = make_mesh(tensor_parallel_size, config)
+    check_mesh(mesh, tensor_parallel_size, config)
+    return TensorParallel(config, mesh)

@@ -98,7 +98,8 @@ class Cache(NamedTuple):
 
 
 def _step(graphdef, weights: Weights, cache: Cache, carry, inputs: StepInputs, *,
-          lora_backend: str | None, attention_backend: str | None):
+          lora_backend: str | None, attention_backend: str | None, logits_sharding=None,
+          mesh=None):
     model = nnx.merge(graphdef, weights.state)
     req, meta, history = inputs.requests, inputs.meta, cache.history
     # A token sampled by the previous step, not yet seen by the host, is read on the device:
@@ -107,8 +108,13 @@ def _step(graphdef, weights: Weights, cache: Cache, carry, inputs: StepInputs, *
     tokens = jnp.where(src >= 0, carry[jnp.maximum(src, 0)], inputs.tokens)
     hidden, kv = model.ragged(tokens, meta, cache.kv, weights.stacks, req.slot, req.rope_scale,
                               meta.kv_lens, lora_backend=lora_backend,
-                              attention_backend=attention_backend)
+                              attention_backend=attention_backend, mesh=mesh)
     logits = model.logits(hidden[req.logits_index])  # [R, V]: each request's last token
+    if logits_sharding is not None:
+        # A vocab-split lm_head: each device computes its columns, then the [R, V] rows are
+        # gathered for the sampler (not the lm_head gathered for one whole matmul).
+        for sharding in logits_sharding:
+            logits = jax.lax.with_sharding_constraint(logits, sharding)
     # Only steps with prompt tokens or a sequence's first chunk touch the prompt marks (a
     # false lax.cond is far cheaper than the marks' [R, V] row reset).
     history = jax.lax.cond(inputs.new_prompts,
@@ -148,18 +154,29 @@ def _see_prompt(history: History, tokens, meta: RaggedMeta, req: Requests) -> Hi
     return History(counts, in_prompt.at[marked, tokens].set(True, mode="drop"))
 
 
-def _place(model, tp: TensorParallel, num_blocks, block_size, dtype, history):
-    """The split model's graphdef and placed state, the KV pool in its shards, the history
-    replicated, and the step's out_shardings (the donated pool and history keep theirs, so
-    every step's outputs are the next step's inputs as compiled)."""
-    split = nnx.eval_shape(lambda: type(model)(tp.config, dtype=model.dtype, rngs=nnx.Rngs(0)))
-    graphdef = nnx.graphdef(split)
-    state = tp.place_state(nnx.state(model))
+def _place(model, tp: TensorParallel, num_blocks, block_size, dtype, num_rows):
+    """The split model's graphdef and state (already in its shards), the KV pool in its
+    shards, the history replicated, and the step's shardings (the donated pool and history
+    keep theirs, so every step's outputs are the next step's inputs as compiled)."""
+    if model.config != tp.config:
+        raise ValueError("with tensor parallelism the runner takes the split model; load it "
+                         "with models.shard_loading.load_llama_sharded(folder, tp)")
+    graphdef, state = nnx.split(model)
     kv = tp.init_kv(num_blocks, block_size, dtype)
-    history = jax.device_put(jax.tree.map(np.asarray, history), tp.replicated)
+    history = _zero_history(num_rows, model.config.vocab_size, tp.replicated)
     out = (tp.replicated, Cache(jax.tree.map(lambda x: x.sharding, kv), tp.replicated),
            tp.replicated)
     return graphdef, state, kv, history, {"out_shardings": out}
+
+
+def _zero_history(num_rows: int, vocab: int, sharding=None) -> History:
+    """Zero output counts and prompt marks, on the default device or placed with `sharding`
+    (from the host: with several processes a mesh spans devices of the others)."""
+    if sharding is None:
+        return History(jnp.zeros((num_rows, vocab), jnp.int32),
+                       jnp.zeros((num_rows, vocab), jnp.bool_))
+    return jax.device_put(History(np.zeros((num_rows, vocab), np.int32),
+                                  np.zeros((num_rows, vocab), np.bool_)), sharding)
 
 
 class Runner:
@@ -175,22 +192,21 @@ class Runner:
         self.ladder = ShapeLadder(max_num_batched_tokens, num_rows, max_prefill_seqs)
         self.table_pages = table_width(max_len, block_size)
         self.config, self.dtype = model.config, dtype
-        vocab = model.config.vocab_size
-        self.history = History(jnp.zeros((num_rows, vocab), jnp.int32),
-                               jnp.zeros((num_rows, vocab), jnp.bool_))
         self.tensor_parallel = tp = tensor_parallel
+        logits_sharding = None
         if tp is None:
             self.graphdef, self.state = nnx.split(model)
             self.kv = init_paged_kv_cache(model.config, num_blocks, block_size, dtype)
+            self.history = _zero_history(num_rows, model.config.vocab_size)
             shardings = {}
         else:
             self.graphdef, self.state, self.kv, self.history, shardings = _place(
-                model, tp, num_blocks, block_size, dtype, self.history)
-            # The Pallas attention kernel has no shard_map wrapper yet: split heads take the
-            # plain-XLA path, which GSPMD partitions.
-            attention_backend = attention_backend or "xla"
+                model, tp, num_blocks, block_size, dtype, num_rows)
+            logits_sharding = (tp.sharding(("rows", "vocab")), tp.replicated)
         self._jit = jax.jit(functools.partial(_step, self.graphdef, lora_backend=lora_backend,
-                                              attention_backend=attention_backend),
+                                              attention_backend=attention_backend,
+                                              logits_sharding=logits_sharding,
+                                              mesh=None if tp is None else tp.mesh),
                             donate_argnames=("cache",), **shardings)
         # The last step's sampled tokens, padded to max_num_seqs, kept on the device for the
         # next step (see Pending).
@@ -271,16 +287,15 @@ class Runner:
         over (zeros, placed as before) and return True; False when they are intact."""
         lost = any(x.is_deleted() for x in (self.kv.k, self.kv.v, *self.history))
         if lost:
-            history = History(np.zeros(self.history.output_counts.shape, np.int32),
-                              np.zeros(self.history.in_prompt.shape, np.bool_))
+            rows, vocab = self.history.output_counts.shape
             tp = self.tensor_parallel
             if tp is None:
                 self.kv = init_paged_kv_cache(self.config, self.num_blocks, self.block_size,
                                               self.dtype)
-                self.history = History(*(jnp.asarray(x) for x in history))
+                self.history = _zero_history(rows, vocab)
             else:
                 self.kv = tp.init_kv(self.num_blocks, self.block_size, self.dtype)
-                self.history = jax.device_put(history, tp.replicated)
+                self.history = _zero_history(rows, vocab, tp.replicated)
         return lost
 
     def follow(self, key: tuple[int, ...], stacks) -> None:

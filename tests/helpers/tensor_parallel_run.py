@@ -6,6 +6,7 @@ split arrays. A subprocess because the device count must be set before JAX is im
 """
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 from helpers.fixtures import Reference  # noqa: E402
 from lora_jax import LLM, LoRARequest, SamplingParams  # noqa: E402
+from lora_jax.worker.memory import whole_arrays  # noqa: E402
 
 
 def _shards(array) -> dict:
@@ -28,7 +30,9 @@ def shard_shapes(llm: LLM) -> dict:
     engine = llm.engine.core
     layer0 = engine.runner.state["layers"][0]
     out = {name: _shards(layer0[name].get_value()) for name in ("qkv", "o", "gate_up", "down")}
-    out["embed"] = _shards(engine.runner.state["embed"].get_value())
+    for name in ("embed", "lm_head"):
+        if name in engine.runner.state:  # no lm_head when tied to the embedding
+            out[name] = _shards(engine.runner.state[name].get_value())
     out["kv_k"] = _shards(engine.runner.kv.k)
     lora = engine.adapters.stacks.layers[0]
     for name in ("qkv_a", "q_b", "k_b", "o_a", "o_b", "gate_b", "down_a"):
@@ -37,14 +41,18 @@ def shard_shapes(llm: LLM) -> dict:
 
 
 def run(size: int, spec: dict) -> dict:
+    gc.collect()  # the previous size's engine leaves nothing on the devices this one counts
     ref = Reference(spec.get("variant", "gqa"))
     llm = LLM(ref.model, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
               tensor_parallel_size=size, num_kv_blocks=spec["num_kv_blocks"], block_size=8,
               max_num_batched_tokens=32, max_model_len=64,
-              compile_on_start=spec["compile_on_start"])
+              compile_on_start=spec["compile_on_start"],
+              lora_backend=spec.get("lora_backend"),
+              attention_backend=spec.get("attention_backend"))
     reqs = {"base": None, **{n: LoRARequest(n, i + 1, ref.adapter_path(n))
                              for i, n in enumerate(ref.adapters)}}
-    cases = [(name, j) for j in range(ref.num_prompts) for name in reqs]
+    cases = [(name, j) for j in range(spec.get("num_prompts", ref.num_prompts))
+             for name in reqs]
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
                             logprobs=2)
     rounds = []
@@ -61,6 +69,10 @@ def run(size: int, spec: dict) -> dict:
               "compile": llm.engine.compile_stats()}
     if size > 1:
         result["shards"] = shard_shapes(llm)
+        engine = llm.engine.core
+        result["whole"] = whole_arrays(
+            {"model": engine.runner.state, "lora": engine.adapters.stacks, "kv": engine.runner.kv,
+             "history": engine.runner.history, "carry": engine.runner.carry}, min_elements=256)
     return result
 
 

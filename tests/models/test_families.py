@@ -55,6 +55,8 @@ def serve(ref: Reference, dtype: str, rounds: int = 1) -> list[list]:
                             [reqs[name] for name, _ in cases], use_tqdm=False)
         assert all(o.error is None for o in outs), [o.error for o in outs]
         out.append(list(zip(cases, [o.outputs[0] for o in outs], strict=True)))
+    if rounds > 1:  # the later rounds did read cached blocks (windowed layers' included)
+        assert llm.engine.stats().prefix_cache_hits > 0
     return out
 
 

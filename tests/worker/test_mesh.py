@@ -52,8 +52,11 @@ def test_size_the_model_cannot_split_evenly_is_refused(config, message):
         make_mesh(4, config, devices=devices)
 
 
-def test_engine_config_refuses_a_pallas_lora_backend_split_over_devices():
-    with pytest.raises(ValueError, match="use lora_backend='dense'"):
-        EngineConfig(model="m", tensor_parallel_size=2, lora_backend="pallas")
+def test_engine_config_takes_the_pallas_backends_split_over_devices_and_refuses_size_0():
+    # The Pallas kernels run under shard_map (models.tp_kernels; tests/worker/
+    # test_tensor_parallel_kernels.py checks their outputs).
+    config = EngineConfig(model="m", tensor_parallel_size=2, lora_backend="pallas",
+                          attention_backend="pallas")
+    assert (config.lora_backend, config.attention_backend) == ("pallas", "pallas")
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive int"):
         EngineConfig(model="m", tensor_parallel_size=0)

@@ -6,6 +6,7 @@ set before JAX is imported, and this process has already imported it with one de
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,9 @@ def test_split_model_logprobs_match_one_device_within_1e_4(churn):
 
 # The global shape of each array, and the axis tensor parallelism splits (None = replicated).
 # gqa: D 32, 4 heads and 2 kv heads of 8, I 64, V 128, 2 slots of rank 8; at tp 4 the two kv
-# heads are repeated to four, so k and v columns, the pool and k_b grow to 4 heads.
-SPLITS = {"qkv": 0, "o": 1, "gate_up": 0, "down": 1, "embed": None, "kv_k": 3,
+# heads are repeated to four, so k and v columns, the pool and k_b grow to 4 heads. The
+# embedding (and lm_head) split over the vocabulary.
+SPLITS = {"qkv": 0, "o": 1, "gate_up": 0, "down": 1, "embed": 0, "lm_head": 0, "kv_k": 3,
           "lora_qkv_a": None, "lora_q_b": 2, "lora_k_b": 2, "lora_o_a": 0, "lora_o_b": None,
           "lora_gate_b": 2, "lora_down_a": 0}
 
@@ -75,6 +77,33 @@ def test_each_device_holds_only_its_shard_of_the_weights_lora_stacks_and_kv_pool
         got = shards[name]["shards"]
         assert [shape for shape, _ in got] == [want] * size, name
         assert sorted(device for _, device in got) == list(range(size)), name
+
+
+# Whole on every device, by Megatron's split: the LoRA shrink matrices of the column-parallel
+# projections and the expand matrices of the row-parallel ones (each token's adapter input and
+# output are whole on every device; [D, slots, n*R] and [slots, R, D] are small next to the
+# weights), and the sampler's penalty history ([rows, V]: the sampler reads whole logits rows).
+REPLICATED = re.compile(r"lora\.layers\[\d+\]\.(qkv_a|gate_up_a|o_b|down_b)|history\.\w+")
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_no_array_sits_whole_on_a_device_but_the_replicated_ones_listed(churn, size):
+    whole = churn[str(size)]["whole"]  # live arrays of >= 256 elements some device holds whole
+    assert any(w["name"].startswith("lora.") for w in whole if w["name"])
+    for w in whole:
+        assert w["name"] is not None and REPLICATED.fullmatch(w["name"]), w
+        assert w["devices"] == size, w
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_each_device_holds_its_share_of_the_weights_and_devices_balance(churn, size):
+    one = churn["1"]["stats"]["memory"]["device_bytes_loaded"]["0"]
+    stats = churn[str(size)]["stats"]["memory"]
+    loaded = [stats["device_bytes_loaded"][str(d)] for d in range(size)]
+    assert max(loaded) <= 1.10 * one / size, (loaded, one)
+    started = [stats["device_bytes_started"][str(d)] for d in range(size)]
+    assert max(started) <= 1.10 * min(started), started
+    assert stats["host_peak_rss_load_bytes"] > 0 and stats["host_peak_rss_start_bytes"] > 0
 
 
 def test_a_size_that_does_not_divide_the_heads_is_refused_naming_the_fix(churn):

@@ -121,6 +121,8 @@ class ChatRequest(_Sampling):
     top_logprobs: LogprobCount | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     add_generation_prompt: StrictBool = True
+    # Extra variables for the chat template (vLLM's field), e.g. {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: the reply starts with the last message's content when that message has the
     # reply's role (continuing an assistant message; see ServingChat.echo).
     echo: StrictBool = False

@@ -1,14 +1,18 @@
-"""POST /v1/chat/completions: messages rendered with the model's chat template, as HF does
-(jinja2's ImmutableSandboxedEnvironment), then generated like a completion."""
+"""POST /v1/chat/completions: messages rendered with the model's chat template as transformers'
+apply_chat_template renders them (the same sandboxed jinja2 environment, globals and filters),
+then generated like a completion."""
 
 import asyncio
 import json
 import time
 import uuid
 from contextlib import aclosing
+from datetime import datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Request
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lora_jax.engine.async_llm import AsyncLLM
@@ -50,25 +54,64 @@ def load_chat_template(model_dir: str, override: str | None = None) -> str | Non
 
 
 def special_tokens(model_dir: str, tokenizer, bos_id: int | None, eos_id) -> dict[str, str]:
-    """bos_token / eos_token for the template, as HF passes them: tokenizer_config.json's
-    strings (or {"content": ...} entries), else the vocabulary's strings for the model's ids."""
+    """The special tokens the template sees, as transformers passes its special_tokens_map:
+    tokenizer_config.json's strings (or {"content": ...} entries) for bos/eos/unk/pad, else the
+    vocabulary's strings for the model's bos/eos ids. A token the config sets to null (Qwen's
+    bos_token) is left undefined, as in transformers."""
     config = Path(model_dir) / "tokenizer_config.json"
     given = json.loads(config.read_text()) if config.is_file() else {}
     if isinstance(eos_id, list | tuple | set):
         eos_id = next(iter(eos_id), None)
     out = {}
-    for name, token_id in (("bos_token", bos_id), ("eos_token", eos_id)):
+    for name, token_id in (("bos_token", bos_id), ("eos_token", eos_id), ("unk_token", None),
+                           ("pad_token", None)):
         value = given.get(name)
         if isinstance(value, dict):
             value = value.get("content")
-        if not isinstance(value, str) and tokenizer is not None:
+        if name in given and value is None:
+            continue
+        if not isinstance(value, str) and tokenizer is not None and token_id is not None:
             value = tokenizer.token_string(token_id)
-        out[name] = value or ""
+        if isinstance(value, str) or name in ("bos_token", "eos_token"):
+            out[name] = value or ""
     return out
 
 
 def _raise_exception(message):
-    raise APIError(f"chat template error: {message}")
+    raise TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: jinja2's own escapes <, >, & and ' for HTML, which prompts must not.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+# A message's reasoning may come under any of these names; templates read the first (Qwen3),
+# gpt-oss's the second: transformers fills both from whichever is given.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict) -> dict:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def compile_template(source: str):
+    """The template compiled in transformers' environment: sandboxed, trim_blocks and
+    lstrip_blocks, loop controls, its tojson, raise_exception and strftime_now."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
 
 
 class ServingChat(OpenAIServing):
@@ -77,20 +120,26 @@ class ServingChat(OpenAIServing):
         if llm is not None:
             super().__init__(llm, models, limits or ServerLimits())
         self.specials = specials or {"bos_token": "", "eos_token": ""}
-        self.template = None
-        if template is not None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_exception
-            self.template = env.from_string(template)
+        self.template = None if template is None else compile_template(template)
 
     def render(self, req: ChatRequest) -> str:
+        """The prompt text, as apply_chat_template(tokenize=False) writes it; the request's
+        chat_template_kwargs (Qwen3's enable_thinking) are the template's extra variables."""
         if self.template is None:
             raise APIError("this model has no chat template (none in its tokenizer_config.json "
                            "or chat_template.jinja); start the server with --chat-template "
                            "FILE_OR_STRING, or use /v1/completions", param="messages")
-        return self.template.render(messages=req.messages,
-                                    add_generation_prompt=req.add_generation_prompt,
-                                    **self.specials)
+        variables = {**self.specials, **(req.chat_template_kwargs or {}),
+                     "messages": [_alias_reasoning(m) for m in req.messages],
+                     "tools": None, "documents": None,
+                     "add_generation_prompt": req.add_generation_prompt}
+        try:
+            return self.template.render(**variables)
+        except TemplateError as exc:  # raise_exception, an undefined value, a sandbox refusal
+            raise APIError(f"chat template error: {exc}", param="messages") from exc
+        except (TypeError, ValueError, LookupError, AttributeError) as exc:
+            raise APIError(f"chat template error: the template cannot render these messages "
+                           f"({type(exc).__name__}: {exc})", param="messages") from exc
 
     @staticmethod
     def echo(req: ChatRequest) -> str:
