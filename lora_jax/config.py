@@ -12,7 +12,9 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
-    max_cpu_loras: int | None = None
+    max_cpu_loras: int | None = None  # adapters whose weights stay in host memory
+    # Their bytes at most (default: max_cpu_loras adapters of max_lora_rank on every projection)
+    max_cpu_lora_bytes: int | None = None
     max_num_seqs: int = 32
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
@@ -49,7 +51,7 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("max_cpu_loras", "max_model_len", "num_kv_blocks",
+        for name in ("max_cpu_loras", "max_cpu_lora_bytes", "max_model_len", "num_kv_blocks",
                      "kv_cache_memory_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -49,6 +49,18 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class AdapterStat:
+    """One adapter off the disk tier: where it is and what happened to it."""
+
+    lora_int_id: int
+    name: str
+    tier: str  # "slot" (on the device), "cpu" (weights in host memory), "loading"
+    loads: int  # reads from disk that succeeded
+    evictions: int  # times it left a slot or the CPU tier
+    waiting_requests: int  # requests waiting for it (to load, or for a slot)
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """The engine's counters and gauges at one moment (for metrics and benchmarks)."""
 
@@ -63,6 +75,16 @@ class EngineStats:
     waiting_adapters: list[int]  # lora_int_ids of waiting sequences
     max_loras: int
     adapter_slot_loads: int  # adapters written into a device slot (swaps in and reloads)
+    adapter_loads: int = 0  # adapters read from disk (in the background or on add_lora)
+    adapter_load_failures: int = 0
+    adapter_evictions: dict[str, int] = field(default_factory=dict)  # by tier: "cpu", "slot"
+    # Seconds of the loads: [(upper bound, loads at or below it)] ending with "+Inf", and sum.
+    adapter_load_seconds: list[tuple[str, int]] = field(default_factory=list)
+    adapter_load_seconds_sum: float = 0.0
+    requests_waiting_on_load: int = 0
+    adapters_by_tier: dict[str, int] = field(default_factory=dict)  # disk, cpu, slot, loading
+    # The adapters in a slot, in host memory or loading (never the disk-only ones: bounded).
+    adapters: list[AdapterStat] = field(default_factory=list)
     # Start-up memory (lora_jax.worker.memory.MemoryReport.stats): host RSS before loading and
     # its peaks while loading and through start-up, bytes per device after each, in bytes.
     memory: dict = field(default_factory=dict)

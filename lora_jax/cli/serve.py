@@ -36,6 +36,9 @@ def _add_engine_arguments(parser) -> None:
                         help="adapter slots on the device: distinct adapters in one step")
     parser.add_argument("--max-cpu-loras", type=positive_int, default=None,
                         help="adapters kept loaded in host memory (default: max(max-loras, 8))")
+    parser.add_argument("--max-cpu-lora-bytes", type=positive_int, default=None,
+                        help="host bytes of the adapters kept loaded (default: max-cpu-loras "
+                             "adapters of max-lora-rank on every projection)")
     parser.add_argument("--max-lora-rank", type=positive_int, default=16,
                         help="the largest adapter rank served; higher ranks are refused")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -131,6 +134,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     return dict(
         dtype=args.dtype, enable_lora=args.enable_lora,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+        max_cpu_lora_bytes=args.max_cpu_lora_bytes,
         max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,

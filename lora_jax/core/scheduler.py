@@ -5,7 +5,10 @@ KV in the sequence's blocks. A step gives a sequence its next tokens: one for a 
 for a prefill (or for a recompute after preemption); a step that reaches the end of the tokens
 samples one more. Decodes go first, then running prefills, then waiting sequences are admitted
 while the token budget, free rows, free blocks and max_loras allow (pinned adapters count,
-since they keep a slot), with at most max_prefill_seqs chunks in a step. When a running
+since they keep a slot), with at most max_prefill_seqs chunks in a step. A waiting sequence
+whose adapter is still loading waits and lets others pass; one refused a slot (all max_loras
+held) bars the sequences that arrive after that from taking a slot before it, so a cold
+adapter waits only for sequences that were already there (first come, first served). When a running
 sequence needs a block and none is free, the most recently admitted sequence not yet scheduled
 this step is preempted: its blocks are freed, it keeps its row (its sampling history) and goes
 to the front of the queue, and it is recomputed from its tokens later; nothing is admitted in
@@ -20,7 +23,7 @@ left alone: there a step's fixed cost outweighs the padding, and a prompt would 
 """
 
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,6 +61,10 @@ class Sequence:
     # Sampled tokens still on the device (the engine runs a step ahead of the host): they
     # count as tokens, their KV is written by the next step; output_ids gets them later.
     num_pending: int = 0
+    arrival: int = -1  # the order it reached the scheduler in
+    # The arrival count when it was first refused a slot (all max_loras held): sequences that
+    # arrive later never take a slot before it.
+    refused_at: int | None = None
 
     @property
     def key(self) -> str:
@@ -152,9 +159,15 @@ class Scheduler:
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._pinned: set[int] = set()
         self.num_preemptions = 0
+        self._arrivals = 0
 
     def add(self, seq: Sequence) -> None:
+        seq.arrival, self._arrivals = self._arrivals, self._arrivals + 1
         self.waiting.append(seq)
+
+    def waiting_adapters(self) -> list[int]:
+        """The adapters of the waiting sequences, in the order they are admitted (distinct)."""
+        return list(dict.fromkeys(s.adapter for s in self.waiting if s.adapter is not None))
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -211,7 +224,9 @@ class Scheduler:
     def block_table(self, seq: Sequence) -> list[int]:
         return self.kv.tables[seq.key].blocks
 
-    def schedule(self) -> Batch:
+    def schedule(self, ready: Callable[[int], bool] | None = None) -> Batch:
+        """The next step's batch. ready(adapter): whether a waiting sequence of that adapter
+        can start (its weights are loaded); by default every one can."""
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
         decodes, prefills, preempted = [], [], []
@@ -235,7 +250,7 @@ class Scheduler:
                 else:
                     prefills.append(PrefillChunk(seq, seq.num_cached, length))
         if not preempted:
-            prefills += self._admit(budget, self.max_prefill_seqs - len(prefills))
+            prefills += self._admit(budget, self.max_prefill_seqs - len(prefills), ready)
         if self.fill_buckets:
             prefills = fill_bucket(len(decodes), prefills)
         return Batch(decodes, prefills, preempted)
@@ -268,19 +283,39 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _admit(self, budget: int, max_chunks: int) -> list[PrefillChunk]:
+    def _slot_refused(self, seq: Sequence, held: set[int], barrier: int | None,
+                      ready: Callable[[int], bool] | None) -> tuple[bool, int | None]:
+        """Whether seq's adapter keeps it waiting this step -> (wait, the barrier after it).
+        Adapters are served first come, first served: a sequence refused a slot bars every
+        sequence that arrived after its refusal from taking one (base-model sequences take
+        none and still go), so it gets the first slot its running adapters give back."""
+        if seq.adapter is None:
+            return False, barrier
+        if ready is not None and not ready(seq.adapter):
+            return True, barrier  # its adapter is loading: it waits, nobody else does
+        if barrier is not None and seq.arrival >= barrier:
+            return True, barrier
+        if seq.adapter in held or len(held) < self.max_loras:
+            return False, barrier
+        if seq.refused_at is None:
+            seq.refused_at = self._arrivals
+        return True, seq.refused_at if barrier is None else min(barrier, seq.refused_at)
+
+    def _admit(self, budget: int, max_chunks: int,
+               ready: Callable[[int], bool] | None = None) -> list[PrefillChunk]:
         held = self.held_adapters()
         admitted, chunks = [], []
         computing: set = set()  # hashes of the full blocks this step's chunks compute
+        barrier = None  # sequences arrived from here on wait: an earlier one was refused a slot
         for seq in self.waiting:
             if budget <= 0 or len(chunks) >= max_chunks or (
                     seq.row is None and not self.free_rows):
                 break
             if seq.num_pending:
                 continue  # preempted with tokens still on the device: recomputed once read
-            if seq.adapter is not None and seq.adapter not in held:
-                if len(held) >= self.max_loras:
-                    continue  # later requests with a held adapter may still go
+            wait, barrier = self._slot_refused(seq, held, barrier, ready)
+            if wait:
+                continue
             hashes: list = []
             if seq.use_prefix_cache:
                 seq.num_cached = self.kv.computed_prefix(seq.key, seq.tokens, seq.cache_key)
@@ -301,6 +336,7 @@ class Scheduler:
                 held.add(seq.adapter)
             if seq.row is None:
                 seq.row = self.free_rows.pop()
+            seq.refused_at = None
             admitted.append(seq)
             chunks.append(PrefillChunk(seq, seq.num_cached, length))
             size = self.kv.pool.block_size

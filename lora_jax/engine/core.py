@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from lora_jax.config import EngineConfig
 from lora_jax.core.block_pool import BlockPool, KVCacheManager
 from lora_jax.core.scheduler import Batch, Scheduler, Sequence
+from lora_jax.engine.failures import fail_loads, fail_requests, fail_unschedulable
 from lora_jax.engine.input_processor import NewRequest
 from lora_jax.engine.output_processor import OutputProcessor
 from lora_jax.engine.setup import load_model, lora_backend_for, pool_blocks
@@ -22,6 +23,10 @@ from lora_jax.sampling_params import MAX_LOGPROBS
 from lora_jax.worker.compilation import CompileReport, compile_all, enable_persistent_cache
 from lora_jax.worker.distributed import DONE, FILL, STEP, STOP, StepChannel
 from lora_jax.worker.runner import Pending, RowInput, Runner
+
+# With nothing to run but loads under way, a step waits this long for one (then returns, so
+# callers between steps, such as AsyncLLM's commands, are not kept waiting).
+LOAD_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -69,7 +74,8 @@ class EngineCore:
         self.adapters = AdapterManager(
             mc, slots=slots, scheduler=self.scheduler, max_loras=config.max_loras,
             max_lora_rank=config.max_lora_rank, served=config.model, served_path=loaded.path,
-            capacity=config.max_cpu_loras or max(config.max_loras, 8))
+            max_cpu_loras=config.max_cpu_loras or max(config.max_loras, 8),
+            max_cpu_lora_bytes=config.max_cpu_lora_bytes)
         self.outputs = OutputProcessor(loaded.tokenizer, loaded.eos_ids)
         self._inflight: InFlight | None = None  # the dispatched step not yet read
         self._next_seq = 0
@@ -134,7 +140,8 @@ class EngineCore:
             running_adapters=sorted({s.adapter for s in sched.running} - {None}),
             waiting_adapters=sorted({s.adapter for s in sched.waiting} - {None}),
             max_loras=self.config.max_loras, adapter_slot_loads=self.adapters.num_loads,
-            memory=self.memory.stats())
+            memory=self.memory.stats(),
+            **self.adapters.stats(list(sched.waiting)))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use stay with their sequences)."""
@@ -181,10 +188,16 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return what it reports: each request in its output kind (finished
         requests always, running ones for CUMULATIVE and DELTA)."""
-        batch = self.scheduler.schedule()
+        # Adapter loads run in the background: keep the finished ones, start the next ones,
+        # and fail the requests of those that could not load.
+        outputs = fail_loads(self.outputs, self.scheduler,
+                             self.adapters.update(self.scheduler.waiting_adapters()))
+        batch = self.scheduler.schedule(ready=self.adapters.ready)
         if not batch and self._inflight is None:
-            return self._fail_unschedulable()
-        outputs: list[RequestOutput] = []
+            if self.adapters.loading():  # all that waits, waits for a load
+                self.adapters.wait_for_load(LOAD_POLL_SECONDS)
+                return outputs
+            return outputs + fail_unschedulable(self.outputs, self.scheduler)
         dispatched = self._dispatch(batch, outputs) if batch else None
         if self._inflight is not None:
             outputs += self._process(self._inflight)
@@ -263,21 +276,10 @@ class EngineCore:
         """The step's requests end with the error on their outputs. If the device state was
         lost with it (the donated KV pool), the pool starts over empty: cached prefixes are
         forgotten and every other running sequence is recomputed from its tokens."""
-        states = [self.outputs.pop(rid) for rid in dict.fromkeys(
-            s.request.request_id for s in batch.seqs() if not s.finished)]
-        states = [s for s in states if s is not None]
-        self.scheduler.finish([seq for state in states for seq in state.seqs])
+        ended = fail_requests(self.outputs, self.scheduler, batch.seqs(),
+                              f"the step running this request failed: {type(err).__name__}: "
+                              f"{err}")
         if self.runner.recover():
             self.kv.pool.reset_prefix_cache()
             self.scheduler.preempt_all()
-        message = f"the step running this request failed: {type(err).__name__}: {err}"
-        return [state.error(message) for state in states]
-
-    def _fail_unschedulable(self) -> list[RequestOutput]:
-        """Nothing runs and nothing can start: the waiting adapters can never get a slot."""
-        states = [self.outputs.pop(rid) for rid in dict.fromkeys(
-            s.request.request_id for s in self.scheduler.waiting)]
-        states = [s for s in states if s is not None]
-        self.scheduler.finish([seq for state in states for seq in state.seqs])
-        return [state.error(f"adapter {state.new.lora_request.lora_name!r} can never get a "
-                            "slot: all max_loras slots are pinned") for state in states]
+        return ended

@@ -2,7 +2,8 @@
 
 Everything that can be wrong with one request is found here, before anything of it is queued:
 its sampling parameters, its prompt (text needs a tokenizer; ids must be integers inside the
-vocabulary), its adapter (registered here, so a missing or unservable one fails now), the
+vocabulary), its adapter (registered here: an id taken by another path or another base model
+fails now; its files are read in the background, and a failed read fails the request), the
 context it needs (long-context adapters scale RoPE and may go past the base model's length)
 and the KV cache it could fill. The n outputs' seeds are drawn here too.
 """
@@ -32,7 +33,7 @@ class NewRequest:
     prompt_ids: list[int]
     params: SamplingParams
     lora_request: LoRARequest | None
-    adapter: LoRAAdapter | None
+    adapter: LoRAAdapter | None  # unused: the adapter manager holds the weights by id
     rope_scale: float
     max_output: int  # outputs a sequence may have: max_tokens, or the context left
     cache_key: tuple  # prefix-cache key: (adapter identity, rope_scale)
@@ -55,16 +56,17 @@ class InputProcessor:
         params.validate()
         held = self._held_ids(request_id, params)
         prompt_ids = self._prompt_ids(request_id, prompt, prompt_ids)
-        adapter = self.adapters.add(lora_request) if lora_request is not None else None
+        if lora_request is not None:  # registered only: its files are read in the background
+            self.adapters.request(lora_request)
         rope_scale, max_len = self._context(lora_request)
         self._check_room(request_id, len(prompt_ids), params.max_tokens, max_len)
         seeds = [(params.seed + i) % 2**32 if params.seed is not None
                  else int(self._rng.integers(2**32)) for i in range(params.n)]
-        identity = (None if adapter is None
-                    else self.adapters.identity(lora_request.lora_int_id, adapter))
+        identity = (None if lora_request is None
+                    else self.adapters.identity(lora_request.lora_int_id))
         return NewRequest(
             request_id=request_id, prompt=prompt, prompt_ids=prompt_ids, params=params,
-            lora_request=lora_request, adapter=adapter, rope_scale=rope_scale,
+            lora_request=lora_request, adapter=None, rope_scale=rope_scale,
             max_output=min(params.max_tokens, max_len - len(prompt_ids)),
             cache_key=(identity, rope_scale),
             rows=tuple(row_sampling(params, seed, held) for seed in seeds))

@@ -94,7 +94,10 @@ class LLM:
                     bar.update(1)
         bar.close()
         if single and outputs[order[0]].error:
-            raise ValueError(outputs[order[0]].error)
+            # An adapter that failed to load in the background raises as it would have here.
+            lora = loras[0]
+            cause = lora is not None and self.engine.adapters.load_error(lora.lora_int_id)
+            raise cause or ValueError(outputs[order[0]].error)
         return [outputs[rid] for rid in order]
 
     def close(self) -> None:

@@ -1,39 +1,56 @@
-"""The adapter manager: every adapter the engine knows, its device slot, and its version.
+"""The adapter manager: adapters in tiers, loads off the step path, and versions.
 
-Adapters live in two tiers: the CPU registry (registry.py: read from disk or the Hub once,
-least recently used evicted beyond its capacity) and the device slots (slots.py: `max_loras`
-stacked tensors the step reads). A request's adapter is registered when the request arrives
-and given a slot when a step that runs it is dispatched. Pinned adapters keep their slot; the
-scheduler counts them (and the adapters of running sequences) against max_loras.
+Tiers: disk (every adapter the engine knows: a request and a version) -> CPU (the weights of
+loaded adapters, bounded by count and bytes: registry.py) -> device slots (`max_loras`
+stacked tensors the step reads: slots.py). A request whose adapter is in neither a slot nor
+the CPU tier waits in the scheduler's queue while a background loader (loader.py) reads and
+validates it; `update`, called once per step, collects finished loads and starts the next
+ones for the waiting requests, oldest first. Filling a slot (one donated jitted update) is the
+only adapter work left on the engine thread. `add_lora`, `reload` and `pin` are explicit calls
+and read at once.
 
 An adapter's identity for the prefix cache is (lora_int_id, version): the version changes
 whenever new weights take the id, so KV computed under the old weights is never reused.
 """
 
-import weakref
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from lora_jax.core.scheduler import Batch, Scheduler
 from lora_jax.lora.adapters import LoRAAdapter
-from lora_jax.lora.registry import AdapterRegistry
+from lora_jax.lora.loader import AdapterLoader
+from lora_jax.lora.metrics import AdapterCounters
+from lora_jax.lora.registry import AdapterRegistry, full_adapter_bytes
 from lora_jax.lora.slots import AdapterSlots
+from lora_jax.outputs import AdapterStat
 from lora_jax.request import LoRARequest
 from models.config import LlamaConfig
+
+# Failed loads remembered for the caller that asks why (LLM.generate re-raises them).
+MAX_REMEMBERED_FAILURES = 64
 
 
 class AdapterManager:
     """Add, reload, remove and pin adapters; slots for a step's adapters. `slots` is None
-    when LoRA is off (then every adapter call but list_loras raises ValueError)."""
+    when LoRA is off (then every adapter call but list_loras raises ValueError).
+
+    `reader(request) -> LoRAAdapter` reads an adapter in the loader's threads (replace it to
+    read from elsewhere, or to slow reads down in a test)."""
 
     def __init__(self, model_config: LlamaConfig, *, slots: AdapterSlots | None,
-                 scheduler: Scheduler, max_loras: int, max_lora_rank: int, capacity: int,
-                 served: str, served_path: Path):
+                 scheduler: Scheduler, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
+                 max_cpu_lora_bytes: int | None, served: str, served_path: Path,
+                 load_workers: int = 2):
         self.slots, self.scheduler, self.max_loras = slots, scheduler, max_loras
+        if max_cpu_lora_bytes is None:  # the count bound, at the largest adapter served
+            max_cpu_lora_bytes = max_cpu_loras * full_adapter_bytes(model_config, max_lora_rank)
         self.registry = AdapterRegistry(model_config, max_lora_rank=max_lora_rank,
-                                        served=served, served_path=served_path,
-                                        capacity=capacity)
-        self._versions: dict[int, tuple[weakref.ref, int]] = {}
-        self._last_version = 0
+                                        max_count=max_cpu_loras, max_bytes=max_cpu_lora_bytes,
+                                        served=served, served_path=served_path)
+        self.reader = self.registry.read
+        self.loader = AdapterLoader(lambda req: self.reader(req), max_workers=load_workers)
+        self.counters = AdapterCounters()
+        self._failures: OrderedDict[int, BaseException] = OrderedDict()
 
     @property
     def stacks(self):
@@ -49,31 +66,51 @@ class AdapterManager:
             raise ValueError(f"adapter {req.lora_name!r} was requested but LoRA is off; "
                              "create the LLM with enable_lora=True")
 
+    # Explicit calls: they read at once ---------------------------------------------------------
+
     def add(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
-        """Load (or take the given in-memory) adapter into the CPU registry; reuse it when
-        known. New weights under an id already in a slot replace it there, compiling nothing."""
+        """Load (or take the given in-memory) adapter into the CPU tier; reuse it when known.
+        New weights under an id already in a slot replace it there, compiling nothing."""
         self._require_lora(req)
-        adapter, replaced = self.registry.register(req, adapter)
-        if replaced:
-            self.slots.reload(req.lora_int_id, adapter)
-        self.registry.trim(protected=set(self.slots.loaded()) | self.scheduler.pinned())
-        return adapter
+        if adapter is not None:
+            if self.registry.put_in_memory(req, adapter) and self.slots is not None:
+                self.slots.reload(req.lora_int_id, adapter)
+            self._trim()
+            return adapter
+        if not self.registry.register(req):
+            self._read_now(req)
+        return self.registry.adapter(req.lora_int_id)
+
+    def _read_now(self, req: LoRARequest) -> None:
+        self.loader.cancel(req.lora_int_id)  # a background load of the same files
+        try:
+            adapter = self.counters.timed_read(self.reader, req)
+        except BaseException:
+            if self.slots.slot_of(req.lora_int_id) is None:
+                self.registry.remove(req.lora_int_id)
+            raise
+        self.registry.store(req, adapter)
+        self._trim(protected={req.lora_int_id})
 
     def reload(self, req: LoRARequest) -> LoRAAdapter:
         """Load req's adapter from its path again under its id (vLLM's load_inplace): new
-        weights replace the old in the CPU registry and in its slot, compiling nothing; cached
+        weights replace the old in the CPU tier and in its slot, compiling nothing; cached
         prefixes of the old weights are never reused."""
         self._require_lora(req)
+        self.loader.cancel(req.lora_int_id)
         adapter = self.registry.reload(req)
         self.slots.reload(req.lora_int_id, adapter)
+        self._trim(protected={req.lora_int_id})
         return adapter
 
     def remove(self, lora_id: int) -> bool:
         if lora_id in self.scheduler.adapters_in_use():
             raise ValueError(f"adapter {lora_id} is used by running requests; remove it later")
         self.scheduler.unpin(lora_id)
+        self.loader.cancel(lora_id)
         if self.slots is not None:
             self.slots.evict(lora_id)
+        self.counters.forget(lora_id)
         return self.registry.remove(lora_id)
 
     def ids(self) -> set[int]:
@@ -86,30 +123,144 @@ class AdapterManager:
         if lora_id not in held and len(held) >= self.max_loras:
             raise ValueError(f"cannot pin adapter {lora_id}: all {self.max_loras} "
                              "slots are held by pinned or running adapters")
-        self.slots.activate({lora_id: self.registry.adapter(lora_id)}, keep=held)
+        if self.slots.slot_of(lora_id) is None and not self.registry.is_cached(lora_id):
+            self._read_now(self.registry.request(lora_id))
+        self._fill({lora_id}, keep=held)
         self.scheduler.pin(lora_id)
         return True
 
-    def identity(self, lora_id: int, adapter: LoRAAdapter) -> tuple[int, int]:
-        """(id, version): the version changes whenever new weights take the id, so KV cached
-        under old weights is never reused."""
-        known = self._versions.get(lora_id)
-        if known is None or known[0]() is not adapter:
-            # Weak references and a counter: an adapter dropped from the registry (unloaded,
-            # or evicted) is not kept alive here, and no version is handed out twice.
-            self._versions = {i: v for i, v in self._versions.items() if v[0]() is not None}
-            self._last_version += 1
-            self._versions[lora_id] = known = (weakref.ref(adapter), self._last_version)
-        return lora_id, known[1]
+    def identity(self, lora_id: int) -> tuple[int, int]:
+        """(id, version) of a registered adapter: the version changes whenever new weights
+        take the id, so KV cached under old weights is never reused."""
+        return lora_id, self.registry.version(lora_id)
+
+    # Requests: loads in the background ---------------------------------------------------------
+
+    def request(self, req: LoRARequest) -> None:
+        """Register a request's adapter (checks only, no reads): `update` loads it if needed."""
+        self._require_lora(req)
+        self.registry.register(req)
+
+    def ready(self, lora_id: int) -> bool:
+        """Whether a request of this adapter can run now: its weights are in a slot or in the
+        CPU tier."""
+        return self.registry.is_cached(lora_id) or (
+            self.slots is not None and self.slots.slot_of(lora_id) is not None)
+
+    def loading(self) -> set[int]:
+        return self.loader.loading()
+
+    def wait_for_load(self, timeout: float) -> None:
+        self.loader.wait_any(timeout)
+
+    def update(self, waiting: list[int]) -> dict[int, BaseException]:
+        """Between steps: keep the loads that finished, then start loads for the adapters of
+        the waiting requests (`waiting`, oldest first) that fit in the CPU tier -> the
+        adapters whose load failed (or that were removed), with the error: their requests
+        fail, nothing else does."""
+        if self.slots is None:
+            return {}
+        failed: dict[int, BaseException] = {}
+        for result in self.loader.collect():
+            self.counters.loaded(result.lora_id, result.seconds, result.error is None)
+            if result.error is None:
+                self.registry.store(result.request, result.value)
+            else:
+                failed[result.lora_id] = self._failed(result.lora_id, result.error)
+        window = self._window(waiting)
+        for lora_id in window:
+            if lora_id in failed:
+                continue
+            if lora_id not in self.registry:
+                failed[lora_id] = ValueError(f"adapter {lora_id} was removed while requests "
+                                             "waited for it")
+            elif not self.ready(lora_id):
+                self._failures.pop(lora_id, None)
+                self.loader.submit(self.registry.request(lora_id))
+        self._trim(protected=set(window))
+        return failed
+
+    def _failed(self, lora_id: int, error: BaseException) -> BaseException:
+        """Remember why a load failed, and forget the adapter (the next request registers
+        it again and retries)."""
+        self._failures[lora_id] = error
+        while len(self._failures) > MAX_REMEMBERED_FAILURES:
+            self._failures.popitem(last=False)
+        if self.slots.slot_of(lora_id) is None:
+            self.registry.remove(lora_id)
+        return error
+
+    def _window(self, waiting: list[int]) -> list[int]:
+        """The waiting requests' adapters that need their weights on the host, oldest first,
+        as many as the CPU tier holds (its byte bound counted with the weights there)."""
+        cache = self.registry.cache
+        window, size = [], 0
+        for lora_id in dict.fromkeys(waiting):
+            if self.slots.slot_of(lora_id) is not None:
+                continue
+            if len(window) >= cache.max_count or (
+                    cache.max_bytes is not None and size >= cache.max_bytes):
+                break
+            window.append(lora_id)
+            size += cache.size(lora_id)
+        return window
+
+    def load_error(self, lora_id: int) -> BaseException | None:
+        """Why the last load of this adapter failed (None if it did not)."""
+        return self._failures.get(lora_id)
+
+    def _trim(self, protected: set[int] = frozenset()) -> None:
+        for lora_id in self.registry.trim(protected):
+            self.counters.evicted(lora_id, "cpu")
+
+    # Slots -------------------------------------------------------------------------------------
 
     def activate(self, batch: Batch) -> None:
         """A slot for every adapter of the batch, evicting none that a running sequence or a
-        pin holds. Each sequence's request carries the adapter it was admitted with."""
+        pin holds."""
         if self.slots is None:
             return
-        needed = {s.adapter: s.request.adapter for s in batch.seqs() if s.adapter is not None}
-        self.slots.activate(needed, keep=self.scheduler.held_adapters())
+        self._fill(batch.adapters(), keep=self.scheduler.held_adapters())
+
+    def _fill(self, ids: set[int], keep: set[int]) -> None:
+        """Slots for `ids` (each in a slot or the CPU tier): one device update per new one."""
+        before = set(self.slots.loaded())
+        self.slots.activate({i: None if self.slots.slot_of(i) is not None
+                             else self.registry.adapter(i) for i in ids}, keep=keep)
+        for lora_id in before - set(self.slots.loaded()):
+            self.counters.evicted(lora_id, "slot")
 
     def slot_of(self, lora_id: int | None) -> int:
         """The slot of an adapter activated for this step; -1 for the base model."""
         return self.slots.slot_of(lora_id) if lora_id is not None else -1
+
+    # Facts --------------------------------------------------------------------------------------
+
+    def stats(self, waiting: list) -> dict:
+        """EngineStats' adapter fields; waiting: the scheduler's waiting sequences."""
+        counters, loading = self.counters, self.loading()
+        slotted = set(self.slots.loaded()) if self.slots is not None else set()
+        cached = set(self.registry.cache.ids())
+        wanted = Counter(s.adapter for s in {s.request.request_id: s for s in waiting
+                                             if s.adapter is not None}.values())
+        waiting_load = sum(n for i, n in wanted.items() if not self.ready(i))
+        tiers = {i: "slot" if i in slotted else "cpu" if i in cached else "loading"
+                 for i in slotted | cached | loading}
+        known = self.registry.ids()
+        per_adapter = [AdapterStat(
+            i, self.registry.request(i).lora_name if i in known else str(i), tier,
+            counters.loads[i], counters.evictions["cpu"][i] + counters.evictions["slot"][i],
+            wanted[i]) for i, tier in sorted(tiers.items())]
+        by_tier = Counter(tiers.values())
+        return {"adapter_loads": counters.total_loads,
+                "adapter_load_failures": counters.total_failures,
+                "adapter_evictions": dict(counters.total_evictions),
+                "adapter_load_seconds": counters.load_seconds.buckets(),
+                "adapter_load_seconds_sum": counters.load_seconds.total,
+                "requests_waiting_on_load": waiting_load,
+                "adapters_by_tier": {"disk": len(known - set(tiers)), "cpu": by_tier["cpu"],
+                                     "slot": by_tier["slot"], "loading": by_tier["loading"]},
+                "adapters": per_adapter}
+
+    def shutdown(self) -> None:
+        self.loader.shutdown()

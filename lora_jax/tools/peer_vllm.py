@@ -120,7 +120,8 @@ def serve(workload: dict) -> dict:
     options = {"enable_lora": enable_lora}
     if enable_lora:
         options.update(max_loras=workload["max_loras"], max_lora_rank=workload["max_lora_rank"],
-                       max_cpu_loras=max(len(adapters), workload["max_loras"]))
+                       max_cpu_loras=workload.get("max_cpu_loras") or max(
+                           len(adapters), workload["max_loras"]))
     start = time.perf_counter()
     llm = LLM(model=workload["model"], skip_tokenizer_init=True, dtype=workload["dtype"],
               max_num_seqs=workload["max_num_seqs"], max_model_len=workload["max_model_len"],

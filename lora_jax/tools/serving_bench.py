@@ -18,11 +18,18 @@ import numpy as np
 from lora_jax.entrypoints.llm import LLM
 from lora_jax.lora.adapters import save_adapter
 from lora_jax.request import LoRARequest
-from lora_jax.sampling_params import SamplingParams
+from lora_jax.sampling_params import RequestOutputKind, SamplingParams
 from lora_jax.tools.peer_vllm import PeerError, agreement, check_interpreter, run_vllm
 from lora_jax.tools.serving_client_bench import add_client_arguments
 from lora_jax.tools.serving_client_bench import run_command as run_client_bench
-from lora_jax.tools.workload import SHAPES, ensure_bench_model, random_adapter, workload
+from lora_jax.tools.tenancy import ensure_disk_adapters, one_adapter, tenant_latency
+from lora_jax.tools.workload import (
+    SHAPES,
+    ensure_bench_model,
+    parse_targets,
+    random_adapter,
+    workload,
+)
 from lora_jax.worker.mesh import FORCE_DEVICES
 from models import LlamaConfig
 from models.loading import resolve_dtype
@@ -47,62 +54,102 @@ class CompileCounter:
 
 
 def run(llm: LLM, prompts, loras, output_len: int, temperature: float = 0.0,
-        top_p: float = 1.0) -> dict:
-    """Drive the engine step by step; return throughput and latency figures."""
+        top_p: float = 1.0, per_tenant: bool = False) -> dict:
+    """Drive the engine step by step; return throughput and latency figures. per_tenant:
+    outputs stream (DELTA) and the report has hot and cold tenants' TTFT and inter-token
+    latency (`tenants`)."""
     engine = llm.engine
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=output_len,
-                            ignore_eos=True, seed=0 if temperature else None)
+                            ignore_eos=True, seed=0 if temperature else None,
+                            output_kind=RequestOutputKind.DELTA if per_tenant
+                            else RequestOutputKind.FINAL_ONLY)
     start = time.perf_counter()
     for i, (prompt, lora) in enumerate(zip(prompts, loras, strict=True)):
         engine.add_request(f"bench-{i}", prompt, params, lora)
-    steps, outputs = [], []
+    steps, ttft = [], []
+    tokens: dict[str, list[int]] = {}
+    stamps: dict[str, list[float]] = {}
     while engine.has_unfinished_requests():
         t = time.perf_counter()
-        outputs += engine.step()
-        steps.append(time.perf_counter() - t)
+        outputs = engine.step()
+        now = time.perf_counter()
+        steps.append(now - t)
+        for o in outputs:
+            if o.outputs:
+                tokens.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
+                stamps.setdefault(o.request_id, []).extend([now] * len(o.outputs[0].token_ids))
+            if o.finished:
+                ttft.append(o.metrics.time_to_first_token)
     elapsed = time.perf_counter() - start
-    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    tokens = {o.request_id: list(o.outputs[0].token_ids) for o in outputs if o.outputs}
-    ttft = [o.metrics.time_to_first_token for o in outputs]
-    return {"generated_tokens": generated, "seconds": round(elapsed, 4),
-            "tokens_per_s": round(generated / elapsed, 2),
-            "ttft_mean_ms": round(1e3 * float(np.mean(ttft)), 2),
-            "step_ms_p50": round(1e3 * float(np.percentile(steps, 50)), 2),
-            "step_ms_p90": round(1e3 * float(np.percentile(steps, 90)), 2),
-            "step_ms_p99": round(1e3 * float(np.percentile(steps, 99)), 2), "steps": len(steps),
-            # for the peers' agreement; run_command drops it from the report
-            "token_ids": [tokens.get(f"bench-{i}") for i in range(len(prompts))]}
+    generated = sum(len(t) for t in tokens.values())
+    result = {"generated_tokens": generated, "seconds": round(elapsed, 4),
+              "tokens_per_s": round(generated / elapsed, 2),
+              "ttft_mean_ms": round(1e3 * float(np.mean(ttft)), 2),
+              "step_ms_p50": round(1e3 * float(np.percentile(steps, 50)), 2),
+              "step_ms_p90": round(1e3 * float(np.percentile(steps, 90)), 2),
+              "step_ms_p99": round(1e3 * float(np.percentile(steps, 99)), 2),
+              "steps": len(steps),
+              # for the peers' agreement; run_command drops it from the report
+              "token_ids": [tokens.get(f"bench-{i}") for i in range(len(prompts))]}
+    if per_tenant:
+        result["tenants"] = tenant_latency(stamps, start, loras)
+    return result
 
 
 def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1) -> dict:
     counter = CompileCounter()
     llm = LLM(model, enable_lora=num_adapters > 0, max_loras=args.max_loras,
-              max_lora_rank=args.rank, max_cpu_loras=max(num_adapters, args.max_loras),
-              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+              max_lora_rank=args.rank, max_num_seqs=args.max_num_seqs,
+              max_cpu_loras=args.max_cpu_loras or max(num_adapters, args.max_loras),
+              max_model_len=args.max_model_len,
               lora_backend=args.lora_backend, dtype=args.dtype,
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching,
               tensor_parallel_size=tensor_parallel_size)
-    config = llm.engine.model_config
-    for i in range(num_adapters):
-        llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
-                     random_adapter(config, args.rank, seed=i))
-    prompts, loras = workload(args, num_adapters, config.vocab_size)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p)
+    prompts, loras = _adapters(args, llm, model, num_adapters)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p,
+                    per_tenant=_many_tenants(args))
     run(llm, prompts, loras, args.output_len, **sampling)  # warm-up: compiles every bucket
     compiles, compile_s = counter.count, counter.seconds
     # The timed run starts with an empty prefix cache: the warm-up's prompts must not help it.
     llm.engine.reset_prefix_cache()
     hits_before = llm.engine.stats().prefix_cache_hits
     result = run(llm, prompts, loras, args.output_len, **sampling)
+    result["prefix_cache_hits"] = llm.engine.stats().prefix_cache_hits - hits_before
+    if _many_tenants(args) and num_adapters > 1:  # the same requests on one adapter
+        llm.engine.reset_prefix_cache()
+        one = run(llm, prompts, one_adapter(loras), args.output_len, **sampling)
+        one.pop("token_ids")
+        result["one_adapter"] = one
+        result["many_over_one"] = round(result["tokens_per_s"] / one["tokens_per_s"], 3)
     counter.close()
     stats = jax.devices()[0].memory_stats() or {}
     return {"num_adapters": num_adapters, "tensor_parallel_size": tensor_parallel_size,
             **result, "compilations": compiles,
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use"),
-            "start_up": llm.engine.compile_stats(),
-            "prefix_cache_hits": llm.engine.stats().prefix_cache_hits - hits_before}
+            "start_up": llm.engine.compile_stats()}
+
+
+def _many_tenants(args) -> bool:
+    """The tenancy report (per-tenant latency, one adapter beside): asked for by choosing
+    how requests spread over adapters, or a CPU tier."""
+    return args.adapter_distribution != "round-robin" or args.max_cpu_loras is not None
+
+
+def _adapters(args, llm: LLM, model: str, num_adapters: int):
+    """The workload's (prompts, lora requests). Adapters are handed over in memory, or, with
+    --max-cpu-loras, written as PEFT folders that the engine reads through its CPU tier."""
+    config, targets = llm.engine.model_config, parse_targets(args.target_modules)
+    if args.max_cpu_loras is None:
+        for i in range(num_adapters):
+            llm.add_lora(LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}"),
+                         random_adapter(config, args.rank, seed=i, targets=targets))
+        return workload(args, num_adapters, config.vocab_size)
+    folder = Path(args.bench_dir) / "adapters" / (
+        f"{Path(model).name}-r{args.rank}-{'_'.join(targets)}")
+    paths = ensure_disk_adapters(folder, config, num_adapters, args.rank, targets)
+    return workload(args, num_adapters, config.vocab_size, paths)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +173,13 @@ def _add_workload_arguments(p) -> None:
     p.add_argument("--num-adapters", type=int, nargs="+", default=[1, 8, 32],
                    help="distinct adapters the requests spread over; one run per value")
     p.add_argument("--rank", type=int, default=16, help="rank of the generated adapters")
+    p.add_argument("--target-modules", default="all",
+                   help="projections the generated adapters target: all, or a list such as "
+                        "q_proj,v_proj")
+    p.add_argument("--adapter-distribution", default="round-robin",
+                   help="how requests pick adapters: round-robin, uniform or zipf:S (e.g. "
+                        "zipf:1.1); other than round-robin, the report has hot and cold "
+                        "tenants' latency and the same requests on one adapter")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64,
                    help="generated tokens per request (EOS ignored)")
@@ -142,6 +196,9 @@ def _add_workload_arguments(p) -> None:
 
 def _add_engine_arguments(p) -> None:
     p.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host memory; given, the adapters are PEFT folders "
+                        "read through the CPU tier (default: all in memory)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step")
     p.add_argument("--max-model-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -213,6 +270,9 @@ def run_command(args: argparse.Namespace) -> int:
     report = {"model": model, "backend": jax.default_backend(), "num_requests":
               args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
               "rank": args.rank, "max_loras": args.max_loras, "dtype": args.dtype,
+              "target_modules": list(parse_targets(args.target_modules)),
+              "adapter_distribution": args.adapter_distribution,
+              "max_cpu_loras": args.max_cpu_loras,
               "temperature": args.temperature, "top_p": args.top_p, "runs": runs}
     if args.compare_base:
         bases = {n: bench_one(args, model, 0, n) for n in sizes}
@@ -266,7 +326,8 @@ def vllm_peer(args, model: str, num_adapters: int, ours: list[list[int]]) -> dic
     print(f"vLLM peer ({args.peer_vllm}): {num_adapters} adapters...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="lora-jax-bench-adapters-") as tmp:
         adapters = [{"name": f"bench-{i}", "id": i + 1, "path": str(save_adapter(
-            random_adapter(config, args.rank, seed=i), Path(tmp) / f"bench-{i}"))}
+            random_adapter(config, args.rank, seed=i, targets=parse_targets(
+                args.target_modules)), Path(tmp) / f"bench-{i}"))}
             for i in range(num_adapters)]
         result = run_vllm(args.peer_vllm, {
             "model": str(Path(model).resolve()), "dtype": resolve_dtype(args.dtype, config),
@@ -274,6 +335,7 @@ def vllm_peer(args, model: str, num_adapters: int, ours: list[list[int]]) -> dic
             "request_adapters": [None if r is None else r.lora_int_id - 1 for r in loras],
             "max_tokens": args.output_len, "temperature": args.temperature,
             "top_p": args.top_p, "seed": args.seed, "max_loras": args.max_loras,
+            "max_cpu_loras": args.max_cpu_loras,
             "max_lora_rank": args.rank, "max_num_seqs": args.max_num_seqs,
             "max_model_len": args.max_model_len, "enable_prefix_caching": True})
     theirs = result.pop("token_ids")

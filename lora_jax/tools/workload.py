@@ -41,11 +41,13 @@ def ensure_bench_model(folder: Path, shape: str = "bench", num_layers: int | Non
     return folder
 
 
-def random_adapter(config: LlamaConfig, rank: int, seed: int) -> LoRAAdapter:
-    """An in-memory adapter on all seven projections with random, non-zero A and B."""
+def random_adapter(config: LlamaConfig, rank: int, seed: int,
+                   targets: tuple[str, ...] = PROJECTIONS) -> LoRAAdapter:
+    """An in-memory adapter on `targets` (default: all seven projections) with random,
+    non-zero A and B."""
     rng = np.random.default_rng(seed)
     layers, modules = config.num_hidden_layers, {}
-    for proj in PROJECTIONS:
+    for proj in targets:
         d_in, d_out = config.projection_shapes()[proj]
         modules[proj] = LoRAWeights(
             (rng.standard_normal((layers, d_in, rank)) / np.sqrt(d_in)).astype(np.float32),
@@ -53,13 +55,58 @@ def random_adapter(config: LlamaConfig, rank: int, seed: int) -> LoRAAdapter:
     return LoRAAdapter(name=f"bench-{seed}", modules=modules, path=f"memory://bench-{seed}")
 
 
-def workload(args, num_adapters: int, vocab: int):
-    """(prompts, lora requests): requests cycle over the adapters (and the base model first,
-    with --include-base); no adapters means all base."""
+def parse_targets(text: str) -> tuple[str, ...]:
+    """--target-modules: "all", or projections joined by commas (q_proj,v_proj)."""
+    if text == "all":
+        return PROJECTIONS
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = sorted(set(names) - set(PROJECTIONS))
+    if unknown or not names:
+        raise ValueError(f"--target-modules: unknown projection(s) {unknown}; choose from "
+                         f"{', '.join(PROJECTIONS)} (or all)")
+    return names
+
+
+def parse_distribution(text: str) -> tuple[str, float]:
+    """--adapter-distribution: round-robin, uniform, or zipf:S (any S > 0)."""
+    if text in ("round-robin", "uniform"):
+        return text, 0.0
+    if text.startswith("zipf:"):
+        try:
+            exponent = float(text[5:])
+        except ValueError:
+            exponent = -1.0
+        if exponent > 0:
+            return "zipf", exponent
+    raise ValueError(f"--adapter-distribution must be round-robin, uniform or zipf:S with "
+                     f"S > 0 (e.g. zipf:1.1), got {text!r}")
+
+
+def adapter_picks(distribution: str, num_adapters: int, num_requests: int,
+                  seed: int) -> list[int]:
+    """Which adapter (0-based) each request uses: in turn, uniformly at random, or by a
+    Zipf law over the adapters (adapter k drawn with weight 1 / (k + 1) ** S)."""
+    kind, exponent = parse_distribution(distribution)
+    if kind == "round-robin":
+        return [i % num_adapters for i in range(num_requests)]
+    rng = np.random.default_rng(seed + 1)  # the prompts' generator stays as it was
+    if kind == "uniform":
+        return rng.integers(0, num_adapters, num_requests).tolist()
+    weights = 1.0 / np.arange(1, num_adapters + 1) ** exponent
+    return rng.choice(num_adapters, size=num_requests, p=weights / weights.sum()).tolist()
+
+
+def workload(args, num_adapters: int, vocab: int, paths: list[str] | None = None):
+    """(prompts, lora requests): requests over the adapters by --adapter-distribution
+    (round-robin by default, with the base model first in turn with --include-base); no
+    adapters means all base. paths: the adapters' folders (default: in-memory names)."""
     rng = np.random.default_rng(args.seed)
     shared = rng.integers(3, vocab, args.shared_prefix).tolist()  # one prefix for every request
     prompts = [{"prompt_token_ids": shared + rng.integers(3, vocab, args.prompt_len).tolist()}
                for _ in range(args.num_requests)]
     groups = [None] * (args.include_base or not num_adapters) + [
-        LoRARequest(f"bench-{i}", i + 1, f"memory://bench-{i}") for i in range(num_adapters)]
-    return prompts, [groups[i % len(groups)] for i in range(args.num_requests)]
+        LoRARequest(f"bench-{i}", i + 1, paths[i] if paths else f"memory://bench-{i}")
+        for i in range(num_adapters)]
+    distribution = getattr(args, "adapter_distribution", "round-robin")
+    picks = adapter_picks(distribution, len(groups), args.num_requests, args.seed)
+    return prompts, [groups[i] for i in picks]

@@ -245,3 +245,60 @@ def test_unpinned_adapters_stop_counting_against_max_loras():
     assert not sched.schedule() and sched.held_adapters() == {9}
     sched.unpin(9)
     assert [c.seq.seq_id for c in sched.schedule().prefills] == [0]
+
+
+def _run_step(sched):
+    """Schedule and pretend the step ran -> the ids of the sequences admitted in it."""
+    batch = sched.schedule()
+    _decode_all(sched, batch)
+    return {c.seq.seq_id for c in batch.prefills if c.start == 0}
+
+
+def test_a_sequence_refused_a_slot_goes_before_every_sequence_that_arrived_after_it():
+    # One slot; hot adapter 1 gets a new request during every step, each with two outputs.
+    sched = _sched(max_loras=1, max_num_seqs=8, max_num_batched_tokens=64)
+    for i in (0, 1):
+        seq = _seq(i, adapter=1)
+        seq.max_output = 2
+        sched.add(seq)
+    assert _run_step(sched) == {0, 1}
+    cold = _seq(2, adapter=2)
+    cold.max_output = 2
+    sched.add(cold)
+    admitted_at, later_hot = {}, []
+    for step in range(1, 8):
+        for seq_id in _run_step(sched):
+            admitted_at[seq_id] = step
+        new = _seq(10 + step, adapter=1)
+        new.max_output = 2
+        later_hot.append(new)
+        sched.add(new)
+        sched.finish([s for s in sched.running if s.at_limit])
+    # The bound: the cold sequence waits only for the sequences there before it (0 and 1,
+    # done after step 1); the hot ones that arrived after it was refused wait for it.
+    assert admitted_at[cold.seq_id] == 2
+    assert all(admitted_at.get(s.seq_id, 99) > 2 for s in later_hot)
+    assert admitted_at[later_hot[0].seq_id] == 4  # the slot is back once cold is done
+
+
+def test_base_model_sequences_pass_a_sequence_waiting_for_a_slot():
+    sched = _sched(max_loras=1, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(_seq(0, adapter=1))
+    _run_step(sched)
+    sched.add(_seq(1, adapter=2))  # refused: the one slot is held
+    sched.add(_seq(2, adapter=None))  # takes no slot
+    sched.add(_seq(3, adapter=1))  # queued before seq 1 was first refused: it goes
+    assert _run_step(sched) == {2, 3}
+    sched.add(_seq(4, adapter=1))  # arrived after the refusal: waits for seq 1
+    assert _run_step(sched) == set()
+
+
+def test_a_sequence_whose_adapter_is_loading_waits_and_lets_the_others_pass():
+    sched = _sched(max_loras=2, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(_seq(0, adapter=5))
+    sched.add(_seq(1, adapter=1))
+    batch = sched.schedule(ready=lambda adapter: adapter != 5)
+    assert [c.seq.seq_id for c in batch.prefills] == [1]
+    _decode_all(sched, batch)
+    batch = sched.schedule(ready=lambda adapter: True)
+    assert [c.seq.seq_id for c in batch.prefills] == [0]

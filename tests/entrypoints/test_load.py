@@ -99,8 +99,12 @@ async def _drive(url: str, llm: AsyncLLM, root: Path):
     async with httpx.AsyncClient(base_url=url, timeout=120) as http, openai.AsyncOpenAI(
             base_url=url + "/v1", api_key="none", max_retries=0, timeout=300) as client:
         goods = [{"lora_name": f"a{i}", "lora_path": f"a{i}"} for i in range(NUM_ADAPTERS)]
+        # The good ones first: a bad load reuses a good one's name, and concurrent requests
+        # reach the server in no fixed order.
         loads = await asyncio.gather(*(http.post("/v1/load_lora_adapter", json=b)
-                                       for b in goods + bad_loads(root)))
+                                       for b in goods))
+        loads += await asyncio.gather(*(http.post("/v1/load_lora_adapter", json=b)
+                                        for b in bad_loads(root)))
         assert [r.status_code for r in loads[:NUM_ADAPTERS]] == [200] * NUM_ADAPTERS, [
             r.text for r in loads]
         models = {m["id"] for m in (await http.get("/v1/models")).json()["data"]}

@@ -105,3 +105,38 @@ def test_adapter_slot_swaps_are_counted(runtime_app):
     assert value(scrape(runtime_app.get("/metrics").text), name) - before == 3
     assert runtime_app.post("/v1/unload_lora_adapter",
                             json={"lora_name": "other"}).status_code == 200
+
+
+def test_adapter_tiers_loads_and_evictions_are_reported_and_unloaded_series_go(runtime_app):
+    P = "lora_jax:"
+
+    def complete(model):
+        r = runtime_app.post("/v1/completions", json={"model": model, "prompt": "hi",
+                                                      "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+    complete("sql")  # sql in the one slot (max_loras=1)
+    before = scrape(runtime_app.get("/metrics").text)
+    assert runtime_app.post("/v1/load_lora_adapter", json={
+        "lora_name": "other", "lora_path": "other"}).status_code == 200
+    for model in ("other", "sql", "other"):  # each request swaps the slot
+        complete(model)
+    after = scrape(runtime_app.get("/metrics").text)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta(P + "lora_loads_total") == 1  # other read once; both stay in host memory
+    assert delta(P + "lora_load_seconds_count") == 1
+    assert delta(P + "lora_evictions_total", tier="slot") == 3
+    assert delta(P + "lora_evictions_total", tier="cpu") == 0
+    assert value(after, P + "lora_adapter_tier", lora_name="other", tier="slot") == 1
+    assert value(after, P + "lora_adapter_tier", lora_name="sql", tier="cpu") == 1
+    assert value(after, P + "lora_adapters", tier="slot") == 1
+    assert value(after, P + "lora_adapter_evictions_total", lora_name="sql") >= 1
+    assert value(after, P + "lora_requests_waiting_on_load") == 0
+    assert runtime_app.post("/v1/unload_lora_adapter",
+                            json={"lora_name": "other"}).status_code == 200
+    gone = scrape(runtime_app.get("/metrics").text)
+    assert not [key for key in gone if ("lora_name", "other") in key[1]]
+    assert value(gone, P + "lora_adapter_tier", lora_name="sql", tier="cpu") == 1

@@ -21,7 +21,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from lora_jax.engine.async_llm import AsyncLLM
@@ -175,3 +179,44 @@ class _EngineGauges(Collector):
                       s.num_preemptions)
         yield counter("lora_slot_loads", "Adapters written into a device slot (swaps)",
                       s.adapter_slot_loads)
+        served = {lr.lora_int_id: n for n, lr in list(self.metrics.models.loras.items())}
+        yield from _adapter_families(s, lambda a: served.get(a.lora_int_id, a.name))
+
+
+def _adapter_families(s, name_of):
+    """The adapter tiers: totals, load seconds, and one series per adapter in a slot, in host
+    memory or loading (an adapter back on disk only has none: the label count stays bounded
+    by max_cpu_loras and the loads under way)."""
+    yield CounterMetricFamily(P + "lora_loads", "Adapters read from disk", s.adapter_loads)
+    yield CounterMetricFamily(P + "lora_load_failures", "Adapter reads that failed",
+                              s.adapter_load_failures)
+    evictions = CounterMetricFamily(P + "lora_evictions", "Adapters evicted from a tier",
+                                    labels=["tier"])
+    for tier, count in sorted(s.adapter_evictions.items()):
+        evictions.add_metric([tier], count)
+    yield evictions
+    yield HistogramMetricFamily(P + "lora_load_seconds", "Seconds to read an adapter",
+                                buckets=s.adapter_load_seconds or [("+Inf", 0)],
+                                sum_value=s.adapter_load_seconds_sum)
+    yield GaugeMetricFamily(P + "lora_requests_waiting_on_load", "Requests waiting for their "
+                            "adapter to load", value=s.requests_waiting_on_load)
+    tiers = GaugeMetricFamily(P + "lora_adapters", "Adapters by tier (disk: known, not loaded)",
+                              labels=["tier"])
+    for tier, count in sorted(s.adapters_by_tier.items()):
+        tiers.add_metric([tier], count)
+    yield tiers
+    where = GaugeMetricFamily(P + "lora_adapter_tier", "Where an adapter is (value 1)",
+                              labels=["lora_name", "tier"])
+    loads = CounterMetricFamily(P + "lora_adapter_loads", "Reads of this adapter from disk",
+                                labels=["lora_name"])
+    evicted = CounterMetricFamily(P + "lora_adapter_evictions", "Evictions of this adapter",
+                                  labels=["lora_name"])
+    waiting = GaugeMetricFamily(P + "lora_adapter_waiting_requests", "Requests waiting for "
+                                "this adapter (to load, or for a slot)", labels=["lora_name"])
+    for a in s.adapters:
+        name = name_of(a)
+        where.add_metric([name, a.tier], 1)
+        loads.add_metric([name], a.loads)
+        evicted.add_metric([name], a.evictions)
+        waiting.add_metric([name], a.waiting_requests)
+    yield from (where, loads, evicted, waiting)
