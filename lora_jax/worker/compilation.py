@@ -34,7 +34,16 @@ def default_cache_dir() -> Path:
 
 def enable_persistent_cache(path: str | Path | None) -> Path | None:
     """Turn on JAX's persistent compilation cache at `path` (None: the default folder; "":
-    off). A cache folder the user already gave JAX wins; returns the folder in use."""
+    off; and off for a CPU mesh over several processes). A cache folder the user already gave
+    JAX wins; returns the folder in use."""
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # A CPU program over several processes that comes back from the cache runs collectives
+        # that do not match the other processes' (gloo aborts the process: "Received data size
+        # doesn't match expected size"), even in a folder of its own: compile those afresh.
+        logger.info("persistent compilation cache off: %d CPU processes share the mesh",
+                    jax.process_count())
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
     current = jax.config.jax_compilation_cache_dir
     if current:
         return Path(current)
