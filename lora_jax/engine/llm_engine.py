@@ -12,6 +12,7 @@ from lora_jax.config import EngineConfig
 from lora_jax.engine.core import EngineCore
 from lora_jax.engine.input_processor import InputProcessor
 from lora_jax.lora.adapters import LoRAAdapter
+from lora_jax.lora.manager import ReadWeights
 from lora_jax.outputs import EngineStats, RequestOutput
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import SamplingParams
@@ -84,14 +85,22 @@ class LLMEngine:
 
     # Adapters (the adapter manager's, see lora_jax.lora.manager) --------------------------------
 
-    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None, *,
+                 read: ReadWeights | None = None) -> bool:
         """Register an adapter (from its path, or the given in-memory weights, replacing an
-        adapter of the same id in place: no recompilation)."""
-        self.adapters.add(lora_request, adapter)
+        adapter of the same id in place: no recompilation). `read`: what read_lora returned
+        for this request, so the files are not read again here."""
+        self.adapters.add(lora_request, adapter, read=read)
         return True
 
-    def reload_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
-        return self.adapters.reload(lora_request)
+    def read_lora(self, lora_request: LoRARequest) -> ReadWeights:
+        """Read and validate an adapter from its path without touching the engine: safe in any
+        thread while the engine steps. Hand the result to add_lora or reload_lora."""
+        return self.adapters.read(lora_request)
+
+    def reload_lora(self, lora_request: LoRARequest, *,
+                    read: ReadWeights | None = None) -> LoRAAdapter:
+        return self.adapters.reload(lora_request, read=read)
 
     def remove_lora(self, lora_id: int) -> bool:
         return self.adapters.remove(lora_id)

@@ -13,7 +13,9 @@ An adapter's identity for the prefix cache is (lora_int_id, version): the versio
 whenever new weights take the id, so KV computed under the old weights is never reused.
 """
 
+import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_jax.core.scheduler import Batch, Scheduler
@@ -28,6 +30,14 @@ from models.config import LlamaConfig
 
 # Failed loads remembered for the caller that asks why (LLM.generate re-raises them).
 MAX_REMEMBERED_FAILURES = 64
+
+
+@dataclass(frozen=True)
+class ReadWeights:
+    """An adapter read from its path outside the engine thread, and the seconds it took."""
+
+    adapter: LoRAAdapter
+    seconds: float
 
 
 class AdapterManager:
@@ -68,9 +78,20 @@ class AdapterManager:
 
     # Explicit calls: they read at once ---------------------------------------------------------
 
-    def add(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
+    def read(self, req: LoRARequest) -> ReadWeights:
+        """Read and validate req's adapter from its path, changing nothing (any thread: the
+        server reads here off the engine thread, then hands the weights to add or reload)."""
+        self._require_lora(req)
+        start = time.perf_counter()
+        adapter = self.reader(req)
+        return ReadWeights(adapter, time.perf_counter() - start)
+
+    def add(self, req: LoRARequest, adapter: LoRAAdapter | None = None, *,
+            read: ReadWeights | None = None) -> LoRAAdapter:
         """Load (or take the given in-memory) adapter into the CPU tier; reuse it when known.
-        New weights under an id already in a slot replace it there, compiling nothing."""
+        `read`: weights `read` already took from req's path (evictable, as they can be read
+        again). New weights under an id already in a slot replace it there, compiling
+        nothing."""
         self._require_lora(req)
         if adapter is not None:
             if self.registry.put_in_memory(req, adapter) and self.slots is not None:
@@ -78,7 +99,13 @@ class AdapterManager:
             self._trim()
             return adapter
         if not self.registry.register(req):
-            self._read_now(req)
+            if read is None:
+                self._read_now(req)
+            else:
+                self.loader.cancel(req.lora_int_id)
+                self.registry.store(req, read.adapter)
+                self.counters.loaded(req.lora_int_id, read.seconds, True)
+                self._trim(protected={req.lora_int_id})
         return self.registry.adapter(req.lora_int_id)
 
     def _read_now(self, req: LoRARequest) -> None:
@@ -92,13 +119,13 @@ class AdapterManager:
         self.registry.store(req, adapter)
         self._trim(protected={req.lora_int_id})
 
-    def reload(self, req: LoRARequest) -> LoRAAdapter:
+    def reload(self, req: LoRARequest, *, read: ReadWeights | None = None) -> LoRAAdapter:
         """Load req's adapter from its path again under its id (vLLM's load_inplace): new
-        weights replace the old in the CPU tier and in its slot, compiling nothing; cached
-        prefixes of the old weights are never reused."""
+        weights (`read`, or read now) replace the old in the CPU tier and in its slot,
+        compiling nothing; cached prefixes of the old weights are never reused."""
         self._require_lora(req)
         self.loader.cancel(req.lora_int_id)
-        adapter = self.registry.reload(req)
+        adapter = self.registry.reload(req, None if read is None else read.adapter)
         self.slots.reload(req.lora_int_id, adapter)
         self._trim(protected={req.lora_int_id})
         return adapter

@@ -103,11 +103,12 @@ class AdapterRegistry:
         self._new_version(req.lora_int_id)
         return replaced
 
-    def reload(self, req: LoRARequest) -> LoRAAdapter:
-        """Read req's adapter from its path again (it may be a new path) and register it under
-        req's id, replacing what the id held."""
+    def reload(self, req: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
+        """Read req's adapter from its path again (it may be a new path; `adapter`: already
+        read from it) and register it under req's id, replacing what the id held."""
         self._check_base_model(req)
-        adapter = self.read(req)
+        if adapter is None:
+            adapter = self.read(req)
         self._known[req.lora_int_id] = req
         self.cache.put(req.lora_int_id, adapter)
         self._new_version(req.lora_int_id)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,3 +115,43 @@ def test_load_inplace_replaces_an_adapters_weights_under_its_name(app, adapter_d
     assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
     for name in ("swap", "fresh"):
         assert app.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+
+
+def test_a_runtime_load_reads_its_files_while_the_engine_serves_other_requests(
+        server, base_model, adapter_dir):
+    """The load's read is held until the test lets it go: a completion on the base model
+    is answered meanwhile, so the engine thread is not the one reading."""
+    llm = server[1]
+    manager = llm.engine.adapters
+    plain, gate, reading = manager.reader, threading.Event(), threading.Event()
+
+    def held_reader(req):
+        if req.lora_name == "held":
+            reading.set()
+            if not gate.wait(60):
+                raise TimeoutError("the test never let the read go")
+        return plain(req)
+
+    args = SimpleNamespace(model=base_model, served_model_name="tiny",
+                           allow_runtime_lora_updating=True,
+                           lora_root=str(Path(adapter_dir).parent))
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0.0}
+    manager.reader = held_reader
+    try:
+        with serve_in_thread(llm, args) as url, ThreadPoolExecutor(1) as pool:
+            load = pool.submit(httpx.post, url + "/v1/load_lora_adapter",
+                               json={"lora_name": "held", "lora_path": "sql"}, timeout=90)
+            assert reading.wait(30)
+            r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"]
+            assert not load.done()
+            gate.set()
+            assert load.result().status_code == 200, load.result().text
+            r = httpx.post(url + "/v1/completions", json={**body, "model": "held"}, timeout=30)
+            assert r.status_code == 200
+            r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "held"},
+                           timeout=30)
+            assert r.status_code == 200
+    finally:
+        manager.reader = plain
+        gate.set()

@@ -2,6 +2,7 @@
 adapters from inside --lora-root, by safe names."""
 
 import asyncio
+import functools
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -85,8 +86,9 @@ class AdapterLoader:
         return check_adapter_path(req.lora_path, self.root, self.allow_hub)
 
     async def _add(self, lr: LoRARequest, fn) -> None:
-        try:  # the engine thread reads the files between steps
-            await self.llm.acall(fn, lr)
+        try:  # read and validated in a thread of its own; the engine thread only registers
+            weights = await asyncio.to_thread(self.llm.engine.read_lora, lr)
+            await self.llm.acall(functools.partial(fn, read=weights), lr)
         except (ValueError, OSError) as exc:  # missing files, a defective adapter
             raise APIError(f"adapter {lr.lora_name!r} cannot be served: {exc}",
                            param="lora_path") from exc
