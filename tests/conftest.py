@@ -9,6 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most tests build small LLMs that run a handful of shapes: compiling every program at start-up
 # (the default for users) is left to the tests that check it.
 os.environ.setdefault("LORA_JAX_COMPILE_ON_START", "0")
+# The tests' models are tiny: compiling dominates their time, and LLVM's optimizations of
+# XLA:CPU's loops cost more to run than they save (the big matmuls are library calls either way).
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 # Many tests build the same tiny programs again: one persistent compilation cache per test run
 # lets later tests load them instead of compiling. The first process to read this file (the
 # xdist controller, or pytest alone) makes an empty folder; the xdist workers it starts inherit
@@ -44,3 +49,10 @@ def pytest_sessionfinish(session):
     """The process that made this run's compilation cache removes it."""
     if _OWN_XLA_CACHE:
         shutil.rmtree(os.environ["LORA_JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+    """Modules that hold slow (end-to-end) tests run first, each module's tests still together
+    and in order, so the test workers do not end on a few long tests while the other idles."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)

@@ -48,7 +48,8 @@ def test_serve_prints_its_url_and_answers(base_model, adapter_dir):
 
 def test_a_tensor_parallel_size_the_model_cannot_take_stops_start_up_naming_the_fix():
     env = {**os.environ, "PYTHONPATH": os.getcwd(),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, "-m", "lora_jax.cli.main", "serve",
                            Reference("gqa").model, "--tensor-parallel-size", "3", "--port",
                            str(free_port())], capture_output=True, text=True, env=env,

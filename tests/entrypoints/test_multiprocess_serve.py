@@ -93,7 +93,8 @@ def _start(model: str) -> tuple[Proc, Proc, int]:
     ref = Reference("gqa")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent),
                                                         os.environ.get("PYTHONPATH", "")]),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=2",
            "LORA_JAX_COMPILE_ON_START": "0"}
     http, coordinator = free_port(), free_port()
     common = [model, "--tensor-parallel-size", "4", "--num-processes", "2",
