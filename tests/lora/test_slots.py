@@ -1,0 +1,36 @@
+"""Device slots: idle adapters leave least recently used first; adapters in use never leave."""
+
+import pytest
+
+from lora_jax.lora.slots import AdapterSlots
+from lora_jax.tools.tiny import tiny_config
+from lora_jax.tools.workload import random_adapter
+
+CONFIG = tiny_config(hidden_size=32)
+
+
+def _adapters(*ids):
+    return {i: random_adapter(CONFIG, 2, seed=i, targets=("q_proj",)) for i in ids}
+
+
+def test_idle_adapters_leave_the_slots_least_recently_used_first():
+    slots = AdapterSlots(CONFIG, 2, 2)
+    slots.activate(_adapters(1), keep=set())
+    slots.activate(_adapters(2), keep=set())
+    slots.activate(_adapters(1), keep=set())  # 1 used again: 2 is now the least recent
+    slot_of_2 = slots.slot_of(2)
+    slots.activate(_adapters(3), keep=set())
+    assert sorted(slots.loaded()) == [1, 3] and slots.slot_of(3) == slot_of_2
+    slot_of_1 = slots.slot_of(1)
+    slots.activate(_adapters(4), keep=set())  # 1 is the least recent now
+    assert sorted(slots.loaded()) == [3, 4] and slots.slot_of(4) == slot_of_1
+    assert slots.num_loads == 4  # each adapter written once; a used one is not rewritten
+
+
+def test_an_adapter_in_use_keeps_its_slot_and_a_full_device_says_so():
+    slots = AdapterSlots(CONFIG, 2, 2)
+    slots.activate(_adapters(1, 2), keep=set())
+    slots.activate(_adapters(3), keep={2})  # 1 is idle, 2 is in use
+    assert sorted(slots.loaded()) == [2, 3]
+    with pytest.raises(RuntimeError, match="no free adapter slot"):
+        slots.activate(_adapters(4), keep={2, 3})
