@@ -128,7 +128,9 @@ def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
         raise ValueError(f"adapter targets unsupported module(s) {unknown}; "
                          f"supported: {', '.join(PROJECTIONS)}")
     layers, proj = config.num_hidden_layers, config.projection_shapes()
-    host = {name: np.zeros((layers, *shape), np.float32)
+    # Built on the host in the target dtype and placed in one transfer: converting each of
+    # the layers' fields on the device would dispatch one small program apiece.
+    host = {name: np.zeros((layers, *shape), jnp.dtype(dtype))
             for name, shape in _shapes(config, max_rank).items()}
     for name, weights in modules.items():
         a, b = np.asarray(weights.a), np.asarray(weights.b)
@@ -144,9 +146,9 @@ def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
         start = PACKED[a_field].index(name) * max_rank
         host[a_field][:, :, start:start + rank] = a
         host[EXPAND[name]][:, :rank, :] = b
-    return LoraStacks(tuple(
-        LayerLora(**{name: jnp.asarray(value[i], dtype) for name, value in host.items()})
-        for i in range(layers)))
+    placed = jax.device_put([[value[i] for value in host.values()] for i in range(layers)])
+    return LoraStacks(tuple(LayerLora(**dict(zip(host, fields_i, strict=True)))
+                            for fields_i in placed))
 
 
 def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> LoraStacks:
@@ -155,6 +157,14 @@ def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> L
 
     Pure; jit it with the stacks donated and the copy happens in place.
     """
+    _check_packed(stacks, packed)
+    return LoraStacks(tuple(
+        LayerLora(**{f.name: _set(getattr(s, f.name), SLOT_AXIS[f.name], slot, getattr(p, f.name))
+                     for f in fields(LayerLora)})
+        for s, p in zip(stacks.layers, packed.layers, strict=True)))
+
+
+def _check_packed(stacks: LoraStacks, packed: LoraStacks) -> None:
     if len(stacks.layers) != len(packed.layers):
         raise ValueError(f"packed adapter has {len(packed.layers)} layers, stacks have "
                          f"{len(stacks.layers)}")
@@ -165,10 +175,6 @@ def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> L
         if have[:axis] + have[axis + 1:] != new:
             raise ValueError(f"packed adapter field {field.name!r} has shape {list(new)}, "
                              f"stacks expect {list(have[:axis] + have[axis + 1:])}")
-    return LoraStacks(tuple(
-        LayerLora(**{f.name: _set(getattr(s, f.name), SLOT_AXIS[f.name], slot, getattr(p, f.name))
-                     for f in fields(LayerLora)})
-        for s, p in zip(stacks.layers, packed.layers, strict=True)))
 
 
 def stack_slots(packed: Sequence[LoraStacks]) -> LoraStacks:
@@ -188,5 +194,6 @@ def map_with_slot_axis(fn, stacks: LoraStacks) -> LoraStacks:
 
 
 def _set(stack: jax.Array, axis: int, slot, value: jax.Array) -> jax.Array:
-    index = (slice(None),) * axis + (slot,)
-    return stack.at[index].set(value.astype(stack.dtype))
+    # lax's update, not .at[].set: the latter's bounds check (a select around the update)
+    # keeps XLA:CPU from updating the donated stack in place, so every fill rewrote it whole.
+    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), slot, axis)

@@ -1,5 +1,8 @@
-"""Device slots: idle adapters leave least recently used first; adapters in use never leave."""
+"""Device slots: idle adapters leave least recently used first; adapters in use never leave;
+adapters brought in together land as they would one by one."""
 
+import jax
+import numpy as np
 import pytest
 
 from lora_jax.lora.slots import AdapterSlots
@@ -34,3 +37,19 @@ def test_an_adapter_in_use_keeps_its_slot_and_a_full_device_says_so():
     assert sorted(slots.loaded()) == [2, 3]
     with pytest.raises(RuntimeError, match="no free adapter slot"):
         slots.activate(_adapters(4), keep={2, 3})
+
+
+@pytest.mark.parametrize("count", [3, 11])
+def test_adapters_brought_in_together_fill_their_slots_as_one_by_one_fills(count):
+    together, one_by_one = AdapterSlots(CONFIG, 12, 4), AdapterSlots(CONFIG, 12, 4)
+    adapters = {i: random_adapter(CONFIG, 1 + i % 4, seed=i) for i in range(1, count + 1)}
+    together.activate(_adapters(99), keep=set())  # a resident adapter the fills must keep
+    one_by_one.activate(_adapters(99), keep=set())
+    together.activate(adapters, keep=set())
+    for lora_id, adapter in adapters.items():
+        one_by_one.activate({lora_id: adapter}, keep=set())
+    assert together.loaded() == one_by_one.loaded() and together.num_loads == count + 1
+    for mine, theirs in zip(jax.tree.leaves(together.stacks), jax.tree.leaves(one_by_one.stacks),
+                            strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    assert any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(together.stacks))
