@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from models import kv_cache, tp_kernels
 from models.config import LlamaConfig
-from models.lora import LayerLora
+from models.lora import SITES, LayerLora
 from models.ragged import AttnSpec, RaggedMeta, ragged_attention, write_tokens
 from models.rope import apply_rope
 from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_meta, lora_shrink
@@ -53,6 +53,9 @@ class TokenBatch(NamedTuple):
     attention_backend: str | None = None  # static: see models.ragged.ragged_attention
     local_rope: tuple[jax.Array, jax.Array] | None = None  # sliding layers' (cos, sin)
     lora_meta: object = None  # the step's LoRA metadata (pallas_kernels.lora_meta), built once
+    # [4] bool per LoRA site (models.lora.SITES): does any of the step's adapters use it?
+    # A site none uses skips its adapter work (None: every site runs).
+    lora_sites: jax.Array | None = None
     mesh: Mesh | None = None  # static: a tensor-parallel mesh (Pallas kernels: shard_map)
 
 
@@ -80,15 +83,27 @@ def norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
 
 
 def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple,
-            batch: TokenBatch, dropout_key: jax.Array | None = None) -> jax.Array:
+            batch: TokenBatch, dropout_key: jax.Array | None = None,
+            site: int | None = None) -> jax.Array:
     """x [T, d_in] @ w [d_out, d_in]^T plus each token's adapter term -> [T, d_out] float32.
 
     lora_a [S, d_in, n*R] and n expand matrices [S, R, w_i] summing to d_out; None = no LoRA.
     With batch.lora_dropout the adapter sees x through dropout, as PEFT's lora_dropout does.
+    site: this projection's index in models.lora.SITES; when batch.lora_sites says no adapter
+    of the step uses it, the adapter work is skipped (a lax.cond: the same program).
     """
     y = matmul(x, w)
     if lora_a is None:
         return y
+    if site is None or batch.lora_sites is None or batch.mesh is not None:
+        return _add_lora(y, x, lora_a, lora_bs, batch, dropout_key)
+    return jax.lax.cond(batch.lora_sites[site],
+                        lambda y: _add_lora(y, x, lora_a, lora_bs, batch, dropout_key),
+                        lambda y: y, y)
+
+
+def _add_lora(y: jax.Array, x: jax.Array, lora_a: jax.Array, lora_bs: tuple,
+              batch: TokenBatch, dropout_key: jax.Array | None) -> jax.Array:
     x = _dropout(x, batch, dropout_key)
     if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
         return tp_kernels.row_apply(batch.mesh, y, x, lora_a, lora_bs[0], batch.slot,
@@ -116,7 +131,7 @@ def _dropout(x: jax.Array, batch: TokenBatch, key: jax.Array | None) -> jax.Arra
 def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: int,
                    lora_a: jax.Array | None, lora_bs: tuple, batch: TokenBatch,
                    dropout_key: jax.Array | None = None,
-                   bias: jax.Array | None = None) -> list[jax.Array]:
+                   bias: jax.Array | None = None, site: int | None = None) -> list[jax.Array]:
     """A packed projection (q|k|v, gate|up) -> its parts [T, w_i] in x's dtype.
 
     shards > 1: w's columns are shard-major (see models.sharding), so the base matmul's output
@@ -124,7 +139,7 @@ def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: 
     gets its own adapter expand from one shared shrink. bias [sum w_i] in w's column layout.
     """
     if shards == 1:
-        y = project(x, w, lora_a, lora_bs, batch, dropout_key)
+        y = project(x, w, lora_a, lora_bs, batch, dropout_key, site)
         y = (y if bias is None else y + bias.astype(jnp.float32)).astype(x.dtype)
         return jnp.split(y, np.cumsum(widths[:-1]).tolist(), axis=-1)
     y = matmul(x, w)
@@ -206,7 +221,7 @@ def _attention(config: LlamaConfig, normed: jax.Array, cache: tuple, layer: int,
     h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q, k, v = project_packed(normed, w.qkv, (h * hd, kv * hd, kv * hd), config.packed_shards,
                              *_group(lora, "qkv_a", "q_b", "k_b", "v_b"), batch, keys[0],
-                             w.qkv_bias)
+                             w.qkv_bias, SITES.index("qkv_a"))
     q, k = q.reshape(b, length, h, hd), k.reshape(b, length, kv, hd)
     if config.qk_norm:  # per head, before RoPE
         q, k = norm(config, q, w.q_norm), norm(config, k, w.k_norm)
@@ -231,7 +246,7 @@ def _attention(config: LlamaConfig, normed: jax.Array, cache: tuple, layer: int,
                 for c in (k_cache, v_cache))
         attn = attend(q, *read, batch.positions, spec)
     attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
-                   keys[1])
+                   keys[1], SITES.index("o_a"))
     return attn, (k_cache, v_cache)
 
 
@@ -266,9 +281,11 @@ def decoder_layer(
     normed = norm(config, x, w.mlp_norm).reshape(b * length, d)
     inter = config.intermediate_size
     gate, up = project_packed(normed, w.gate_up, (inter, inter), config.packed_shards,
-                              *_group(lora, "gate_up_a", "gate_b", "up_b"), batch, keys[2])
+                              *_group(lora, "gate_up_a", "gate_b", "up_b"), batch, keys[2],
+                              site=SITES.index("gate_up_a"))
     hidden = _activation(config, gate) * up
-    mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch, keys[3])
+    mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch, keys[3],
+                  SITES.index("down_a"))
     mlp = mlp.astype(x.dtype).reshape(b, length, d)
     if config.sandwich_norms:
         mlp = norm(config, mlp, w.post_mlp_norm)

@@ -176,6 +176,7 @@ class Llama(nnx.Module):
         lora_backend: str | None = None,
         attention_backend: str | None = None,
         mesh=None,
+        lora_sites: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """One ragged step over the paged pool (see models.ragged).
 
@@ -184,7 +185,8 @@ class Llama(nnx.Module):
         (each request's last position in this step + 1, for dynamic NTK RoPE) -> (hidden
         [T, D] after the final norm, kv_cache with this step's keys and values written).
         mesh: the tensor-parallel mesh of a split model (its Pallas kernels run under
-        shard_map, models.tp_kernels), else None.
+        shard_map, models.tp_kernels), else None. lora_sites [len(models.lora.SITES)] bool:
+        the LoRA sites any of the step's adapters uses (the others skip their adapter work).
         """
         config = self.config
         req = jnp.minimum(meta.token_req, meta.tables.shape[0] - 1)
@@ -203,7 +205,8 @@ class Llama(nnx.Module):
                            lora_backend, kv_dtype=kv_cache.dtype, ragged=meta,
                            attention_backend=attention_backend, mesh=mesh,
                            local_rope=None if local is None else (local[0][:, 0][None],
-                                                                  local[1][:, 0][None]))
+                                                                  local[1][:, 0][None]),
+                           lora_sites=lora_sites)
         if lora is not None:
             batch = with_lora_meta(batch, lora.num_slots)
         x, cache = self._layers(self._embed(tokens)[None], kv_cache, lora, batch)

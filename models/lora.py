@@ -25,6 +25,15 @@ from models.config import PROJECTIONS, LlamaConfig
 # Packed shrink matrix -> the projections whose A columns it holds, in column order.
 PACKED = {"qkv_a": ("q_proj", "k_proj", "v_proj"), "o_a": ("o_proj",),
           "gate_up_a": ("gate_proj", "up_proj"), "down_a": ("down_proj",)}
+# The LoRA sites of a layer, one per packed shrink (see models.layers.project's `site`).
+SITES = tuple(PACKED)
+
+
+def sites_of(modules) -> np.ndarray:
+    """The projections an adapter targets -> [len(SITES)] bool: the sites it uses."""
+    return np.array([any(p in modules for p in PACKED[site]) for site in SITES])
+
+
 EXPAND = {"q_proj": "q_b", "k_proj": "k_b", "v_proj": "v_b", "o_proj": "o_b",
           "gate_proj": "gate_b", "up_proj": "up_b", "down_proj": "down_b"}
 

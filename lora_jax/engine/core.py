@@ -216,7 +216,8 @@ class EngineCore:
         try:
             # One static size (0 or MAX_LOGPROBS) keeps the count of compiled programs small.
             pending = self.runner.dispatch(self._rows(batch, previous), self.adapters.stacks,
-                                           MAX_LOGPROBS if wanted else 0)
+                                           MAX_LOGPROBS if wanted else 0,
+                                           self.adapters.sites(batch))
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the engine
             outputs += self._fail_step(batch, err)
             return None

@@ -257,6 +257,11 @@ class AdapterManager:
         for lora_id in before - set(self.slots.loaded()):
             self.counters.evicted(lora_id, "slot")
 
+    def sites(self, batch: Batch):
+        """The LoRA sites the batch's adapters use, for the step to skip the others (None
+        without LoRA)."""
+        return None if self.slots is None else self.slots.sites(batch.adapters())
+
     def slot_of(self, lora_id: int | None) -> int:
         """The slot of an adapter activated for this step; -1 for the base model."""
         return self.slots.slot_of(lora_id) if lora_id is not None else -1

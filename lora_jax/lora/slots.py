@@ -9,10 +9,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.lora.adapters import LoRAAdapter
 from models.config import LlamaConfig
-from models.lora import LoraStacks, init_lora_stacks, pack_adapter, set_slot
+from models.lora import SITES, LoraStacks, init_lora_stacks, pack_adapter, set_slot, sites_of
 from models.sharding import TensorParallel
 
 
@@ -26,6 +27,7 @@ class AdapterSlots:
         self.config, self.max_rank, self.dtype = config, max_rank, dtype
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, LRU first
         self._free = list(range(num_slots - 1, -1, -1))
+        self._sites = np.zeros((num_slots, len(SITES)), np.bool_)  # the LoRA sites each uses
         self.num_loads = 0  # adapters written into a slot (swaps in and reloads), for metrics
         # Several processes sharing the mesh: a lora_jax.worker.distributed.StepChannel.
         self.channel = None
@@ -77,7 +79,13 @@ class AdapterSlots:
         packed = pack_adapter(self.config, {}, self.max_rank, self.dtype)
         self.stacks = self._set(self.stacks, jnp.int32(0), packed)
 
+    def sites(self, lora_ids) -> np.ndarray:
+        """The LoRA sites (models.lora.SITES) any of these adapters, each in a slot, uses."""
+        used = [self._slot_of[i] for i in lora_ids]
+        return self._sites[used].any(axis=0) if used else np.zeros(len(SITES), np.bool_)
+
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
+        self._sites[slot] = sites_of(adapter.modules)
         packed = pack_adapter(self.config, adapter.modules, self.max_rank, self.dtype)
         self.num_loads += 1
         if self.channel is not None:  # several processes: the others fill the same slot

@@ -32,6 +32,7 @@ from lora_jax.worker.input_batch import (
 )
 from lora_jax.worker.sampler import History, Sampled, SamplingArrays, SamplingMode, mode_of, sample
 from models.kv_cache import init_paged_kv_cache
+from models.lora import SITES
 from models.ragged import RaggedMeta
 from models.sharding import TensorParallel
 
@@ -81,6 +82,9 @@ class StepInputs(NamedTuple):
     general: jax.Array  # bool: some row needs the general sampler (else greedy only)
     want_logprobs: jax.Array  # bool: some request asked for top logprobs
     new_prompts: jax.Array  # bool: some row has prompt tokens or is a sequence's first chunk
+    # [len(models.lora.SITES)] bool: the LoRA sites some adapter of the step uses (the others
+    # skip their adapter work)
+    lora_sites: jax.Array
 
 
 class Weights(NamedTuple):
@@ -108,7 +112,8 @@ def _step(graphdef, weights: Weights, cache: Cache, carry, inputs: StepInputs, *
     tokens = jnp.where(src >= 0, carry[jnp.maximum(src, 0)], inputs.tokens)
     hidden, kv = model.ragged(tokens, meta, cache.kv, weights.stacks, req.slot, req.rope_scale,
                               meta.kv_lens, lora_backend=lora_backend,
-                              attention_backend=attention_backend, mesh=mesh)
+                              attention_backend=attention_backend, mesh=mesh,
+                              lora_sites=inputs.lora_sites)
     logits = model.logits(hidden[req.logits_index])  # [R, V]: each request's last token
     if logits_sharding is not None:
         # A vocab-split lm_head: each device computes its columns, then the [R, V] rows are
@@ -227,8 +232,8 @@ class Runner:
         """The programs compiled so far, in the order they were compiled."""
         return list(self._programs)
 
-    def _inputs(self, shape: BatchShape, rows: list[RowInput],
-                num_logprobs: int = 0) -> StepInputs:
+    def _inputs(self, shape: BatchShape, rows: list[RowInput], num_logprobs: int = 0,
+                lora_sites: np.ndarray | None = None) -> StepInputs:
         batch = build(rows, shape, block_size=self.block_size, num_blocks=self.num_blocks,
                       table_pages=self.table_pages)
         cols = batch.columns
@@ -240,7 +245,9 @@ class Runner:
             tokens=batch.tokens, src=batch.src, meta=batch.meta, requests=req, sampling=sampling,
             general=np.bool_(mode_of(sampling) != GREEDY),
             want_logprobs=np.bool_(num_logprobs > 0),
-            new_prompts=np.bool_(cols["prompt"].any() or cols["fresh"].any()))
+            new_prompts=np.bool_(cols["prompt"].any() or cols["fresh"].any()),
+            lora_sites=(np.ones(len(SITES), np.bool_) if lora_sites is None
+                        else np.asarray(lora_sites, np.bool_)))
 
     def _run(self, key: "ProgramKey", stacks, inputs: StepInputs) -> Sampled:
         out, (self.kv, self.history), self.carry = self._programs[key](
@@ -265,12 +272,14 @@ class Runner:
 
     # Running -------------------------------------------------------------------------------
 
-    def dispatch(self, rows: list[RowInput], stacks, num_logprobs: int = 0) -> Pending:
+    def dispatch(self, rows: list[RowInput], stacks, num_logprobs: int = 0,
+                 lora_sites: np.ndarray | None = None) -> Pending:
         """Start one step: sample one token per request (for the last of its tokens). Returns
         at once, with the step running on the device; `collect` waits for its tokens. A row's
-        `src` takes its token from the previous step's samples, on the device."""
+        `src` takes its token from the previous step's samples, on the device. lora_sites: the
+        LoRA sites the step's adapters use (None: all)."""
         shape = self.ladder.fit(rows)
-        inputs = self._inputs(shape, rows, num_logprobs)
+        inputs = self._inputs(shape, rows, num_logprobs, lora_sites)
         key = ProgramKey(shape.tokens)
         self.compile(key, stacks)
         if self.channel is not None:  # several processes: the others make the same call

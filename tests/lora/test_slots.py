@@ -53,3 +53,12 @@ def test_adapters_brought_in_together_fill_their_slots_as_one_by_one_fills(count
                             strict=True):
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
     assert any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(together.stacks))
+
+
+def test_a_step_uses_the_lora_sites_of_its_adapters_only():
+    slots = AdapterSlots(CONFIG, 3, 2)
+    slots.activate({1: random_adapter(CONFIG, 2, 1, targets=("q_proj",)),
+                    2: random_adapter(CONFIG, 2, 2, targets=("down_proj",))}, keep=set())
+    assert slots.sites([1]).tolist() == [True, False, False, False]  # qkv, o, gate_up, down
+    assert slots.sites([1, 2]).tolist() == [True, False, False, True]
+    assert not slots.sites([]).any()  # a base-only step runs no adapter work

@@ -10,7 +10,7 @@ from helpers.checkpoints import LoraModule, by_field, random_lora, tiny_config
 
 from models import LayerLora, LlamaConfig, init_lora_stacks, pack_adapter, set_slot
 from models.layers import TokenBatch, project
-from models.lora import SLOT_AXIS
+from models.lora import SITES, SLOT_AXIS, sites_of
 from pallas_kernels import lora_apply
 
 CONFIG = LlamaConfig.from_dict(tiny_config())
@@ -109,3 +109,26 @@ def test_a_q_and_v_only_adapter_in_the_packed_qkv_equals_separate_projections():
                                rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(v, separate("v", lora["v_proj"].a[0], lora["v_proj"].b[0]),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_a_lora_site_no_adapter_of_the_step_uses_skips_its_adapter_work():
+    lora = random_lora(CONFIG, targets=("q_proj", "v_proj", "o_proj"), rank=4, seed=5)
+    assert sites_of(lora).tolist() == [s in ("qkv_a", "o_a") for s in SITES]
+    layer = set_slot(init_lora_stacks(CONFIG, 2, 4), 1, pack_adapter(CONFIG, lora, 4)).layer(0)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32)
+    slot = jnp.array([1, -1, 1, 1], jnp.int32)
+    site = SITES.index("o_a")
+
+    def o_proj(sites):
+        batch = TokenBatch(None, None, None, None, slot, None, lora_sites=sites)
+        return np.asarray(jax.jit(lambda x: project(x, w, layer.o_a, (layer.o_b,), batch,
+                                                    site=site))(x))
+
+    every = o_proj(None)
+    assert not np.allclose(every, np.asarray(x @ w.T))  # the adapter changes o here
+    np.testing.assert_array_equal(o_proj(jnp.asarray(sites_of(lora))), every)
+    # Flagged unused, the site gives exactly the base projection: its adapter work is skipped.
+    np.testing.assert_array_equal(o_proj(jnp.zeros(len(SITES), bool)),
+                                  np.asarray(jnp.einsum("ti,oi->to", x, w)))
