@@ -17,7 +17,14 @@ from models.config import LlamaConfig
 from models.lora import SITES, LayerLora
 from models.ragged import AttnSpec, RaggedMeta, ragged_attention, write_tokens
 from models.rope import apply_rope
-from pallas_kernels import lora_apply, lora_apply_sliced, lora_expand, lora_meta, lora_shrink
+from pallas_kernels import (
+    lora_apply,
+    lora_apply_sliced,
+    lora_expand,
+    lora_meta,
+    lora_meta_for_site,
+    lora_shrink,
+)
 
 
 class LayerWeights(NamedTuple):
@@ -90,29 +97,24 @@ def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple
     lora_a [S, d_in, n*R] and n expand matrices [S, R, w_i] summing to d_out; None = no LoRA.
     With batch.lora_dropout the adapter sees x through dropout, as PEFT's lora_dropout does.
     site: this projection's index in models.lora.SITES; when batch.lora_sites says no adapter
-    of the step uses it, the adapter work is skipped (a lax.cond: the same program).
+    of the step uses it, the tiled backend skips its adapter work (a branch of the switch it
+    runs anyway: the same program, and no stack passed through another conditional).
     """
     y = matmul(x, w)
     if lora_a is None:
         return y
-    if site is None or batch.lora_sites is None or batch.mesh is not None:
-        return _add_lora(y, x, lora_a, lora_bs, batch, dropout_key)
-    return jax.lax.cond(batch.lora_sites[site],
-                        lambda y: _add_lora(y, x, lora_a, lora_bs, batch, dropout_key),
-                        lambda y: y, y)
-
-
-def _add_lora(y: jax.Array, x: jax.Array, lora_a: jax.Array, lora_bs: tuple,
-              batch: TokenBatch, dropout_key: jax.Array | None) -> jax.Array:
     x = _dropout(x, batch, dropout_key)
+    meta = batch.lora_meta
+    if site is not None and batch.lora_sites is not None and meta is not None:
+        meta = lora_meta_for_site(meta, batch.lora_sites[site])
     if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
         return tp_kernels.row_apply(batch.mesh, y, x, lora_a, lora_bs[0], batch.slot,
-                                    batch.lora_backend, batch.lora_meta)  # o, down
+                                    batch.lora_backend, meta)  # o, down
     if len(lora_bs) == 1:
         return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend,
-                          meta=batch.lora_meta)
+                          meta=meta)
     return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend,
-                             meta=batch.lora_meta)
+                             meta=meta)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@ Public API (see api.py for shapes and backends):
     lora_expand(y, h, b, slot)         -> y + h @ b[slot]
     lora_meta(slot, S)                 the step's LoRA metadata (tokens grouped by slot): built
                                        once per step, passed as meta= to every call
+    lora_meta_for_site(meta, used)     that metadata for one LoRA site; used false: the tiled
+                                       backend skips the site's work
     lora_apply(y, x, a, b, slot)       -> y + (x @ a[:, slot]) @ b[slot]   a [D_in, S, R]
     lora_apply_sliced(y, x, a, bs, slot) fused projections (q|k|v, gate|up)
     group_by_slot / gather_rows / scatter_rows: the token grouping of the prefill kernels
@@ -20,6 +22,7 @@ from pallas_kernels.api import (
     lora_apply_sliced,
     lora_expand,
     lora_meta,
+    lora_meta_for_site,
     lora_shrink,
 )
 from pallas_kernels.attention import ragged_paged_attention
@@ -39,6 +42,7 @@ __all__ = [
     "lora_apply_sliced",
     "lora_expand",
     "lora_meta",
+    "lora_meta_for_site",
     "lora_shrink",
     "ragged_paged_attention",
     "scatter_rows",

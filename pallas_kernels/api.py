@@ -119,6 +119,13 @@ def lora_meta(slot, num_slots: int, *, backend: str | None = None, pattern: str 
     return None
 
 
+def lora_meta_for_site(meta, used):
+    """The step's metadata (from lora_meta) for one LoRA site; `used` [] bool false (no adapter
+    of the step uses that site) makes the tiled backend skip its work. Other backends' metadata
+    comes back as it is (they run every site)."""
+    return tiled.for_site(meta, used) if isinstance(meta, tiled.LoraMeta) else meta
+
+
 def _shrink(x, a, slot, backend: str, plan, meta) -> jax.Array:
     if backend == "reference":
         return reference.shrink(x, a, slot)

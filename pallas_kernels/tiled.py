@@ -11,6 +11,7 @@ and each LoRA site runs one of a few static branches (lax.switch on an index the
           multiplied by their own gathered adapter (a batched [n, tm, D] @ [n, D, R]). The
           ladder of n doubles from ceil(T / tm) to the static bound, so the work done is at most
           twice the tiles the step fills.
+  skip (the last branch): a LoRA site none of the step's adapters uses (for_site) adds nothing.
 Every branch is compiled with the step (no new program); only the chosen one runs. Tokens of
 slot -1 sort last, so they fill no tile and get exactly y back.
 Reference: pallas_kernels.reference.
@@ -88,6 +89,16 @@ def step_meta(slot: jax.Array, num_slots: int) -> LoraMeta:
     return LoraMeta(slot.astype(jnp.int32), groups, distinct, token_k, branch)
 
 
+# lax.switch clamps its index: any index past the branches runs the last one, the skip.
+_SKIP = 1 << 20
+
+
+def for_site(meta: LoraMeta, used: jax.Array) -> LoraMeta:
+    """The step's metadata for one LoRA site: `used` [] bool false (no adapter of the step
+    uses the site) turns its shrink and expand into the skip branch."""
+    return meta._replace(branch=jnp.where(used, meta.branch, _SKIP).astype(jnp.int32))
+
+
 def _tiles(meta: LoraMeta, n: int) -> tuple[jax.Array, jax.Array, int]:
     """The first n tiles: (source token of each row [n*tm], adapter of each tile [n], tm)."""
     rows = meta.groups.rows.shape[0] // meta.groups.block_slot.shape[0]
@@ -119,8 +130,11 @@ def _shrink_branches(x: jax.Array, a: jax.Array, meta: LoraMeta) -> list:
             return _unsort(h.reshape(n * tm, rank), meta)
         return run
 
+    def skip():
+        return jnp.zeros((tokens, rank), jnp.float32)
+
     return ([compact(k) for k in COMPACT_LADDER]
-            + [tiles(n) for n in tile_ladder(tokens, num_slots)])
+            + [tiles(n) for n in tile_ladder(tokens, num_slots)] + [skip])
 
 
 def shrink(x: jax.Array, a: jax.Array, slot: jax.Array, meta: LoraMeta | None = None
@@ -160,8 +174,11 @@ def _expand_branches(h: jax.Array, bs: Sequence[jax.Array], meta: LoraMeta) -> l
             return tuple(out)
         return run
 
+    def skip():
+        return tuple(jnp.zeros((tokens, b.shape[-1]), jnp.float32) for b in bs)
+
     return ([compact(k) for k in COMPACT_LADDER]
-            + [tiles(n) for n in tile_ladder(tokens, num_slots)])
+            + [tiles(n) for n in tile_ladder(tokens, num_slots)] + [skip])
 
 
 def expand_sliced(y: jax.Array, h: jax.Array, bs: Sequence[jax.Array], slot: jax.Array,

@@ -93,3 +93,22 @@ def test_lora_meta_is_none_for_backends_that_need_none():
     assert pk.lora_meta(slot, 4, backend="reference") is None
     with pytest.raises(ValueError, match="slot must be an integer array"):
         pk.lora_meta(slot.astype(jnp.float32), 4, backend="tiled")
+
+
+@pytest.mark.parametrize("distinct", [1, 5])  # the compact branch, a tile branch
+def test_a_site_no_adapter_uses_takes_the_skip_branch_and_adds_nothing(distinct, rng):
+    tokens, num_slots, d_in, rank, widths = 40, 64, 48, 8, (32, 16, 16)
+    x, y = normal(rng, (tokens, d_in), jnp.float32), normal(rng, (tokens, sum(widths)),
+                                                            jnp.float32)
+    a, bs = stacks(rng, num_slots, d_in, rank, widths, jnp.float32)
+    slot = jnp.asarray(_slots(rng, tokens, num_slots, distinct))
+
+    def step(used):
+        meta = pk.lora_meta_for_site(pk.lora_meta(slot, num_slots, backend="tiled"), used)
+        return pk.lora_apply_sliced(y, x, a, bs, slot, backend="tiled", meta=meta)
+
+    run = jax.jit(step)
+    assert_close(run(jnp.bool_(True)), expand64(y, shrink64(x, a, slot), bs, slot),
+                 jnp.float32)
+    assert_bitwise_equal(np.asarray(run(jnp.bool_(False))), np.asarray(y))
+    assert pk.lora_meta_for_site(None, jnp.bool_(False)) is None  # other backends: as it is

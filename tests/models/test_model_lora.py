@@ -9,7 +9,7 @@ import pytest
 from helpers.checkpoints import LoraModule, by_field, random_lora, tiny_config
 
 from models import LayerLora, LlamaConfig, init_lora_stacks, pack_adapter, set_slot
-from models.layers import TokenBatch, project
+from models.layers import TokenBatch, project, with_lora_meta
 from models.lora import SITES, SLOT_AXIS, sites_of
 from pallas_kernels import lora_apply
 
@@ -122,9 +122,11 @@ def test_a_lora_site_no_adapter_of_the_step_uses_skips_its_adapter_work():
     site = SITES.index("o_a")
 
     def o_proj(sites):
-        batch = TokenBatch(None, None, None, None, slot, None, lora_sites=sites)
-        return np.asarray(jax.jit(lambda x: project(x, w, layer.o_a, (layer.o_b,), batch,
-                                                    site=site))(x))
+        def run(x):  # the step's metadata built as the model builds it (the tiled backend)
+            batch = with_lora_meta(TokenBatch(None, None, None, None, slot, "tiled",
+                                              lora_sites=sites), 2)
+            return project(x, w, layer.o_a, (layer.o_b,), batch, site=site)
+        return np.asarray(jax.jit(run)(x))
 
     every = o_proj(None)
     assert not np.allclose(every, np.asarray(x @ w.T))  # the adapter changes o here
