@@ -164,16 +164,9 @@ def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> L
     """stacks (fields with a slot axis), packed (fields without) -> stacks with slot `slot`
     replaced.
 
-    Pure; jit it with the stacks donated and the copy happens in place.
+    Pure; jit it with the stacks donated. XLA:CPU then updates the expand stacks (slot axis
+    first) in place; the shrink stacks (slot axis in the middle) it copies whole.
     """
-    _check_packed(stacks, packed)
-    return LoraStacks(tuple(
-        LayerLora(**{f.name: _set(getattr(s, f.name), SLOT_AXIS[f.name], slot, getattr(p, f.name))
-                     for f in fields(LayerLora)})
-        for s, p in zip(stacks.layers, packed.layers, strict=True)))
-
-
-def _check_packed(stacks: LoraStacks, packed: LoraStacks) -> None:
     if len(stacks.layers) != len(packed.layers):
         raise ValueError(f"packed adapter has {len(packed.layers)} layers, stacks have "
                          f"{len(stacks.layers)}")
@@ -184,6 +177,10 @@ def _check_packed(stacks: LoraStacks, packed: LoraStacks) -> None:
         if have[:axis] + have[axis + 1:] != new:
             raise ValueError(f"packed adapter field {field.name!r} has shape {list(new)}, "
                              f"stacks expect {list(have[:axis] + have[axis + 1:])}")
+    return LoraStacks(tuple(
+        LayerLora(**{f.name: _set(getattr(s, f.name), SLOT_AXIS[f.name], slot, getattr(p, f.name))
+                     for f in fields(LayerLora)})
+        for s, p in zip(stacks.layers, packed.layers, strict=True)))
 
 
 def stack_slots(packed: Sequence[LoraStacks]) -> LoraStacks:

@@ -210,14 +210,13 @@ class EngineCore:
     def _dispatch(self, batch: Batch, outputs: list[RequestOutput]) -> InFlight | None:
         """Start the batch on the device and tell the scheduler (None if it failed: its
         requests' errors go to outputs)."""
-        self.adapters.activate(batch)
+        sites = self.adapters.activate(batch)
         previous = self._inflight.rows if self._inflight is not None else {}
         wanted = any(s.request.params.logprobs is not None for s in batch.seqs())
         try:
             # One static size (0 or MAX_LOGPROBS) keeps the count of compiled programs small.
             pending = self.runner.dispatch(self._rows(batch, previous), self.adapters.stacks,
-                                           MAX_LOGPROBS if wanted else 0,
-                                           self.adapters.sites(batch))
+                                           MAX_LOGPROBS if wanted else 0, sites)
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the engine
             outputs += self._fail_step(batch, err)
             return None

@@ -242,12 +242,15 @@ class AdapterManager:
 
     # Slots -------------------------------------------------------------------------------------
 
-    def activate(self, batch: Batch) -> None:
+    def activate(self, batch: Batch):
         """A slot for every adapter of the batch, evicting none that a running sequence or a
-        pin holds."""
+        pin holds -> the LoRA sites those adapters use, for the step to skip the others (None
+        without LoRA)."""
         if self.slots is None:
-            return
-        self._fill(batch.adapters(), keep=self.scheduler.held_adapters())
+            return None
+        ids = batch.adapters()
+        self._fill(ids, keep=self.scheduler.held_adapters())
+        return self.slots.sites(ids)
 
     def _fill(self, ids: set[int], keep: set[int]) -> None:
         """Slots for `ids` (each in a slot or the CPU tier): one device update per new one."""
@@ -256,11 +259,6 @@ class AdapterManager:
                              else self.registry.adapter(i) for i in ids}, keep=keep)
         for lora_id in before - set(self.slots.loaded()):
             self.counters.evicted(lora_id, "slot")
-
-    def sites(self, batch: Batch):
-        """The LoRA sites the batch's adapters use, for the step to skip the others (None
-        without LoRA)."""
-        return None if self.slots is None else self.slots.sites(batch.adapters())
 
     def slot_of(self, lora_id: int | None) -> int:
         """The slot of an adapter activated for this step; -1 for the base model."""
