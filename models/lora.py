@@ -6,10 +6,10 @@ expand matrix per output slice. A projection an adapter leaves alone has zero A 
 its columns, which adds exactly zero: a q,v-only adapter gives the same k as the base model.
 Ranks below max_rank are zero-padded, which is exact for the same reason.
 
-Shrink stacks are slot-interleaved, [d_in, slots, n*R]: viewed as [d_in, slots * n*R] (a free
-reshape) they are every slot's A side by side, so XLA:CPU computes all slots' shrink in one
-plain matmul (a [slots, d_in, R] stack needs a transposing copy or a batched matmul first,
-a measurable share of a decode step). Expand stacks are [slots, R, d_out].
+Every stack has the slot axis first: shrink stacks [slots, d_in, n*R], expand stacks
+[slots, R, d_out]. A slot is then one contiguous block, so filling it writes only that block
+(XLA:CPU copies a whole stack to update a slice along any other axis, which made a fill's cost
+grow with the number of slots) and the kernels gather a step's adapters as whole blocks.
 """
 
 from collections.abc import Mapping, Sequence
@@ -43,7 +43,7 @@ EXPAND = {"q_proj": "q_b", "k_proj": "k_b", "v_proj": "v_b", "o_proj": "o_b",
 class LayerLora:
     """One layer's adapter weights, scaling folded into the B matrices; R = max_rank.
 
-    In the stacks the shrink matrices a are [d_in, slots, n*R] (n projections in the group)
+    In the stacks the shrink matrices a are [slots, d_in, n*R] (n projections in the group)
     and the expand matrices b [slots, R, d_out]; a single packed adapter (from pack_adapter)
     has no slot axis: a [d_in, n*R], b [R, d_out].
     """
@@ -87,15 +87,16 @@ class LoraStacks:
 # Logical axes of every field (see models.sharding): column-parallel projections keep A whole
 # and split B's output like their base weight; row-parallel ones (o, down) split A's input.
 LORA_AXES = {
-    "qkv_a": ("embed", "slots", "rank"), "q_b": ("slots", "rank", "heads"),
+    "qkv_a": ("slots", "embed", "rank"), "q_b": ("slots", "rank", "heads"),
     "k_b": ("slots", "rank", "kv_heads"), "v_b": ("slots", "rank", "kv_heads"),
-    "o_a": ("heads", "slots", "rank"), "o_b": ("slots", "rank", "embed"),
-    "gate_up_a": ("embed", "slots", "rank"), "gate_b": ("slots", "rank", "mlp"),
-    "up_b": ("slots", "rank", "mlp"), "down_a": ("mlp", "slots", "rank"),
+    "o_a": ("slots", "heads", "rank"), "o_b": ("slots", "rank", "embed"),
+    "gate_up_a": ("slots", "embed", "rank"), "gate_b": ("slots", "rank", "mlp"),
+    "up_b": ("slots", "rank", "mlp"), "down_a": ("slots", "mlp", "rank"),
     "down_b": ("slots", "rank", "embed"),
 }
 
-SLOT_AXIS = {**{a: 1 for a in PACKED}, **{b: 0 for b in EXPAND.values()}}
+# Where each field's slot axis is (the first, for all of them).
+SLOT_AXIS = {**{a: 0 for a in PACKED}, **{b: 0 for b in EXPAND.values()}}
 
 
 def _shapes(config: LlamaConfig, max_rank: int) -> dict[str, tuple[int, int]]:
@@ -164,8 +165,8 @@ def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> L
     """stacks (fields with a slot axis), packed (fields without) -> stacks with slot `slot`
     replaced.
 
-    Pure; jit it with the stacks donated. XLA:CPU then updates the expand stacks (slot axis
-    first) in place; the shrink stacks (slot axis in the middle) it copies whole.
+    Pure; jit it with the stacks donated: XLA then writes the slot's block of each stack in
+    place (the slot axis is first), so a fill costs one adapter's bytes whatever the slots.
     """
     if len(stacks.layers) != len(packed.layers):
         raise ValueError(f"packed adapter has {len(packed.layers)} layers, stacks have "
@@ -202,4 +203,12 @@ def map_with_slot_axis(fn, stacks: LoraStacks) -> LoraStacks:
 def _set(stack: jax.Array, axis: int, slot, value: jax.Array) -> jax.Array:
     # lax's update, not .at[].set: the latter's bounds check (a select around the update)
     # keeps XLA:CPU from updating the donated stack in place, so every fill rewrote it whole.
-    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), slot, axis)
+    # 16-bit floats are updated as their bits: XLA:CPU computes bfloat16 in float32, which
+    # wraps the update in converts of the whole stack (a full copy per fill) otherwise.
+    value = value.astype(stack.dtype)
+    if stack.dtype.itemsize != 2:
+        return jax.lax.dynamic_update_index_in_dim(stack, value, slot, axis)
+    bits = jax.lax.dynamic_update_index_in_dim(
+        jax.lax.bitcast_convert_type(stack, jnp.uint16),
+        jax.lax.bitcast_convert_type(value, jnp.uint16), slot, axis)
+    return jax.lax.bitcast_convert_type(bits, stack.dtype)

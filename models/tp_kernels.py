@@ -49,7 +49,7 @@ def _map(mesh: Mesh, fn, in_specs, out_specs):
 
 
 def column_shrink(mesh: Mesh, x, a, slot, backend, meta=None) -> jax.Array:
-    """x [T, D] and a [D, S, n*R] whole on every device -> [T, n*R] float32, whole.
+    """x [T, D] and a [S, D, n*R] whole on every device -> [T, n*R] float32, whole.
     meta: the step's LoRA metadata (pallas_kernels.lora_meta of the whole slot), replicated."""
     def shrink(x, a, slot, meta):
         return lora_shrink(x, a, slot, backend=backend, meta=meta)
@@ -67,13 +67,13 @@ def column_expand(mesh: Mesh, y, h, b, slot, backend, meta=None) -> jax.Array:
 
 
 def row_apply(mesh: Mesh, y, x, a, b, slot, backend, meta=None) -> jax.Array:
-    """y [T, D] whole, x [T, d_in] and a [d_in, S, R] split over d_in, b [S, R, D] whole ->
-    y + (x @ a[:, slot]) @ b[slot], whole."""
+    """y [T, D] whole, x [T, d_in] and a [S, d_in, R] split over d_in, b [S, R, D] whole ->
+    y + (x @ a[slot]) @ b[slot], whole."""
     def apply(y, x, a, b, slot, meta):
         h = jax.lax.psum(lora_shrink(x, a, slot, backend=backend, meta=meta), TP)
         return lora_expand(y, h, b, slot, backend=backend, meta=meta)
 
-    return _map(mesh, apply, (P(), P(None, TP), P(TP, None, None), P(), P(), P()), P())(
+    return _map(mesh, apply, (P(), P(None, TP), P(None, TP, None), P(), P(), P()), P())(
         y, x, a, b, slot, meta)
 
 

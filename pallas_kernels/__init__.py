@@ -7,7 +7,7 @@ Public API (see api.py for shapes and backends):
                                        once per step, passed as meta= to every call
     lora_meta_for_site(meta, used)     that metadata for one LoRA site; used false: the tiled
                                        backend skips the site's work
-    lora_apply(y, x, a, b, slot)       -> y + (x @ a[:, slot]) @ b[slot]   a [D_in, S, R]
+    lora_apply(y, x, a, b, slot)       -> y + (x @ a[slot]) @ b[slot]   a [S, D_in, R]
     lora_apply_sliced(y, x, a, bs, slot) fused projections (q|k|v, gate|up)
     group_by_slot / gather_rows / scatter_rows: the token grouping of the prefill kernels
     ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs)

@@ -76,8 +76,8 @@ def _check_shrink(x, a, slot) -> None:
     _check_float("x", x)
     _check_float("a", a)
     _check_slot(slot, x.shape[0])
-    if a.shape[0] != x.shape[1]:
-        raise ValueError(f"a {a.shape} must be [D_in, S, R] (slot-interleaved) with D_in = "
+    if a.shape[1] != x.shape[1]:
+        raise ValueError(f"a {a.shape} must be [S, D_in, R] (slots first) with D_in = "
                          f"x.shape[1] = {x.shape[1]}")
 
 
@@ -157,7 +157,7 @@ def lora_shrink(
     x, a, slot, *, backend: str | None = None, pattern: str | None = None,
     block_sizes: BlockSizes | None = None, meta=None,
 ) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] int32 (-1 = none) -> [T, R] float32."""
+    """x [T, D_in], a [S, D_in, R], slot [T] int32 (-1 = none) -> [T, R] float32."""
     _check_shrink(x, a, slot)
     return _shrink(x, a, slot, *_resolve(backend, pattern, block_sizes), meta)
 
@@ -178,8 +178,8 @@ def lora_apply(
     y, x, a, b, slot, *, backend: str | None = None, pattern: str | None = None,
     block_sizes: BlockSizes | None = None, meta=None,
 ) -> jax.Array:
-    """y [T, D_out], x [T, D_in], a [D_in, S, R], b [S, R, D_out]
-    -> y + (x @ a[:, slot]) @ b[slot]."""
+    """y [T, D_out], x [T, D_in], a [S, D_in, R], b [S, R, D_out]
+    -> y + (x @ a[slot]) @ b[slot]."""
     return lora_apply_sliced(y, x, a, (b,), slot, backend=backend, pattern=pattern,
                              block_sizes=block_sizes, meta=meta)
 
@@ -188,9 +188,9 @@ def lora_apply_sliced(
     y, x, a, bs: Sequence[jax.Array], slot, *, backend: str | None = None,
     pattern: str | None = None, block_sizes: BlockSizes | None = None, meta=None,
 ) -> jax.Array:
-    """Fused projection: y [T, sum(w_i)], x [T, D_in], a [D_in, S, n*R], bs n arrays [S, R, w_i].
+    """Fused projection: y [T, sum(w_i)], x [T, D_in], a [S, D_in, n*R], bs n arrays [S, R, w_i].
 
-    Slice i of the output gets (x @ a[:, slot, i*R:(i+1)*R]) @ bs[i][slot].
+    Slice i of the output gets (x @ a[slot, :, i*R:(i+1)*R]) @ bs[i][slot].
     """
     bs = tuple(bs)
     _check_shrink(x, a, slot)
@@ -198,8 +198,8 @@ def lora_apply_sliced(
         raise ValueError(f"a {a.shape}: its rank axis must split into {len(bs)} equal slices")
     h_shape = jax.ShapeDtypeStruct((x.shape[0], a.shape[-1]), jnp.float32)
     _check_expand(y, h_shape, bs, slot)
-    if a.shape[1] != bs[0].shape[0]:
-        raise ValueError(f"a has S={a.shape[1]} slots but b has S={bs[0].shape[0]}")
+    if a.shape[0] != bs[0].shape[0]:
+        raise ValueError(f"a has S={a.shape[0]} slots but b has S={bs[0].shape[0]}")
     resolved = _resolve(backend, pattern, block_sizes)
     if resolved[1] is not None:
         blocks.check_rank(bs[0].shape[1])

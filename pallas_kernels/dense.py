@@ -3,8 +3,8 @@
 Where no Pallas kernel runs (CPU), the per-token gather of the reference reads T copies of the
 adapter weights ([T, D, R] materialized). Computing every slot at once reads each adapter once
 and turns the work into two ordinary matmuls, which XLA's CPU backend runs well:
-  shrink: [T, D_in] @ a [D_in, S, R] viewed as [D_in, S*R] (a free reshape: the stacks are
-          slot-interleaved for this) -> [T, S, R], keep slot[t]'s row;
+  shrink: [T, D_in] @ a [S, D_in, R] with the slots side by side ([D_in, S*R], a transposed
+          copy of the stack) -> [T, S, R], keep slot[t]'s row;
   expand: one-hot-masked h [T, S*R] @ b reshaped [S*R, D_out] (a free reshape).
 It spends S times the minimal FLOPs, which pays off while S*R stays small next to D (decode); see
 scripts/bench_kernels.py --forms against the tiled backend, whose cost does not grow with S.
@@ -28,8 +28,8 @@ def one_hot(slot: jax.Array, num_slots: int) -> jax.Array:
 
 
 def shrink(x: jax.Array, a: jax.Array, slot: jax.Array) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] int32 -> h [T, R] float32."""
-    tokens, num_slots = x.shape[0], a.shape[1]
+    """x [T, D_in], a [S, D_in, R], slot [T] int32 -> h [T, R] float32."""
+    tokens, num_slots = x.shape[0], a.shape[0]
     if tokens < num_slots:
         return reference.shrink(x, a, slot)
     picked = jnp.take_along_axis(_every_slot(x, a), jnp.maximum(slot, 0)[:, None, None],
@@ -58,7 +58,7 @@ def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Arra
     The expand multiplies a one-hot-masked [T, S, n*R] anyway, so the shrink's every-slot
     output is masked in place: two matmuls and elementwise work per slice, no per-token gather.
     """
-    num_slots = a.shape[1]
+    num_slots = a.shape[0]
     if x.shape[0] < num_slots:
         return expand_sliced(y, shrink(x, a, slot), bs, slot)
     masked = _every_slot(x, a) * one_hot(slot, num_slots)[:, :, None]
@@ -66,9 +66,10 @@ def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Arra
 
 
 def _every_slot(x: jax.Array, a: jax.Array) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R] -> [T, S, R] float32: every slot's shrink, one matmul."""
-    d_in, num_slots, rank = a.shape
-    every = jnp.dot(x, a.reshape(d_in, num_slots * rank), preferred_element_type=jnp.float32)
+    """x [T, D_in], a [S, D_in, R] -> [T, S, R] float32: every slot's shrink, one matmul."""
+    num_slots, d_in, rank = a.shape
+    side_by_side = jnp.transpose(a, (1, 0, 2)).reshape(d_in, num_slots * rank)
+    every = jnp.dot(x, side_by_side, preferred_element_type=jnp.float32)
     return every.reshape(x.shape[0], num_slots, rank)
 
 
@@ -109,12 +110,12 @@ def slot_outer(u: jax.Array, v: jax.Array, slot: jax.Array, num_slots: int) -> j
     return jnp.einsum("tsp,tq->spq", masked, v, preferred_element_type=jnp.float32)
 
 
-def slot_outer_interleaved(u: jax.Array, v: jax.Array, slot: jax.Array,
+def slot_outer_rank_masked(u: jax.Array, v: jax.Array, slot: jax.Array,
                            num_slots: int) -> jax.Array:
-    """u [T, P], v [T, R] -> [P, S, R] float32: per slot, the sum of outer(u[t], v[t]).
+    """u [T, P], v [T, R] -> [S, P, R] float32: per slot, the sum of outer(u[t], v[t]).
 
-    The shrink gradient da = slot_outer_interleaved(x, dh), in the stacks' slot-interleaved
-    layout: one [P, T] @ [T, S*R] matmul, the one-hot mask on the rank side.
+    The shrink gradient da = slot_outer_rank_masked(x, dh): one [P, T] @ [T, S*R] matmul, the
+    one-hot mask on the narrow side (the rank v), as in slot_outer.
     """
     masked = one_hot(slot, num_slots)[:, :, None] * v.astype(jnp.float32)[:, None, :]
-    return jnp.einsum("tp,tsr->psr", u, masked, preferred_element_type=jnp.float32)
+    return jnp.einsum("tp,tsr->spr", u, masked, preferred_element_type=jnp.float32)

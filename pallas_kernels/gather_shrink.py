@@ -20,13 +20,13 @@ _TILE_ELEMENTS = 8192
 
 
 def _kernel(slot_ref, x_ref, a_ref, out_ref):
-    """slot_ref [1], x_ref [block_k], a_ref [block_k, S, block_r] -> out_ref [block_r]."""
+    """slot_ref [1], x_ref [block_k], a_ref [S, block_k, block_r] -> out_ref [block_r]."""
     slot = slot_ref[0]
 
     @pl.when(slot >= 0)
     def _():
         x = x_ref[...].astype(jnp.float32)
-        a = a_ref[:, slot, :].astype(jnp.float32)  # the block spans every slot: index it here
+        a = a_ref[slot].astype(jnp.float32)  # the block spans every slot: index it here
         out_ref[...] = jnp.sum(x[:, None] * a, axis=0)
 
     @pl.when(slot < 0)
@@ -39,9 +39,9 @@ def gather_shrink(
     x: jax.Array, a: jax.Array, slot: jax.Array, *,
     block_k: int | None = None, interpret: bool = False, poison: bool = False,
 ) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] int32 (-1 = none) -> h [T, R] float32."""
+    """x [T, D_in], a [S, D_in, R], slot [T] int32 (-1 = none) -> h [T, R] float32."""
     tokens, d_in = x.shape
-    _, num_slots, rank = a.shape
+    num_slots, _, rank = a.shape
     block_r = blocks.pow2_divisor(rank, 64)
     x_bytes, a_bytes = x.dtype.itemsize, a.dtype.itemsize
 
@@ -60,7 +60,7 @@ def gather_shrink(
         in_specs=(
             pl.BlockSpec((1,), lambda t, k, r: (t,)),
             pl.BlockSpec((None, block_k), lambda t, k, r: (t, k)),
-            pl.BlockSpec((block_k, num_slots, block_r), lambda t, k, r: (k, 0, r)),
+            pl.BlockSpec((num_slots, block_k, block_r), lambda t, k, r: (0, k, r)),
         ),
         out_spec=pl.BlockSpec((None, None, block_r), lambda t, k, r: (t, k, r)),
         out_shape=jax.ShapeDtypeStruct((tokens, n_k, rank), jnp.float32),

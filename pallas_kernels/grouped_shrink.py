@@ -17,14 +17,14 @@ from pallas_kernels import blocks
 
 
 def _kernel(block_slot_ref, x_ref, a_ref, out_ref, *, block_k: int):
-    """block_slot_ref [1], x_ref [block_t, D_in], a_ref [D_in, S, block_r] -> [block_t, block_r]."""
+    """block_slot_ref [1], x_ref [block_t, D_in], a_ref [S, D_in, block_r] -> [block_t, block_r]."""
     slot = block_slot_ref[0]
 
     @pl.when(slot >= 0)
     def _():
         def step(k, acc):
             cols = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
-            return acc + blocks.matmul_f32(x_ref[:, cols], a_ref[cols, slot, :])
+            return acc + blocks.matmul_f32(x_ref[:, cols], a_ref[slot, cols, :])
 
         n_k = x_ref.shape[1] // block_k
         out_ref[...] = lax.fori_loop(0, n_k, step, jnp.zeros(out_ref.shape, jnp.float32))
@@ -39,9 +39,9 @@ def grouped_shrink(
     x_grouped: jax.Array, a: jax.Array, block_slot: jax.Array, *, block_t: int,
     block_k: int | None = None, interpret: bool = False, poison: bool = False,
 ) -> jax.Array:
-    """x_grouped [P, D_in], a [D_in, S, R], block_slot [P // block_t] -> h [P, R] float32."""
+    """x_grouped [P, D_in], a [S, D_in, R], block_slot [P // block_t] -> h [P, R] float32."""
     rows, d_in = x_grouped.shape
-    _, num_slots, rank = a.shape
+    num_slots, _, rank = a.shape
     block_r = blocks.pow2_divisor(rank, 64)
     x_bytes, a_bytes = x_grouped.dtype.itemsize, a.dtype.itemsize
 
@@ -59,7 +59,7 @@ def grouped_shrink(
         in_specs=(
             pl.BlockSpec((1,), lambda i, r: (i,)),
             pl.BlockSpec((block_t, d_in), lambda i, r: (i, 0)),
-            pl.BlockSpec((d_in, num_slots, block_r), lambda i, r: (0, 0, r)),
+            pl.BlockSpec((num_slots, d_in, block_r), lambda i, r: (0, 0, r)),
         ),
         out_spec=pl.BlockSpec((block_t, block_r), lambda i, r: (i, r)),
         out_shape=jax.ShapeDtypeStruct((rows, rank), jnp.float32),

@@ -5,7 +5,7 @@ Forward: "gather" (decode: one program per token, each reads its own adapter) or
 Backward (jax.custom_vjp): the activation gradients run through the same kernels on transposed
 adapter stacks (dx = expand with a as [S, R, D_in], dh = shrink with b as [W, S, R]); the adapter
 gradients are one dense matmul over all slots with a one-hot mask on the rank side
-(dense.slot_outer, dense.slot_outer_interleaved), a shape XLA's matmul handles well, and slot -1
+(dense.slot_outer, dense.slot_outer_rank_masked), a shape XLA's matmul handles well, and slot -1
 contributes exactly zero.
 """
 
@@ -63,11 +63,11 @@ def _groups(plan: Plan, slot: jax.Array, num_slots: int, groups: grouping.Groups
 
 def forward_shrink(x: jax.Array, a: jax.Array, slot: jax.Array, plan: Plan,
                    groups: grouping.Groups | None = None) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] -> h [T, R] float32; groups: see Plan.groups."""
+    """x [T, D_in], a [S, D_in, R], slot [T] -> h [T, R] float32; groups: see Plan.groups."""
     kw = dict(block_k=plan.blocks.block_k, interpret=plan.interpret, poison=plan.poison)
     if not plan.grouped(x.shape[0]):
         return gather_shrink(x, a, slot, **kw)
-    block_t, groups = _groups(plan, slot, a.shape[1], groups)
+    block_t, groups = _groups(plan, slot, a.shape[0], groups)
     h = grouped_shrink(grouping.gather_rows(x, groups), a, groups.block_slot, block_t=block_t, **kw)
     return grouping.scatter_rows(h, groups)
 
@@ -105,7 +105,7 @@ def _columns(bs: Sequence[jax.Array]) -> list[tuple[jax.Array, int]]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def shrink(x: jax.Array, a: jax.Array, slot: jax.Array, groups, plan: Plan) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] -> h [T, R] float32, differentiable in x and a;
+    """x [T, D_in], a [S, D_in, R], slot [T] -> h [T, R] float32, differentiable in x and a;
     groups: the step's grouping (api.lora_meta) or None."""
     return forward_shrink(x, a, slot, plan, groups)
 
@@ -118,13 +118,13 @@ def _shrink_bwd(plan, residuals, dh):
     x, a, slot, groups = residuals
     dh = dh.astype(jnp.float32)
     rank = a.shape[-1]
-    # dx[t] = a[:, slot] @ dh[t]: expands with the stack transposed to [S, R, D_in], one per
+    # dx[t] = a[slot] @ dh[t]: expands with the stack transposed to [S, R, D_in], one per
     # power-of-two chunk of the rank (a fused q|k|v stack has 3R columns), all into dx.
     chunk = blocks.pow2_divisor(rank, rank)
-    a_t = jnp.transpose(a, (1, 2, 0))
+    a_t = jnp.transpose(a, (0, 2, 1))
     terms = [(a_t[:, c : c + chunk, :], 0) for c in range(0, rank, chunk)]
     dx = forward_expand(jnp.zeros(x.shape, jnp.float32), dh, terms, slot, plan, groups)
-    da = dense.slot_outer_interleaved(x, dh, slot, a.shape[1])
+    da = dense.slot_outer_rank_masked(x, dh, slot, a.shape[0])
     return dx.astype(x.dtype), da.astype(a.dtype), None, None
 
 
@@ -149,8 +149,8 @@ def _expand_bwd(plan, residuals, dout):
     for i, (b, col) in enumerate(_columns(bs)):
         dout_i = dout[:, col : col + b.shape[-1]]
         h_i = h[:, i * rank : (i + 1) * rank]
-        # dh[t] = b[slot] @ dout[t]: a shrink with the stack transposed to [W, S, R].
-        dh.append(forward_shrink(dout_i, jnp.transpose(b, (2, 0, 1)), slot, plan, groups))
+        # dh[t] = b[slot] @ dout[t]: a shrink with the stack transposed to [S, W, R].
+        dh.append(forward_shrink(dout_i, jnp.transpose(b, (0, 2, 1)), slot, plan, groups))
         dbs.append(dense.slot_outer(h_i, dout_i, slot, b.shape[0]).astype(b.dtype))
     dh = dh[0] if len(dh) == 1 else jnp.concatenate(dh, axis=-1)
     return dout, dh.astype(h.dtype), tuple(dbs), None, None

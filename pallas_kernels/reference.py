@@ -1,8 +1,7 @@
 """Plain-JAX definitions of the LoRA kernels: the function every other backend must equal.
 
-Shapes: T tokens, S adapter slots, D_in / D_out feature sizes, R (padded) rank. Shrink stacks
-are slot-interleaved, a [D_in, S, R] (so a.reshape(D_in, S * R) is every slot side by side);
-expand stacks are b [S, R, D_out].
+Shapes: T tokens, S adapter slots, D_in / D_out feature sizes, R (padded) rank. Stacks have
+the slot axis first: shrink stacks a [S, D_in, R], expand stacks b [S, R, D_out].
 A slot index of -1 means "no adapter": that token's LoRA term is exactly zero.
 """
 
@@ -15,9 +14,9 @@ def _valid(slot: jax.Array) -> jax.Array:
 
 
 def shrink(x: jax.Array, a: jax.Array, slot: jax.Array) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] int32 -> h [T, R] float32: x[t] @ a[:, slot[t]]."""
-    a_t = jnp.take(a, jnp.maximum(slot, 0), axis=1)  # [D_in, T, R]
-    h = jnp.einsum("td,dtr->tr", x, a_t, preferred_element_type=jnp.float32)
+    """x [T, D_in], a [S, D_in, R], slot [T] int32 -> h [T, R] float32: x[t] @ a[slot[t]]."""
+    a_t = jnp.take(a, jnp.maximum(slot, 0), axis=0)  # [T, D_in, R]
+    h = jnp.einsum("td,tdr->tr", x, a_t, preferred_element_type=jnp.float32)
     return jnp.where(_valid(slot)[:, None], h, 0.0)
 
 

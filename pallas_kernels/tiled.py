@@ -111,12 +111,13 @@ def _unsort(tiled: jax.Array, meta: LoraMeta) -> jax.Array:
 
 
 def _shrink_branches(x: jax.Array, a: jax.Array, meta: LoraMeta) -> list:
-    d_in, num_slots, rank = a.shape
+    num_slots, d_in, rank = a.shape
     tokens = x.shape[0]
 
     def compact(k):
         def run():
-            used = jnp.take(a, meta.distinct[:k], axis=1).reshape(d_in, k * rank)
+            used = jnp.take(a, meta.distinct[:k], axis=0)  # [K, D_in, R]
+            used = used[0] if k == 1 else jnp.transpose(used, (1, 0, 2)).reshape(d_in, k * rank)
             h = jnp.dot(x, used, preferred_element_type=jnp.float32).reshape(tokens, k, rank)
             return jnp.einsum("tkr,tk->tr", h, dense.one_hot(meta.token_k, k))
         return run
@@ -125,8 +126,8 @@ def _shrink_branches(x: jax.Array, a: jax.Array, meta: LoraMeta) -> list:
         def run():
             rows, tile_slot, tm = _tiles(meta, n)
             x_t = jnp.take(x, rows, axis=0, mode="fill", fill_value=0).reshape(n, tm, d_in)
-            a_t = jnp.take(a, tile_slot, axis=1)  # [D_in, n, R]
-            h = jnp.einsum("ntd,dnr->ntr", x_t, a_t, preferred_element_type=jnp.float32)
+            a_t = jnp.take(a, tile_slot, axis=0)  # [n, D_in, R]
+            h = jnp.einsum("ntd,ndr->ntr", x_t, a_t, preferred_element_type=jnp.float32)
             return _unsort(h.reshape(n * tm, rank), meta)
         return run
 
@@ -139,8 +140,8 @@ def _shrink_branches(x: jax.Array, a: jax.Array, meta: LoraMeta) -> list:
 
 def shrink(x: jax.Array, a: jax.Array, slot: jax.Array, meta: LoraMeta | None = None
            ) -> jax.Array:
-    """x [T, D_in], a [D_in, S, R], slot [T] int32 -> h [T, R] float32."""
-    meta = step_meta(slot, a.shape[1]) if meta is None else meta
+    """x [T, D_in], a [S, D_in, R], slot [T] int32 -> h [T, R] float32."""
+    meta = step_meta(slot, a.shape[0]) if meta is None else meta
     h = jax.lax.switch(meta.branch, _shrink_branches(x, a, meta))
     return jnp.where(meta.slot[:, None] >= 0, h, 0.0)
 
@@ -192,5 +193,5 @@ def expand_sliced(y: jax.Array, h: jax.Array, bs: Sequence[jax.Array], slot: jax
 def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Array],
                  slot: jax.Array, meta: LoraMeta | None = None) -> jax.Array:
     """shrink then expand_sliced, both on one step's metadata."""
-    meta = step_meta(slot, a.shape[1]) if meta is None else meta
+    meta = step_meta(slot, a.shape[0]) if meta is None else meta
     return expand_sliced(y, shrink(x, a, slot, meta), bs, slot, meta)

@@ -60,7 +60,7 @@ def _backends(on_gpu: bool, requested: list[str] | None) -> dict:
 def _case(rng, tokens, num_slots, rank, d_in, d_out, dtype):
     x = jnp.asarray(rng.standard_normal((tokens, d_in)), dtype)
     y = jnp.asarray(rng.standard_normal((tokens, d_out)), dtype)
-    a = jnp.asarray(rng.standard_normal((d_in, num_slots, rank)) * d_in**-0.5, dtype)
+    a = jnp.asarray(rng.standard_normal((num_slots, d_in, rank)) * d_in**-0.5, dtype)
     b = jnp.asarray(rng.standard_normal((num_slots, rank, d_out)) * rank**-0.5, dtype)
     slot = jnp.asarray(rng.integers(0, num_slots, tokens), jnp.int32)
     return y, x, a, b, slot
@@ -105,7 +105,7 @@ def bench_decode_step(backends, dtype, rounds, inner, clock) -> dict:
                    (inter, (hidden,))]
     weights = [normal(d, sum(ws), scale=d**-0.5) for d, ws in projections]
     stacks = [
-        (normal(d, num_slots, rank * len(ws), scale=d**-0.5),
+        (normal(num_slots, d, rank * len(ws), scale=d**-0.5),
          tuple(normal(num_slots, rank, w, scale=rank**-0.5) for w in ws))
         for d, ws in projections
     ]
@@ -177,7 +177,7 @@ def bench_forms(tokens_list, slots_list, ranks, distinct_list, dtype, rounds, in
             for rank in ranks:
                 x = jnp.asarray(rng.standard_normal((tokens, d)), dtype)
                 y = jnp.asarray(rng.standard_normal((tokens, sum(widths))), dtype)
-                a = jnp.asarray(rng.standard_normal((d, num_slots, 3 * rank)) * d**-0.5, dtype)
+                a = jnp.asarray(rng.standard_normal((num_slots, d, 3 * rank)) * d**-0.5, dtype)
                 bs = tuple(jnp.asarray(rng.standard_normal((num_slots, rank, w)), dtype)
                            for w in widths)
                 for distinct in sorted({min(n, tokens, num_slots) for n in distinct_list}):

@@ -42,7 +42,7 @@ def _lora_case(pattern: str, backward: bool):
     def build(dtype, shape):
         tokens, d_in, d_out, slots, rank = shape
         spec = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
-        args = (spec((tokens, d_out)), spec((tokens, d_in)), spec((d_in, slots, rank)),
+        args = (spec((tokens, d_out)), spec((tokens, d_in)), spec((slots, d_in, rank)),
                 (spec((slots, rank, d_out)),), jax.ShapeDtypeStruct((tokens,), jnp.int32))
         apply = functools.partial(pk.lora_apply_sliced, backend="pallas", pattern=pattern)
         if not backward:
@@ -67,7 +67,7 @@ def _attention_case(dtype, shape, **extra):
 
 # (T, D_in, D_out, S, R): Llama-3-8B q / down (decode, prefill); Llama-3-70B per-shard (TP=8).
 # Then max_loras 64 and 256 at rank 16 on the bench model (hidden 1024, mlp 2816) and
-# Llama-3-8B: the slot count only sizes the stacks each program indexes (a_ref[:, slot] loads one
+# Llama-3-8B: the slot count only sizes the stacks each program indexes (a_ref[slot] loads one
 # slot's tile), so registers, shared memory and the grid must not change with it.
 LORA_SHAPES = [(32, 4096, 4096, 16, 16), (1024, 4096, 4096, 8, 64), (8, 14336, 4096, 64, 8),
                (512, 8192, 1024, 4, 32), (32, 3584, 8192, 32, 16)]
@@ -109,7 +109,7 @@ def _tp_case(dtype, shape):
     slot = ints(tokens)
     if kind == "row_apply":  # o / down: input split, output whole
         return functools.partial(tp_kernels.row_apply, mesh, backend="pallas"), (
-            spec((tokens, d_out)), spec((tokens, d_in)), spec((d_in, slots, rank)),
+            spec((tokens, d_out)), spec((tokens, d_in)), spec((slots, d_in, rank)),
             spec((slots, rank, d_out)), slot)
     h = jax.ShapeDtypeStruct((tokens, rank), jnp.float32)  # column-parallel expand
     return functools.partial(tp_kernels.column_expand, mesh, backend="pallas"), (

@@ -18,7 +18,7 @@ TIED_FIELDS = {"qkv_a": "qkv_proj", "gate_up_a": "gate_up_proj"}
 
 
 def _over_tied(stacks: LoraStacks, ties: jax.Array, fn) -> LoraStacks:
-    """fn(parts [..., n, R], tied [1, S, 1, 1]) -> parts, on each fused module's packed A
+    """fn(parts [S, ..., n, R], tied [S, 1, 1, 1]) -> parts, on each fused module's packed A
     (ties [S, len(TIED_FIELDS)]: 1 where that slot's adapter targets the fused module)."""
     def one(layer):
         out = {}

@@ -313,7 +313,7 @@ class LoRATrainer:
             for proj in spec.projections:
                 a_field = next(f for f, group in PACKED.items() if proj in group)
                 start = PACKED[a_field].index(proj) * self.max_rank
-                a = np.stack([getattr(layer, a_field)[:, slot, start:start + spec.rank]
+                a = np.stack([getattr(layer, a_field)[slot, :, start:start + spec.rank]
                               for layer in host.layers])
                 b = np.stack([getattr(layer, EXPAND[proj])[slot, :spec.rank, :]
                               for layer in host.layers]) * np.float32(spec.scale)

@@ -37,8 +37,8 @@ def normal(rng: np.random.Generator, shape, dtype, scale: float = 1.0) -> jnp.nd
 
 
 def stacks(rng, num_slots: int, d_in: int, rank: int, widths, dtype):
-    """a [D_in, S, n*R] and n stacks b [S, R, w], scaled so the LoRA term is of order one."""
-    a = normal(rng, (d_in, num_slots, rank * len(widths)), dtype, d_in**-0.5)
+    """a [S, D_in, n*R] and n stacks b [S, R, w], scaled so the LoRA term is of order one."""
+    a = normal(rng, (num_slots, d_in, rank * len(widths)), dtype, d_in**-0.5)
     bs = tuple(normal(rng, (num_slots, rank, w), dtype, rank**-0.5) for w in widths)
     return a, bs
 
@@ -48,9 +48,9 @@ def f64(value) -> np.ndarray:
 
 
 def shrink64(x, a, slot) -> np.ndarray:
-    """float64 h[t] = x[t] @ a[:, slot[t]], zero where slot is -1 (a [D_in, S, R])."""
+    """float64 h[t] = x[t] @ a[slot[t]], zero where slot is -1 (a [S, D_in, R])."""
     slot = np.asarray(slot)
-    h = np.einsum("td,dtr->tr", f64(x), f64(a)[:, np.maximum(slot, 0)])
+    h = np.einsum("td,tdr->tr", f64(x), f64(a)[np.maximum(slot, 0)])
     return np.where(slot[:, None] >= 0, h, 0.0)
 
 

@@ -46,7 +46,7 @@ def test_forward_and_backward_kernels_lower_through_triton(pattern, dtype, shape
     spec = functools.partial(jax.ShapeDtypeStruct, dtype=dtype)
     args = (
         spec((tokens, sum(widths))), spec((tokens, d_in)),
-        spec((d_in, num_slots, rank * len(widths))),
+        spec((num_slots, d_in, rank * len(widths))),
         tuple(spec((num_slots, rank, w)) for w in widths),
         jax.ShapeDtypeStruct((tokens,), jnp.int32),
     )
@@ -77,7 +77,7 @@ def test_one_steps_metadata_feeds_every_site_and_groups_once(pattern):
         return y
 
     text = _triton_calls(step, spec((tokens, d_in)), spec((tokens, d_in)),
-                         spec((d_in, num_slots, rank)), spec((num_slots, rank, d_in)),
+                         spec((num_slots, d_in, rank)), spec((num_slots, rank, d_in)),
                          jax.ShapeDtypeStruct((tokens,), jnp.int32))
     assert "xla.gpu.triton" in text
     # The grouped pattern sorts the step's tokens by slot once, not at every site.

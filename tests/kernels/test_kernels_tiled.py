@@ -37,7 +37,7 @@ def _low_rank(a, bs, num_slots: int, rank: int, rng):
     for s in rng.choice(num_slots, size=num_slots // 2, replace=False):
         r = int(rng.integers(1, rank))
         for i, b in enumerate(bs):
-            a[:, s, i * rank + r:(i + 1) * rank] = 0
+            a[s, :, i * rank + r:(i + 1) * rank] = 0
             b[s, r:, :] = 0
     return jnp.asarray(a), tuple(jnp.asarray(b) for b in bs)
 

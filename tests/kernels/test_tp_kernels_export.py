@@ -57,19 +57,19 @@ def test_column_parallel_expand_runs_the_kernel_on_each_devices_columns(width, t
 
 def test_column_parallel_shrink_runs_whole_on_every_device():
     text = _module(functools.partial(tp_kernels.column_shrink, MESH, backend="pallas"),
-                   BF16((32, 8192)), BF16((8192, 4, 48)), _ints(32))
+                   BF16((32, 8192)), BF16((4, 8192, 48)), _ints(32))
     body = _per_shard(text)
-    assert body.count(TRITON) == 1 and "tensor<8192x4x48xbf16>" in body
+    assert body.count(TRITON) == 1 and "tensor<4x8192x48xbf16>" in body
 
 
 @pytest.mark.parametrize("d_in", [8192, 28672], ids=["o", "down"])
 def test_row_parallel_lora_shrinks_each_devices_rows_and_sums_over_devices(d_in):
     text = _module(functools.partial(tp_kernels.row_apply, MESH, backend="pallas"),
-                   BF16((32, 8192)), BF16((32, d_in)), BF16((d_in, 4, 16)),
+                   BF16((32, 8192)), BF16((32, d_in)), BF16((4, d_in, 16)),
                    BF16((4, 16, 8192)), _ints(32))
     body = _per_shard(text)
     assert body.count(TRITON) == 2  # shrink, expand
-    assert f"tensor<{d_in // TP}x4x16xbf16>" in body  # the device's rows of A
+    assert f"tensor<4x{d_in // TP}x16xbf16>" in body  # the device's rows of A
     assert "all_reduce" in body  # the [T, R] partial shrinks summed
 
 
@@ -110,7 +110,7 @@ def test_row_parallel_kernels_read_the_steps_grouping_built_once_outside():
         meta = lora_meta(slot, 4, backend="pallas")
         return tp_kernels.row_apply(MESH, y, x, a, b, slot, "pallas", meta)
 
-    args = (BF16((512, 8192)), BF16((512, 8192)), BF16((8192, 4, 16)), BF16((4, 16, 8192)),
+    args = (BF16((512, 8192)), BF16((512, 8192)), BF16((4, 8192, 16)), BF16((4, 16, 8192)),
             _ints(512))
     grouped = _module(step, *args)
     alone = _module(functools.partial(tp_kernels.row_apply, MESH, backend="pallas"), *args)

@@ -20,8 +20,8 @@ def test_stacks_are_zeros_shaped_layers_by_slots():
     stacks = init_lora_stacks(CONFIG, num_slots=3, max_rank=8, dtype=jnp.bfloat16)
     assert len(stacks.layers) == 2
     layer = stacks.layer(1)
-    assert layer.qkv_a.shape == (64, 3, 3 * 8) and layer.k_b.shape == (3, 8, 32)
-    assert layer.gate_up_a.shape == (64, 3, 16) and layer.down_a.shape == (96, 3, 8)
+    assert layer.qkv_a.shape == (3, 64, 3 * 8) and layer.k_b.shape == (3, 8, 32)
+    assert layer.gate_up_a.shape == (3, 64, 16) and layer.down_a.shape == (3, 96, 8)
     assert (stacks.num_slots, stacks.max_rank) == (3, 8)
     assert all(x.dtype == jnp.bfloat16 and not x.any() for x in jax.tree.leaves(stacks))
 
@@ -101,7 +101,7 @@ def test_a_q_and_v_only_adapter_in_the_packed_qkv_equals_separate_projections():
 
     def separate(name, a, b):
         y = jnp.dot(x, w[name], preferred_element_type=jnp.float32)
-        single = jnp.stack([jnp.zeros_like(jnp.asarray(a)), jnp.asarray(a)], 1)  # slot 1 only
+        single = jnp.stack([jnp.zeros_like(jnp.asarray(a)), jnp.asarray(a)])  # slot 1 only
         return np.asarray(lora_apply(y, x, single, jnp.stack([jnp.zeros_like(b), b]), slot))
 
     np.testing.assert_allclose(k, np.asarray(jnp.dot(x, w["k"])), rtol=1e-6, atol=1e-6)

@@ -128,7 +128,7 @@ def test_projections_an_adapter_does_not_target_stay_exactly_zero(together):
     for slot, spec in enumerate(together.specs):
         for field, group in PACKED.items():
             for i, proj in enumerate(group):
-                a = by_field(params, field)[:, :, slot, i * r:(i + 1) * r]  # [L, D, S, n*R]
+                a = by_field(params, field)[:, slot, :, i * r:(i + 1) * r]  # [L, S, D, n*R]
                 b = by_field(params, EXPAND[proj])[:, slot]
                 live = spec.rank if proj in spec.target_modules else 0
                 assert not a[..., live:].any() and not b[:, live:].any(), (spec.name, proj)

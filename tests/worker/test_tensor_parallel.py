@@ -59,8 +59,8 @@ def test_split_model_logprobs_match_one_device_within_1e_4(churn):
 # heads are repeated to four, so k and v columns, the pool and k_b grow to 4 heads. The
 # embedding (and lm_head) split over the vocabulary.
 SPLITS = {"qkv": 0, "o": 1, "gate_up": 0, "down": 1, "embed": 0, "lm_head": 0, "kv_k": 3,
-          "lora_qkv_a": None, "lora_q_b": 2, "lora_k_b": 2, "lora_o_a": 0, "lora_o_b": None,
-          "lora_gate_b": 2, "lora_down_a": 0}
+          "lora_qkv_a": None, "lora_q_b": 2, "lora_k_b": 2, "lora_o_a": 1, "lora_o_b": None,
+          "lora_gate_b": 2, "lora_down_a": 1}
 
 
 @pytest.mark.parametrize("size", [2, 4])
