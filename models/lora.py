@@ -13,7 +13,7 @@ grow with the number of slots) and the kernels gather a step's adapters as whole
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import jax
@@ -125,23 +125,22 @@ def init_lora_stacks(config: LlamaConfig, num_slots: int, max_rank: int,
         for _ in range(config.num_hidden_layers)))
 
 
-def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
-                 dtype="float32") -> LoraStacks:
-    """One adapter as one slot: modules[proj].a [L, d_in, r], .b [L, r, d_out] -> per layer,
-    fields without the slot axis.
+def pack_host(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
+              dtype="float32") -> dict[str, np.ndarray]:
+    """One adapter in the slots' layout, on the host: modules[proj].a [L, d_in, r], .b
+    [L, r, d_out] -> {field: [L, ...] array in dtype} for the fields the adapter writes (its
+    projections' B and their groups' packed A; absent fields are zeros: see place_packed).
 
-    Absent projections get zeros; r <= max_rank is zero-padded.
+    r <= max_rank is zero-padded; pure numpy, so any thread can pack (the adapter loader does).
     """
     _check_rank(max_rank)
     unknown = sorted(set(modules) - set(PROJECTIONS))
     if unknown:
         raise ValueError(f"adapter targets unsupported module(s) {unknown}; "
                          f"supported: {', '.join(PROJECTIONS)}")
-    layers, proj = config.num_hidden_layers, config.projection_shapes()
-    # Built on the host in the target dtype and placed in one transfer: converting each of
-    # the layers' fields on the device would dispatch one small program apiece.
-    host = {name: np.zeros((layers, *shape), jnp.dtype(dtype))
-            for name, shape in _shapes(config, max_rank).items()}
+    layers, proj, shapes = config.num_hidden_layers, config.projection_shapes(), _shapes(
+        config, max_rank)
+    host: dict[str, np.ndarray] = {}
     for name, weights in modules.items():
         a, b = np.asarray(weights.a), np.asarray(weights.b)
         rank = a.shape[-1] if a.ndim == 3 else -1
@@ -153,12 +152,42 @@ def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
         if rank > max_rank:
             raise ValueError(f"adapter module {name!r} has rank {rank} above max_rank {max_rank}")
         a_field = next(f for f, group in PACKED.items() if name in group)
+        for field in (a_field, EXPAND[name]):
+            if field not in host:
+                host[field] = np.zeros((layers, *shapes[field]), jnp.dtype(dtype))
         start = PACKED[a_field].index(name) * max_rank
         host[a_field][:, :, start:start + rank] = a
         host[EXPAND[name]][:, :rank, :] = b
-    placed = jax.device_put([[value[i] for value in host.values()] for i in range(layers)])
-    return LoraStacks(tuple(LayerLora(**dict(zip(host, fields_i, strict=True)))
-                            for fields_i in placed))
+    return host
+
+
+def place_packed(host: Mapping[str, np.ndarray], zeros: LoraStacks) -> LoraStacks:
+    """pack_host's fields placed on the device in one transfer; every other field is zeros'
+    (an all-zero packed adapter already there, shared by every fill)."""
+    names = list(host)
+    placed = jax.device_put([[host[name][i] for name in names]
+                             for i in range(len(zeros.layers))])
+    return LoraStacks(tuple(
+        replace(layer, **dict(zip(names, fields_i, strict=True)))
+        for layer, fields_i in zip(zeros.layers, placed, strict=True)))
+
+
+def zero_packed(config: LlamaConfig, max_rank: int, dtype="float32") -> LoraStacks:
+    """An all-zero packed adapter (fields without the slot axis), on the device."""
+    _check_rank(max_rank)
+    shapes = _shapes(config, max_rank)
+    return LoraStacks(tuple(
+        LayerLora(**{name: jnp.zeros(shape, dtype) for name, shape in shapes.items()})
+        for _ in range(config.num_hidden_layers)))
+
+
+def pack_adapter(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
+                 dtype="float32") -> LoraStacks:
+    """One adapter as one slot, on the device (pack_host then place_packed): per layer,
+    fields without the slot axis. Absent projections get zeros; r <= max_rank is zero-padded.
+    """
+    return place_packed(pack_host(config, modules, max_rank, dtype),
+                        zero_packed(config, max_rank, dtype))
 
 
 def set_slot(stacks: LoraStacks, slot: int | jax.Array, packed: LoraStacks) -> LoraStacks:

@@ -33,7 +33,8 @@ def _setup(args, num_adapters: int):
     name = f"model-bench-L{args.num_layers or 'all'}-{args.dtype}"
     model = ensure_bench_model(Path(args.bench_dir) / name, "bench", args.num_layers,
                                "bfloat16" if args.dtype == "bfloat16" else "float32")
-    engine = LLMEngine.from_options(str(model), enable_lora=True, max_loras=args.max_loras,
+    engine = LLMEngine.from_options(str(model), dtype=args.dtype, enable_lora=True,
+                                    max_loras=args.max_loras,
                                     max_lora_rank=args.rank, max_cpu_loras=args.max_cpu_loras,
                                     max_num_seqs=args.max_num_seqs, max_model_len=256)
     targets = parse_targets(args.target_modules)

@@ -67,6 +67,9 @@ class LoRAAdapter:
     base_model_name: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # The weights already in the device slots' layout (AdapterSlots.prepare, run by the loader
+    # off the engine thread): (max_rank, dtype name, models.lora.pack_host fields), or None.
+    packed: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def rank(self) -> int:

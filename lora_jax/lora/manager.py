@@ -58,7 +58,8 @@ class AdapterManager:
                                         max_count=max_cpu_loras, max_bytes=max_cpu_lora_bytes,
                                         served=served, served_path=served_path)
         self.reader = self.registry.read
-        self.loader = AdapterLoader(lambda req: self.reader(req), max_workers=load_workers)
+        self.loader = AdapterLoader(lambda req: self._prepare(self.reader(req)),
+                                    max_workers=load_workers)
         self.counters = AdapterCounters()
         self._failures: OrderedDict[int, BaseException] = OrderedDict()
 
@@ -83,8 +84,12 @@ class AdapterManager:
         server reads here off the engine thread, then hands the weights to add or reload)."""
         self._require_lora(req)
         start = time.perf_counter()
-        adapter = self.reader(req)
+        adapter = self._prepare(self.reader(req))
         return ReadWeights(adapter, time.perf_counter() - start)
+
+    def _prepare(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Packed for the slots while still off the engine thread."""
+        return self.slots.prepare(adapter) if self.slots is not None else adapter
 
     def add(self, req: LoRARequest, adapter: LoRAAdapter | None = None, *,
             read: ReadWeights | None = None) -> LoRAAdapter:

@@ -18,18 +18,21 @@ import numpy as np
 from lora_jax.lora.adapters import LoRAAdapter, load_adapter
 from lora_jax.lora.cpu_cache import CpuAdapterCache
 from lora_jax.request import LoRARequest
-from models import LlamaConfig, pack_adapter
+from models import LlamaConfig
+from models.lora import pack_host
 
 
 def adapter_bytes(adapter: LoRAAdapter) -> int:
-    """Host bytes of an adapter's weights."""
-    return sum(int(np.asarray(w.a).nbytes + np.asarray(w.b).nbytes)
-               for w in adapter.modules.values())
+    """Host bytes of an adapter's weights, with their packed copy when it has one."""
+    packed = 0 if adapter.packed is None else sum(int(v.nbytes) for v in adapter.packed[2].values())
+    return packed + sum(int(np.asarray(w.a).nbytes + np.asarray(w.b).nbytes)
+                        for w in adapter.modules.values())
 
 
 def full_adapter_bytes(base: LlamaConfig, rank: int) -> int:
-    """Bytes (float32) of an adapter of `rank` on every projection: the largest one served."""
-    return 4 * base.num_hidden_layers * rank * sum(
+    """Bytes of an adapter of `rank` on every projection, the largest one served: its float32
+    weights and their packed copy (as many elements, in at most 4 bytes each)."""
+    return 2 * 4 * base.num_hidden_layers * rank * sum(
         d_in + d_out for d_in, d_out in base.projection_shapes().values())
 
 
@@ -132,7 +135,7 @@ class AdapterRegistry:
         """What load_adapter checks of a folder (shapes, rank), for weights handed over in
         memory: fail here, not later inside a step that serves other requests too."""
         try:
-            pack_adapter(self.base, adapter.modules, self.max_lora_rank)
+            pack_host(self.base, adapter.modules, self.max_lora_rank)
         except ValueError as err:
             raise ValueError(f"adapter {req.lora_name!r}: {err}") from err
 

@@ -6,6 +6,7 @@ loading, swapping and evicting adapters never compiles anything new after the fi
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ import numpy as np
 
 from lora_jax.lora.adapters import LoRAAdapter
 from models.config import LlamaConfig
-from models.lora import SITES, LoraStacks, init_lora_stacks, pack_adapter, set_slot, sites_of
+from models.lora import (SITES, LoraStacks, init_lora_stacks, pack_host, place_packed, set_slot,
+                         sites_of, zero_packed)
 from models.sharding import TensorParallel
 
 
@@ -31,6 +33,9 @@ class AdapterSlots:
         self.num_loads = 0  # adapters written into a slot (swaps in and reloads), for metrics
         # Several processes sharing the mesh: a lora_jax.worker.distributed.StepChannel.
         self.channel = None
+        # An all-zero adapter on the device: a fill takes the fields its adapter leaves alone
+        # from here instead of transferring zeros.
+        self._zeros = zero_packed(config, max_rank, dtype)
         if tensor_parallel is None:
             self.stacks: LoraStacks = init_lora_stacks(config, num_slots, max_rank, dtype)
             self._set = jax.jit(set_slot, donate_argnums=0)
@@ -76,17 +81,30 @@ class AdapterSlots:
     def warm(self) -> None:
         """Compile the slot fill before serving: write zeros into slot 0 (free at start-up,
         and zeros already)."""
-        packed = pack_adapter(self.config, {}, self.max_rank, self.dtype)
-        self.stacks = self._set(self.stacks, jnp.int32(0), packed)
+        self.stacks = self._set(self.stacks, jnp.int32(0), self._zeros)
 
     def sites(self, lora_ids) -> np.ndarray:
         """The LoRA sites (models.lora.SITES) any of these adapters, each in a slot, uses."""
         used = [self._slot_of[i] for i in lora_ids]
         return self._sites[used].any(axis=0) if used else np.zeros(len(SITES), np.bool_)
 
+    def prepare(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """The adapter with its weights packed into the slots' layout on the host (pure: the
+        loader's threads call it), so that its fill only places and writes them."""
+        return replace(adapter, packed=(*self._packing, pack_host(
+            self.config, adapter.modules, self.max_rank, self.dtype)))
+
+    @property
+    def _packing(self) -> tuple[int, str]:
+        return self.max_rank, jnp.dtype(self.dtype).name
+
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         self._sites[slot] = sites_of(adapter.modules)
-        packed = pack_adapter(self.config, adapter.modules, self.max_rank, self.dtype)
+        if adapter.packed is not None and adapter.packed[:2] == self._packing:
+            host = adapter.packed[2]
+        else:  # handed over in memory, or read before the slots existed
+            host = pack_host(self.config, adapter.modules, self.max_rank, self.dtype)
+        packed = place_packed(host, self._zeros)
         self.num_loads += 1
         if self.channel is not None:  # several processes: the others fill the same slot
             packed = self.channel.send_fill(slot, packed)
@@ -94,5 +112,5 @@ class AdapterSlots:
 
     def follow(self, slot: int) -> None:
         """Another process than 0: fill `slot` with the adapter process 0 sends."""
-        packed = self.channel.receive(pack_adapter(self.config, {}, self.max_rank, self.dtype))
+        packed = self.channel.receive(self._zeros)
         self.stacks = self._set(self.stacks, jnp.int32(slot), packed)

@@ -8,6 +8,7 @@ from helpers.peft import TinyShapes, make_adapter
 
 from lora_jax import LLM, LoRARequest, SamplingParams
 from lora_jax.engine.llm_engine import LLMEngine
+from lora_jax.lora import slots as slots_module
 from lora_jax.sampling_params import RequestOutputKind
 
 SHAPES = TinyShapes(2, 64, 32, 192)  # the tiny base model's projections
@@ -28,12 +29,19 @@ def _params(max_tokens: int, **kw) -> SamplingParams:
 
 
 def test_a_cold_adapter_loads_in_the_background_while_other_streams_keep_stepping(
-        base_model, adapters):
+        base_model, adapters, monkeypatch):
     warm, cold = adapters[0], adapters[1]
     engine = LLMEngine.from_options(base_model, enable_lora=True, max_loras=2, max_num_seqs=4,
                                     max_lora_rank=8)
-    gate, reads = threading.Event(), []
+    gate, reads, packs = threading.Event(), [], []
     plain = engine.adapters.reader
+    pack_host = slots_module.pack_host
+
+    def recorded_pack(*args, **kwargs):  # packing into the slots' layout: the loader's work
+        packs.append(threading.current_thread().name)
+        return pack_host(*args, **kwargs)
+
+    monkeypatch.setattr(slots_module, "pack_host", recorded_pack)
 
     def slow_reader(req):
         reads.append((req.lora_int_id, threading.current_thread().name))
@@ -68,6 +76,9 @@ def test_a_cold_adapter_loads_in_the_background_while_other_streams_keep_steppin
         for out in engine.step():
             if out.finished:
                 finals[out.request_id] = out
+    # Both adapters were packed, each once, in the loader's threads: the engine thread's fill
+    # only placed the packed weights.
+    assert len(packs) == 2 and all(name.startswith("lora-load") for name in packs)
     want = LLM(base_model, enable_lora=True, max_loras=2, max_lora_rank=8).generate(
         "hello", _params(8), cold, use_tqdm=False)[0]
     assert finals["cold"].outputs[0].token_ids == want.outputs[0].token_ids

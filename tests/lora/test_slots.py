@@ -62,3 +62,38 @@ def test_a_step_uses_the_lora_sites_of_its_adapters_only():
     assert slots.sites([1]).tolist() == [True, False, False, False]  # qkv, o, gate_up, down
     assert slots.sites([1, 2]).tolist() == [True, False, False, True]
     assert not slots.sites([]).any()  # a base-only step runs no adapter work
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_slot_refilled_by_a_prepared_adapter_holds_exactly_its_packed_weights(dtype):
+    """The loader packs adapters off the engine thread (prepare); a fill over a slot that held
+    an adapter on every projection leaves exactly the new adapter there, zeros elsewhere."""
+    prepared_slots, plain = AdapterSlots(CONFIG, 3, 4, dtype), AdapterSlots(CONFIG, 3, 4, dtype)
+    everywhere = random_adapter(CONFIG, 4, seed=7)
+    q_v = random_adapter(CONFIG, 3, seed=8, targets=("q_proj", "v_proj"))
+    for slots in (prepared_slots, plain):
+        slots.activate({1: everywhere}, keep=set())
+        slots.evict(1)
+    prepared = prepared_slots.prepare(q_v)
+    assert prepared.packed is not None and sorted(prepared.packed[2]) == ["q_b", "qkv_a", "v_b"]
+    prepared_slots.activate({2: prepared}, keep=set())
+    plain.activate({2: q_v}, keep=set())
+    slot = plain.slot_of(2)
+    assert prepared_slots.slot_of(2) == slot
+    want = AdapterSlots(CONFIG, 1, 4, dtype)
+    want.activate({2: q_v}, keep=set())
+    for mine, theirs, alone in zip(jax.tree.leaves(prepared_slots.stacks),
+                                   jax.tree.leaves(plain.stacks),
+                                   jax.tree.leaves(want.stacks), strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+        np.testing.assert_array_equal(np.asarray(mine)[slot], np.asarray(alone)[0])
+
+
+def test_a_bfloat16_fill_writes_the_slot_in_place_without_converting_the_stacks():
+    """XLA:CPU computes bfloat16 in float32: an update done as bfloat16 converts each whole
+    stack and back (a copy of every slot per fill). The fill updates the bits instead."""
+    slots = AdapterSlots(CONFIG, 4, 2, "bfloat16")
+    compiled = slots._set.lower(slots.stacks, jax.numpy.int32(1), slots._zeros).compile()
+    text = compiled.as_text()
+    assert "dynamic-update-slice" in text
+    assert " convert(" not in text
