@@ -14,8 +14,16 @@ import numpy as np
 
 from lora_jax.lora.adapters import LoRAAdapter
 from models.config import LlamaConfig
-from models.lora import (SITES, LoraStacks, init_lora_stacks, pack_host, place_packed, set_slot,
-                         sites_of, zero_packed)
+from models.lora import (
+    SITES,
+    LoraStacks,
+    init_lora_stacks,
+    pack_host,
+    place_packed,
+    set_slot,
+    sites_of,
+    zero_packed,
+)
 from models.sharding import TensorParallel
 
 
