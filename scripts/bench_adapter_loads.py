@@ -4,24 +4,30 @@ stall: the p99 inter-token latency of running streams while COLD adapters load f
 (each cold request has its own adapter), against the same streams with no loads.
 rss: host memory with REGISTERED adapters on disk, each served once through a CPU tier of
 --max-cpu-loras: the growth of the process's resident memory against the tier's byte bound.
+fill: milliseconds per slot fill (an adapter packed by the loader, placed on the device and
+written into a slot, waited for) at each --slots count: a slot costs memory, not time.
 
     python scripts/bench_adapter_loads.py stall --cold 50 --streams 16 --dtype bfloat16
     python scripts/bench_adapter_loads.py rss --registered 1000 --max-cpu-loras 64
+    python scripts/bench_adapter_loads.py fill --slots 8 64 256 --dtype bfloat16
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from lora_jax.engine.llm_engine import LLMEngine
+from lora_jax.lora.slots import AdapterSlots
 from lora_jax.request import LoRARequest
 from lora_jax.sampling_params import RequestOutputKind, SamplingParams
 from lora_jax.tools.tenancy import ensure_disk_adapters
-from lora_jax.tools.workload import ensure_bench_model, parse_targets
+from lora_jax.tools.workload import BENCH_CONFIG, ensure_bench_model, parse_targets, random_adapter
 
 
 def _rss() -> int:
@@ -115,14 +121,40 @@ def rss(args) -> dict:
             "adapter_loads": engine.stats().adapter_loads}
 
 
+def fill(args) -> dict:
+    config = BENCH_CONFIG
+    if args.num_layers:
+        config = dataclasses.replace(config, num_hidden_layers=args.num_layers)
+    targets = parse_targets(args.target_modules)
+    rows = {}
+    for num_slots in args.slots:
+        slots = AdapterSlots(config, num_slots, args.rank, args.dtype)
+        slots.warm()  # compiles the fill
+        times = []
+        for i in range(args.fills + 2):  # each a new adapter id: every activate is one fill
+            prepared = slots.prepare(random_adapter(config, args.rank, i, targets))
+            start = time.perf_counter()
+            slots.activate({i + 1: prepared}, keep=set())
+            jax.block_until_ready(slots.stacks)
+            times.append(time.perf_counter() - start)
+        ms = 1e3 * np.array(times[2:])  # the first fills touch fresh pages
+        rows[str(num_slots)] = {"ms_p50": round(float(np.median(ms)), 3),
+                                "ms_max": round(float(ms.max()), 3), "fills": len(ms)}
+    return {"dtype": args.dtype, "rank": args.rank, "targets": list(targets),
+            "device": str(jax.devices()[0]), "by_slots": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("stall", "rss"))
+    parser.add_argument("mode", choices=("stall", "rss", "fill"))
     parser.add_argument("--cold", type=int, default=50, help="stall: cold adapters to load")
     parser.add_argument("--streams", type=int, default=16, help="stall: running streams")
     parser.add_argument("--output-len", type=int, default=64, help="stall: tokens per stream")
     parser.add_argument("--registered", type=int, default=1000, help="rss: adapters on disk")
+    parser.add_argument("--slots", type=int, nargs="+", default=[8, 64, 256],
+                        help="fill: slot counts to time")
+    parser.add_argument("--fills", type=int, default=20, help="fill: fills timed per count")
     parser.add_argument("--max-loras", type=int, default=8)
     parser.add_argument("--max-cpu-loras", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -133,7 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bench-dir", default=str(Path.home() / ".cache" / "lora-jax" /
                                                    "bench"))
     args = parser.parse_args(argv)
-    print(json.dumps(stall(args) if args.mode == "stall" else rss(args), indent=2))
+    print(json.dumps({"stall": stall, "rss": rss, "fill": fill}[args.mode](args), indent=2))
     return 0
 
 

@@ -74,6 +74,11 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda 
     --bench-dir /tmp/lora_jax_bench --json-out "$out_dir/bench_llama3_8b.json" \
     >"$out_dir/bench_llama3_8b.log" 2>&1 || status=1
   head -n 5 "$out_dir/bench_llama3_8b.log"
+  # A slot fill costs one adapter's bytes at 8, 64 and 256 slots (ms per fill, JSON).
+  timeout 120 "$python" scripts/bench_adapter_loads.py fill --slots 8 64 256 --dtype bfloat16 \
+    --target-modules all --rank 16 >"$out_dir/bench_fill.json" 2>"$out_dir/bench_fill.err" \
+    || status=1
+  cat "$out_dir/bench_fill.json"
   # Slots cost memory, not time: one adapter through the Pallas kernels with max_loras 8, 64
   # and 256 (bench model, bf16), the same requests each time; the summary prints each
   # throughput against max_loras 8 and the compilations after start-up (must be 0).

@@ -1,8 +1,10 @@
 """The host tiers of adapters: known adapters (disk) and loaded weights (CPU), LRU within
 the bounds, protected and in-memory adapters kept, versions that follow the weights."""
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.peft import TinyShapes, make_adapter
 
@@ -125,3 +127,18 @@ def test_in_memory_weights_that_do_not_fit_the_base_are_rejected_naming_the_adap
     big = load_adapter(str(make_adapter(tmp_path / "big", r=16)), base=SHAPES, max_lora_rank=16)
     with pytest.raises(ValueError, match="'big'.*rank 16 above max_rank 8"):
         registry.put_in_memory(LoRARequest("big", 1, "memory://big"), big)
+
+
+def test_an_adapter_packed_for_the_slots_counts_both_copies_against_the_byte_bound(tmp_path):
+    """The loader packs adapters into the slots' layout (AdapterSlots.prepare) and the CPU
+    tier keeps both: the byte bound must see both."""
+    (a,) = _requests(tmp_path, 1)
+    plain = _registry(4).read(a)
+    packed = {"qkv_a": np.ones((2, 64, 24), np.float32), "q_b": np.ones((2, 8, 64), np.float32)}
+    prepared = dataclasses.replace(plain, packed=(8, "float32", packed))
+    assert adapter_bytes(prepared) == adapter_bytes(plain) + (2 * 64 * 24 + 2 * 8 * 64) * 4
+    registry = _registry(max_count=4, max_bytes=adapter_bytes(prepared) - 1)
+    registry.register(a)
+    registry.store(a, prepared)
+    assert registry.cache.num_bytes == adapter_bytes(prepared)
+    assert registry.trim(protected=set()) == [a.lora_int_id]  # over the bound by its copy
