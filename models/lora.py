@@ -163,21 +163,26 @@ def pack_host(config: LlamaConfig, modules: Mapping[str, Any], max_rank: int,
 
 def place_packed(host: Mapping[str, np.ndarray], zeros: LoraStacks) -> LoraStacks:
     """pack_host's fields placed on the device in one transfer; every other field is zeros'
-    (an all-zero packed adapter already there, shared by every fill)."""
-    names = list(host)
-    placed = jax.device_put([[host[name][i] for name in names]
-                             for i in range(len(zeros.layers))])
+    (an all-zero packed adapter from zero_packed: shared by every fill when it is on the
+    device, placed with the rest when it is on the host)."""
+    first = zeros.layers[0]
+    names = [f.name for f in fields(LayerLora)
+             if f.name in host or isinstance(getattr(first, f.name), np.ndarray)]
+    placed = jax.device_put([[host[name][i] if name in host else getattr(layer, name)
+                              for name in names] for i, layer in enumerate(zeros.layers)])
     return LoraStacks(tuple(
         replace(layer, **dict(zip(names, fields_i, strict=True)))
         for layer, fields_i in zip(zeros.layers, placed, strict=True)))
 
 
-def zero_packed(config: LlamaConfig, max_rank: int, dtype="float32") -> LoraStacks:
-    """An all-zero packed adapter (fields without the slot axis), on the device."""
+def zero_packed(config: LlamaConfig, max_rank: int, dtype="float32", *,
+                on_host: bool = False) -> LoraStacks:
+    """An all-zero packed adapter (fields without the slot axis), on the device (or host)."""
     _check_rank(max_rank)
+    zeros = np.zeros if on_host else jnp.zeros
     shapes = _shapes(config, max_rank)
     return LoraStacks(tuple(
-        LayerLora(**{name: jnp.zeros(shape, dtype) for name, shape in shapes.items()})
+        LayerLora(**{name: zeros(shape, jnp.dtype(dtype)) for name, shape in shapes.items()})
         for _ in range(config.num_hidden_layers)))
 
 

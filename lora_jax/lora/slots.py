@@ -42,8 +42,9 @@ class AdapterSlots:
         # Several processes sharing the mesh: a lora_jax.worker.distributed.StepChannel.
         self.channel = None
         # An all-zero adapter on the device: a fill takes the fields its adapter leaves alone
-        # from here instead of transferring zeros.
-        self._zeros = zero_packed(config, max_rank, dtype)
+        # from here instead of transferring zeros. Split over devices, it stays on the host
+        # (whole on one device, it would unbalance the devices' memory).
+        self._zeros = zero_packed(config, max_rank, dtype, on_host=tensor_parallel is not None)
         if tensor_parallel is None:
             self.stacks: LoraStacks = init_lora_stacks(config, num_slots, max_rank, dtype)
             self._set = jax.jit(set_slot, donate_argnums=0)
