@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from safetensors import SafetensorError
@@ -53,6 +53,15 @@ class LoRAWeights:
         return self.a.shape[-1]
 
 
+class HostPacked(NamedTuple):
+    """An adapter packed on the host for slots of max_rank and dtype (a dtype name):
+    models.lora.pack_host's fields."""
+
+    max_rank: int
+    dtype: str
+    fields: dict[str, np.ndarray]
+
+
 @dataclass(frozen=True)
 class LoRAAdapter:
     """A loaded adapter: weights for each projection it touches (untouched ones are absent).
@@ -68,8 +77,8 @@ class LoRAAdapter:
     config: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # The weights already in the device slots' layout (AdapterSlots.prepare, run by the loader
-    # off the engine thread): (max_rank, dtype name, models.lora.pack_host fields), or None.
-    packed: tuple | None = field(default=None, compare=False, repr=False)
+    # off the engine thread), or None.
+    packed: HostPacked | None = field(default=None, compare=False, repr=False)
 
     @property
     def rank(self) -> int:

@@ -24,7 +24,8 @@ from models.lora import pack_host
 
 def adapter_bytes(adapter: LoRAAdapter) -> int:
     """Host bytes of an adapter's weights, with their packed copy when it has one."""
-    packed = 0 if adapter.packed is None else sum(int(v.nbytes) for v in adapter.packed[2].values())
+    packed = 0 if adapter.packed is None else sum(int(v.nbytes)
+                                                 for v in adapter.packed.fields.values())
     return packed + sum(int(np.asarray(w.a).nbytes + np.asarray(w.b).nbytes)
                         for w in adapter.modules.values())
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.lora.adapters import LoRAAdapter
+from lora_jax.lora.adapters import HostPacked, LoRAAdapter
 from models.config import LlamaConfig
 from models.lora import (
     SITES,
@@ -100,17 +100,16 @@ class AdapterSlots:
     def prepare(self, adapter: LoRAAdapter) -> LoRAAdapter:
         """The adapter with its weights packed into the slots' layout on the host (pure: the
         loader's threads call it), so that its fill only places and writes them."""
-        return replace(adapter, packed=(*self._packing, pack_host(
-            self.config, adapter.modules, self.max_rank, self.dtype)))
-
-    @property
-    def _packing(self) -> tuple[int, str]:
-        return self.max_rank, jnp.dtype(self.dtype).name
+        return replace(adapter, packed=HostPacked(
+            self.max_rank, jnp.dtype(self.dtype).name,
+            pack_host(self.config, adapter.modules, self.max_rank, self.dtype)))
 
     def _write(self, slot: int, adapter: LoRAAdapter) -> None:
         self._sites[slot] = sites_of(adapter.modules)
-        if adapter.packed is not None and adapter.packed[:2] == self._packing:
-            host = adapter.packed[2]
+        packed = adapter.packed
+        if packed is not None and (packed.max_rank, packed.dtype) == (
+                self.max_rank, jnp.dtype(self.dtype).name):
+            host = packed.fields
         else:  # handed over in memory, or read before the slots existed
             host = pack_host(self.config, adapter.modules, self.max_rank, self.dtype)
         packed = place_packed(host, self._zeros)

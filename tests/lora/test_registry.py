@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers.peft import TinyShapes, make_adapter
 
-from lora_jax.lora.adapters import load_adapter
+from lora_jax.lora.adapters import HostPacked, load_adapter
 from lora_jax.lora.registry import AdapterRegistry, adapter_bytes
 from lora_jax.request import LoRARequest
 
@@ -135,7 +135,7 @@ def test_an_adapter_packed_for_the_slots_counts_both_copies_against_the_byte_bou
     (a,) = _requests(tmp_path, 1)
     plain = _registry(4).read(a)
     packed = {"qkv_a": np.ones((2, 64, 24), np.float32), "q_b": np.ones((2, 8, 64), np.float32)}
-    prepared = dataclasses.replace(plain, packed=(8, "float32", packed))
+    prepared = dataclasses.replace(plain, packed=HostPacked(8, "float32", packed))
     assert adapter_bytes(prepared) == adapter_bytes(plain) + (2 * 64 * 24 + 2 * 8 * 64) * 4
     registry = _registry(max_count=4, max_bytes=adapter_bytes(prepared) - 1)
     registry.register(a)
