@@ -253,9 +253,13 @@ def _attention(config: LlamaConfig, normed: jax.Array, cache: tuple, layer: int,
 
 
 def _activation(config: LlamaConfig, gate: jax.Array) -> jax.Array:
+    """The activation computed in float32 and rounded once to gate's dtype, as PyTorch's
+    kernels do for 16-bit inputs (XLA would round after each of its five operations, and on
+    CPU each rounding is a convert pair over the whole [tokens, intermediate] block)."""
+    x = gate.astype(jnp.float32)
     if config.hidden_act == "gelu_pytorch_tanh":
-        return jax.nn.gelu(gate, approximate=True)
-    return jax.nn.silu(gate)
+        return jax.nn.gelu(x, approximate=True).astype(gate.dtype)
+    return jax.nn.silu(x).astype(gate.dtype)
 
 
 def decoder_layer(

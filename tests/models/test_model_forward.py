@@ -13,9 +13,10 @@ from flax import nnx
 from helpers.checkpoints import random_lora, random_tensors, tiny_config, write_checkpoint
 from helpers.numpy_llama import reference_logits
 
-from models import forward, init_kv_cache, init_lora_stacks, load_llama, pack_adapter
+from models import LlamaConfig, forward, init_kv_cache, init_lora_stacks, load_llama, pack_adapter
 from models import set_slot as set_slot_fn
 from models.kv_cache import read_layer
+from models.layers import _activation
 
 MAX_LEN, PREFILL = 16, 8
 
@@ -250,3 +251,22 @@ def test_a_kv_window_covering_every_position_changes_nothing(gqa):
     live = positions >= 0
     np.testing.assert_allclose(np.asarray(windowed)[live], np.asarray(whole)[live], atol=1e-6)
     np.testing.assert_array_equal(windowed_cache.k, whole_cache.k)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_a_bfloat16_activation_is_computed_in_float32_and_rounded_once(act):
+    # PyTorch computes a 16-bit activation in float32 and rounds the
+    # result once; rounding after each elementwise step drifts from transformers.
+    config = LlamaConfig.from_dict(tiny_config(hidden_act=act))
+    gate = jax.random.normal(jax.random.key(0), (64, 96), jnp.float32).astype(jnp.bfloat16) * 4
+    x = np.asarray(gate, np.float64)
+    if act == "silu":
+        want = x / (1 + np.exp(-x))
+    else:
+        want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    got = np.asarray(jax.jit(lambda g: _activation(config, g))(gate).astype(jnp.float32))
+    assert _activation(config, gate).dtype == jnp.bfloat16
+    # Rounded once from float32: within one bfloat16 step of the exact value (7 stored
+    # mantissa bits), everywhere; rounding after each operation strays up to three steps.
+    step = 2.0 ** (np.floor(np.log2(np.abs(want) + 1e-38)) - 7)
+    assert np.all(np.abs(got - want) <= step + 1e-6), np.max(np.abs(got - want) / step)
