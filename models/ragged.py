@@ -68,26 +68,32 @@ class AttnSpec(NamedTuple):
     window: int | None = None  # a query at q sees keys at q - window < k <= q
 
 
-def _chunk_reader(tables, first, pages: int, n: int, width: int, kv_heads: int, dim: int,
-                  layer: int, dtype):
-    """read(cache, chunk) -> the [N, width, KV, d] positions of each row's chunk first + chunk
-    (first [N] int32 or None = 0 for every row)."""
-    def read(cache, chunk):
-        if first is None:
-            ids = jax.lax.dynamic_slice_in_dim(tables, chunk * pages, pages, axis=1)
-        else:  # each row starts at its own first chunk inside its window
-            col = (first[:, None] + chunk) * pages + jnp.arange(pages)[None, :]
+def _page_reader(tables, first_page, n: int, kv_heads: int, dim: int, layer: int, dtype):
+    """read(cache, page, pages) -> the [N, pages * block_size, KV, d] positions of each row's
+    pages page .. page + pages - 1 (counted from its first_page [N], or from 0 when None)."""
+    def read(cache, page, pages: int):
+        if first_page is None:
+            ids = jax.lax.dynamic_slice_in_dim(tables, page, pages, axis=1)
+        else:  # each row starts at its own first page inside its window
+            col = first_page[:, None] + page + jnp.arange(pages)[None, :]
             ids = jnp.take_along_axis(tables, jnp.minimum(col, tables.shape[1] - 1), axis=1)
-        out = cache[layer, ids].reshape(n, width, kv_heads, dim)
+        out = cache[layer, ids].reshape(n, pages * cache.shape[2], kv_heads, dim)
         return out if out.dtype == dtype else jax.lax.bitcast_convert_type(out, dtype)
     return read
 
 
-def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype, spec: AttnSpec):
+def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype, spec: AttnSpec,
+                  half_tail: bool = False):
     """q [N, Q, KV, G, d]; tables [N, MB]; qpos [N, Q] (-1 = none) -> [N, Q, KV, G, d].
 
     Every query of row n attends to row n's cache positions <= its own position (and within
-    spec.window of it: a row then starts at the first chunk its window reaches)."""
+    spec.window of it: a row then starts at the first chunk its window reaches).
+
+    half_tail (no window): a last chunk that the furthest query needs only half of is read as
+    a half chunk, so a prompt of up to KV_CHUNK / 2 tokens (or a context just past a whole
+    chunk) reads and scores half the keys; every chunk before it stays whole, so long
+    contexts keep the loop's fewer, wider steps. It compiles a second step, so only the
+    prefill tiles (whose queries all pay for the chunk's width) use it."""
     n, nq, kv_heads, group, dim = q.shape
     block_size = k_cache.shape[2]
     pages = chunk_pages(block_size)
@@ -96,23 +102,24 @@ def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype, spec: At
     floor = jnp.finfo(jnp.float32).min
     q = q * jnp.asarray(spec.scale, q.dtype)
     last = jnp.max(qpos, axis=1)  # [N]
-    first = None
+    first_page = None
     if spec.window is None:
         num_chunks = (jnp.max(qpos) + width) // width  # enough chunks for the furthest query
     else:
         lowest = jnp.min(jnp.where(qpos >= 0, qpos, jnp.iinfo(jnp.int32).max), axis=1)
         first = jnp.maximum(lowest - spec.window + 1, 0) // width
+        first_page = first * pages
         num_chunks = jnp.max(jnp.where(last >= 0, (last + width) // width - first, 0))
-    read = _chunk_reader(tables, first, pages, n, width, kv_heads, dim, layer, dtype)
+    read = _page_reader(tables, first_page, n, kv_heads, dim, layer, dtype)
 
-    def body(chunk, carry):
+    def attend(page, count: int, carry):  # the online-softmax step over `count` pages
         m, total, acc = carry
-        keys, values = read(k_cache, chunk), read(v_cache, chunk)
+        keys, values = read(k_cache, page, count), read(v_cache, page, count)
         s = jnp.einsum("nqkgd,nskd->nkgqs", q, keys, preferred_element_type=jnp.float32)
         if spec.softcap is not None:
             s = jnp.tanh(s / spec.softcap) * spec.softcap
-        start = chunk * width if first is None else ((first + chunk) * width)[:, None, None]
-        kpos = start + jnp.arange(width)
+        start = page if first_page is None else (first_page + page)[:, None, None]
+        kpos = start * block_size + jnp.arange(count * block_size)
         visible = kpos <= qpos[:, :, None]  # [N, Q, S]
         if spec.window is not None:
             visible &= kpos > qpos[:, :, None] - spec.window
@@ -125,10 +132,22 @@ def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype, spec: At
                         preferred_element_type=jnp.float32)
         return m_new, total, acc * alpha[..., None] + pv
 
-    init = (jnp.full((n, kv_heads, group, nq), floor, jnp.float32),
-            jnp.zeros((n, kv_heads, group, nq), jnp.float32),
-            jnp.zeros((n, kv_heads, group, nq, dim), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    carry = (jnp.full((n, kv_heads, group, nq), floor, jnp.float32),
+             jnp.zeros((n, kv_heads, group, nq), jnp.float32),
+             jnp.zeros((n, kv_heads, group, nq, dim), jnp.float32))
+    half = pages // 2
+    if half_tail and spec.window is None and half:
+        # positions the furthest query needs in its last chunk (1..width; <= 0 when unused)
+        tail = jnp.max(qpos) + 1 - (num_chunks - 1) * width
+        short = (num_chunks > 0) & (tail <= half * block_size)
+        carry = jax.lax.fori_loop(0, num_chunks - short.astype(num_chunks.dtype),
+                                  lambda c, x: attend(c * pages, pages, x), carry)
+        carry = jax.lax.cond(short, lambda x: attend((num_chunks - 1) * pages, half, x),
+                             lambda x: x, carry)
+    else:
+        carry = jax.lax.fori_loop(0, num_chunks, lambda c, x: attend(c * pages, pages, x),
+                                  carry)
+    _, total, acc = carry
     out = acc / jnp.maximum(total, 1e-30)[..., None]
     return jnp.moveaxis(out, 3, 1)  # [N, Q, KV, G, d]
 
@@ -171,7 +190,7 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         safe = jnp.minimum(index, t - 1)
         qpos = jnp.where(used, meta.positions[safe], -1)
         rows = _attend_pages(qg[safe], k_cache, v_cache, layer, meta.tables[meta.tile_req],
-                             qpos, dtype, spec)
+                             qpos, dtype, spec, half_tail=True)
         return out.at[index].set(rows.reshape(*index.shape, heads, dim).astype(q.dtype))
 
     # A layout the batch leaves unused is skipped whole: its loop would run no chunk, but its
