@@ -18,8 +18,7 @@ from models.lora import SITES, LayerLora
 from models.ragged import AttnSpec, RaggedMeta, ragged_attention, write_tokens
 from models.rope import apply_rope
 from pallas_kernels import (
-    lora_apply,
-    lora_apply_sliced,
+    lora_apply_split,
     lora_expand,
     lora_meta,
     lora_meta_for_site,
@@ -91,8 +90,9 @@ def norm(config: LlamaConfig, x: jax.Array, weight: jax.Array) -> jax.Array:
 
 def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple,
             batch: TokenBatch, dropout_key: jax.Array | None = None,
-            site: int | None = None) -> jax.Array:
-    """x [T, d_in] @ w [d_out, d_in]^T plus each token's adapter term -> [T, d_out] float32.
+            site: int | None = None, dtype=jnp.float32) -> jax.Array:
+    """x [T, d_in] @ w [d_out, d_in]^T plus each token's adapter term -> [T, d_out] in dtype
+    (the sum is float32, rounded once).
 
     lora_a [S, d_in, n*R] and n expand matrices [S, R, w_i] summing to d_out; None = no LoRA.
     With batch.lora_dropout the adapter sees x through dropout, as PEFT's lora_dropout does.
@@ -100,21 +100,31 @@ def project(x: jax.Array, w: jax.Array, lora_a: jax.Array | None, lora_bs: tuple
     of the step uses it, the tiled backend skips its adapter work (a branch of the switch it
     runs anyway: the same program, and no stack passed through another conditional).
     """
+    parts = _project_parts(x, w, None, lora_a, lora_bs, batch, dropout_key, site, dtype)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def _project_parts(x: jax.Array, w: jax.Array, bias: jax.Array | None,
+                   lora_a: jax.Array | None, lora_bs: tuple, batch: TokenBatch,
+                   dropout_key: jax.Array | None, site: int | None, dtype,
+                   widths: tuple[int, ...] | None = None) -> list[jax.Array]:
+    """x @ w.T (+ bias) plus the adapter terms, as the parts of `widths` (lora_bs's widths
+    when there is LoRA; None: one part), each in dtype."""
     y = matmul(x, w)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
     if lora_a is None:
-        return y
+        y = y.astype(dtype)
+        return [y] if widths is None else jnp.split(y, np.cumsum(widths[:-1]).tolist(), axis=-1)
     x = _dropout(x, batch, dropout_key)
     meta = batch.lora_meta
     if site is not None and batch.lora_sites is not None and meta is not None:
         meta = lora_meta_for_site(meta, batch.lora_sites[site])
     if batch.mesh is not None and tp_kernels.lora_runs_pallas(batch.lora_backend):
-        return tp_kernels.row_apply(batch.mesh, y, x, lora_a, lora_bs[0], batch.slot,
-                                    batch.lora_backend, meta)  # o, down
-    if len(lora_bs) == 1:
-        return lora_apply(y, x, lora_a, lora_bs[0], batch.slot, backend=batch.lora_backend,
-                          meta=meta)
-    return lora_apply_sliced(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend,
-                             meta=meta)
+        return [tp_kernels.row_apply(batch.mesh, y, x, lora_a, lora_bs[0], batch.slot,
+                                     batch.lora_backend, meta).astype(dtype)]  # o, down
+    return lora_apply_split(y, x, lora_a, lora_bs, batch.slot, backend=batch.lora_backend,
+                            meta=meta, dtype=dtype)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -141,9 +151,8 @@ def project_packed(x: jax.Array, w: jax.Array, widths: tuple[int, ...], shards: 
     gets its own adapter expand from one shared shrink. bias [sum w_i] in w's column layout.
     """
     if shards == 1:
-        y = project(x, w, lora_a, lora_bs, batch, dropout_key, site)
-        y = (y if bias is None else y + bias.astype(jnp.float32)).astype(x.dtype)
-        return jnp.split(y, np.cumsum(widths[:-1]).tolist(), axis=-1)
+        return _project_parts(x, w, bias, lora_a, lora_bs, batch, dropout_key, site, x.dtype,
+                              widths)
     y = matmul(x, w)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
@@ -248,7 +257,7 @@ def _attention(config: LlamaConfig, normed: jax.Array, cache: tuple, layer: int,
                 for c in (k_cache, v_cache))
         attn = attend(q, *read, batch.positions, spec)
     attn = project(attn.reshape(b * length, h * hd), w.o, *_group(lora, "o_a", "o_b"), batch,
-                   keys[1], SITES.index("o_a"))
+                   keys[1], SITES.index("o_a"), dtype=attn.dtype)
     return attn, (k_cache, v_cache)
 
 
@@ -291,7 +300,7 @@ def decoder_layer(
                               site=SITES.index("gate_up_a"))
     hidden = _activation(config, gate) * up
     mlp = project(hidden, w.down, *_group(lora, "down_a", "down_b"), batch, keys[3],
-                  SITES.index("down_a"))
+                  SITES.index("down_a"), dtype=hidden.dtype)
     mlp = mlp.astype(x.dtype).reshape(b, length, d)
     if config.sandwich_norms:
         mlp = norm(config, mlp, w.post_mlp_norm)

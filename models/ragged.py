@@ -135,21 +135,25 @@ def _attend_pages(q, k_cache, v_cache, layer: int, tables, qpos, dtype, spec: At
     carry = (jnp.full((n, kv_heads, group, nq), floor, jnp.float32),
              jnp.zeros((n, kv_heads, group, nq), jnp.float32),
              jnp.zeros((n, kv_heads, group, nq, dim), jnp.float32))
-    half = pages // 2
-    if half_tail and spec.window is None and half:
-        # positions the furthest query needs in its last chunk (1..width; <= 0 when unused)
-        tail = jnp.max(qpos) + 1 - (num_chunks - 1) * width
-        short = (num_chunks > 0) & (tail <= half * block_size)
-        carry = jax.lax.fori_loop(0, num_chunks - short.astype(num_chunks.dtype),
-                                  lambda c, x: attend(c * pages, pages, x), carry)
-        carry = jax.lax.cond(short, lambda x: attend((num_chunks - 1) * pages, half, x),
-                             lambda x: x, carry)
-    else:
-        carry = jax.lax.fori_loop(0, num_chunks, lambda c, x: attend(c * pages, pages, x),
-                                  carry)
-    _, total, acc = carry
+    furthest = jnp.max(qpos) if half_tail and spec.window is None else None
+    _, total, acc = _walk(attend, carry, num_chunks, pages, block_size, furthest)
     out = acc / jnp.maximum(total, 1e-30)[..., None]
     return jnp.moveaxis(out, 3, 1)  # [N, Q, KV, G, d]
+
+
+def _walk(attend, carry, num_chunks, pages: int, block_size: int, furthest=None):
+    """attend(page, count, carry) over num_chunks chunks of `pages` pages; with furthest (the
+    furthest query's position), a last chunk it needs half of or less runs as a half chunk."""
+    half = pages // 2
+    if furthest is None or not half:
+        return jax.lax.fori_loop(0, num_chunks, lambda c, x: attend(c * pages, pages, x), carry)
+    # positions the furthest query needs in the last chunk (1..width; <= 0 when unused)
+    tail = furthest + 1 - (num_chunks - 1) * pages * block_size
+    short = (num_chunks > 0) & (tail <= half * block_size)
+    carry = jax.lax.fori_loop(0, num_chunks - short.astype(num_chunks.dtype),
+                              lambda c, x: attend(c * pages, pages, x), carry)
+    return jax.lax.cond(short, lambda x: attend((num_chunks - 1) * pages, half, x),
+                        lambda x: x, carry)
 
 
 def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,

@@ -9,6 +9,7 @@ Public API (see api.py for shapes and backends):
                                        backend skips the site's work
     lora_apply(y, x, a, b, slot)       -> y + (x @ a[slot]) @ b[slot]   a [S, D_in, R]
     lora_apply_sliced(y, x, a, bs, slot) fused projections (q|k|v, gate|up)
+    lora_apply_split(y, x, a, bs, slot)  the same, as its slices (cast to dtype=)
     group_by_slot / gather_rows / scatter_rows: the token grouping of the prefill kernels
     ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_start, num_seqs)
                                        decode rows and prefill chunks over a paged KV cache
@@ -20,6 +21,7 @@ from pallas_kernels.api import (
     default_backend,
     lora_apply,
     lora_apply_sliced,
+    lora_apply_split,
     lora_expand,
     lora_meta,
     lora_meta_for_site,
@@ -40,6 +42,7 @@ __all__ = [
     "group_by_slot",
     "lora_apply",
     "lora_apply_sliced",
+    "lora_apply_split",
     "lora_expand",
     "lora_meta",
     "lora_meta_for_site",

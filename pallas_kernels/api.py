@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import blocks, dense, pallas_backend, reference, tiled
 from pallas_kernels.blocks import BlockSizes
@@ -184,6 +185,16 @@ def lora_apply(
                              block_sizes=block_sizes, meta=meta)
 
 
+def _check_apply(y, x, a, bs: tuple, slot) -> None:
+    _check_shrink(x, a, slot)
+    if a.shape[-1] % max(len(bs), 1):
+        raise ValueError(f"a {a.shape}: its rank axis must split into {len(bs)} equal slices")
+    h_shape = jax.ShapeDtypeStruct((x.shape[0], a.shape[-1]), jnp.float32)
+    _check_expand(y, h_shape, bs, slot)
+    if a.shape[0] != bs[0].shape[0]:
+        raise ValueError(f"a has S={a.shape[0]} slots but b has S={bs[0].shape[0]}")
+
+
 def lora_apply_sliced(
     y, x, a, bs: Sequence[jax.Array], slot, *, backend: str | None = None,
     pattern: str | None = None, block_sizes: BlockSizes | None = None, meta=None,
@@ -193,13 +204,7 @@ def lora_apply_sliced(
     Slice i of the output gets (x @ a[slot, :, i*R:(i+1)*R]) @ bs[i][slot].
     """
     bs = tuple(bs)
-    _check_shrink(x, a, slot)
-    if a.shape[-1] % max(len(bs), 1):
-        raise ValueError(f"a {a.shape}: its rank axis must split into {len(bs)} equal slices")
-    h_shape = jax.ShapeDtypeStruct((x.shape[0], a.shape[-1]), jnp.float32)
-    _check_expand(y, h_shape, bs, slot)
-    if a.shape[0] != bs[0].shape[0]:
-        raise ValueError(f"a has S={a.shape[0]} slots but b has S={bs[0].shape[0]}")
+    _check_apply(y, x, a, bs, slot)
     resolved = _resolve(backend, pattern, block_sizes)
     if resolved[1] is not None:
         blocks.check_rank(bs[0].shape[1])
@@ -209,3 +214,22 @@ def lora_apply_sliced(
         return tiled.apply_sliced(y, x, a, bs, slot, meta)
     h = _shrink(x, a, slot, *resolved, meta)
     return _expand(y, h, bs, slot, *resolved, meta)
+
+
+def lora_apply_split(
+    y, x, a, bs: Sequence[jax.Array], slot, *, backend: str | None = None,
+    pattern: str | None = None, block_sizes: BlockSizes | None = None, meta=None, dtype=None,
+) -> list[jax.Array]:
+    """lora_apply_sliced, returned as its slices [T, w_i], each cast to dtype (default y's).
+
+    The tiled backend adds inside its branch switch, so a step that skips the site only
+    splits y; the other backends split lora_apply_sliced's result."""
+    bs = tuple(bs)
+    dtype = y.dtype if dtype is None else dtype
+    if (backend or default_backend()) == "tiled":
+        _check_apply(y, x, a, bs, slot)
+        return tiled.apply_split(y, x, a, bs, slot, meta, dtype)
+    out = lora_apply_sliced(y, x, a, bs, slot, backend=backend, pattern=pattern,
+                            block_sizes=block_sizes, meta=meta)
+    starts = np.cumsum([0] + [b.shape[-1] for b in bs]).tolist()
+    return [out[:, lo:hi].astype(dtype) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]

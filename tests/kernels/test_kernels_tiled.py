@@ -62,13 +62,20 @@ def test_tiled_apply_sliced_matches_float64_with_many_slots(case, dtype, rng):
         meta = pk.lora_meta(slot, num_slots, backend="tiled")  # once, read by every call
         out = pk.lora_apply_sliced(y, x, a, bs, slot, backend="tiled", meta=meta)
         h = pk.lora_shrink(x, a, slot, backend="tiled", meta=meta)
+        parts = pk.lora_apply_split(y, x, a, bs, slot, backend="tiled", meta=meta)
         return out, h, pk.lora_expand(y[:, :widths[0]], h[:, :rank], bs[0], slot,
-                                      backend="tiled", meta=meta)
+                                      backend="tiled", meta=meta), parts
 
-    out, h, first = jax.jit(step)(y, x, a, bs, slot)
+    out, h, first, parts = jax.jit(step)(y, x, a, bs, slot)
     h64 = shrink64(x, a, slot)
     assert_close(h, h64, dtype)
     assert_close(out, expand64(y, h64, bs, slot), dtype)
+    # The split form (the model's path): the same sums, slice by slice.
+    assert [p.shape[1] for p in parts] == list(widths)
+    joined = jnp.concatenate(parts, axis=1)
+    assert_close(joined, expand64(y, h64, bs, slot), dtype)
+    assert_bitwise_equal(np.asarray(joined)[np.asarray(slot) < 0],
+                         np.asarray(y)[np.asarray(slot) < 0])
     assert_close(first, expand64(y[:, :widths[0]], h, bs[:1], slot), dtype)
     none = np.asarray(slot) < 0
     assert_bitwise_equal(np.asarray(out)[none], np.asarray(y)[none])
@@ -107,8 +114,30 @@ def test_a_site_no_adapter_uses_takes_the_skip_branch_and_adds_nothing(distinct,
         meta = pk.lora_meta_for_site(pk.lora_meta(slot, num_slots, backend="tiled"), used)
         return pk.lora_apply_sliced(y, x, a, bs, slot, backend="tiled", meta=meta)
 
+    def split(used):  # the model's form: the parts, rounded once to bfloat16
+        meta = pk.lora_meta_for_site(pk.lora_meta(slot, num_slots, backend="tiled"), used)
+        return jnp.concatenate(pk.lora_apply_split(y, x, a, bs, slot, backend="tiled",
+                                                   meta=meta, dtype=jnp.bfloat16), axis=1)
+
     run = jax.jit(step)
-    assert_close(run(jnp.bool_(True)), expand64(y, shrink64(x, a, slot), bs, slot),
-                 jnp.float32)
+    want = expand64(y, shrink64(x, a, slot), bs, slot)
+    assert_close(run(jnp.bool_(True)), want, jnp.float32)
     assert_bitwise_equal(np.asarray(run(jnp.bool_(False))), np.asarray(y))
+    assert_close(jax.jit(split)(jnp.bool_(True)), want, jnp.bfloat16)
+    assert_bitwise_equal(np.asarray(jax.jit(split)(jnp.bool_(False))),
+                         np.asarray(y.astype(jnp.bfloat16)))
     assert pk.lora_meta_for_site(None, jnp.bool_(False)) is None  # other backends: as it is
+
+
+@pytest.mark.parametrize("backend", ["reference", "dense"])
+def test_the_split_form_of_other_backends_is_their_sliced_result_cut(backend, rng):
+    tokens, num_slots, d_in, rank, widths = 24, 8, 48, 8, (32, 16)
+    x, y = normal(rng, (tokens, d_in), jnp.float32), normal(rng, (tokens, sum(widths)),
+                                                            jnp.float32)
+    a, bs = stacks(rng, num_slots, d_in, rank, widths, jnp.float32)
+    slot = jnp.asarray(_slots(rng, tokens, num_slots, 3))
+    whole = pk.lora_apply_sliced(y, x, a, bs, slot, backend=backend)
+    parts = pk.lora_apply_split(y, x, a, bs, slot, backend=backend, dtype=jnp.bfloat16)
+    assert [p.dtype for p in parts] == [jnp.bfloat16] * 2
+    assert_bitwise_equal(np.asarray(jnp.concatenate(parts, axis=1)),
+                         np.asarray(whole.astype(jnp.bfloat16)))

@@ -1,6 +1,5 @@
 """The plain-XLA paged attention (models.ragged) against a dense softmax on random inputs."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
