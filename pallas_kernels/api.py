@@ -226,10 +226,10 @@ def lora_apply_split(
     splits y; the other backends split lora_apply_sliced's result."""
     bs = tuple(bs)
     dtype = y.dtype if dtype is None else dtype
-    if (backend or default_backend()) == "tiled":
+    if _resolve(backend, pattern, block_sizes)[0] == "tiled":
         _check_apply(y, x, a, bs, slot)
         return tiled.apply_split(y, x, a, bs, slot, meta, dtype)
     out = lora_apply_sliced(y, x, a, bs, slot, backend=backend, pattern=pattern,
                             block_sizes=block_sizes, meta=meta)
-    starts = np.cumsum([0] + [b.shape[-1] for b in bs]).tolist()
-    return [out[:, lo:hi].astype(dtype) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+    bounds = np.cumsum([b.shape[-1] for b in bs[:-1]]).tolist()
+    return [part.astype(dtype) for part in jnp.split(out, bounds, axis=-1)]

@@ -183,12 +183,35 @@ def _expand_branches(h: jax.Array, bs: Sequence[jax.Array], meta: LoraMeta) -> l
             + [tiles(n) for n in tile_ladder(tokens, num_slots)] + [skip])
 
 
+def _expand_split(y: jax.Array, h: jax.Array, bs: tuple, meta: LoraMeta, dtype
+                  ) -> list[jax.Array]:
+    """The slices of y [T, sum W_i], slice i plus h_i @ bs[i][slot], each in dtype.
+
+    The adds sit inside the switch, so a step whose adapters skip this site only splits and
+    casts y: no zero delta the size of y is built and added (at 1024 tokens that was about a
+    fifth of a q/v adapter's cost in every MLP). Slot -1 rows are y's exactly."""
+    bounds = np.cumsum([b.shape[-1] for b in bs[:-1]]).tolist()
+    valid = meta.slot[:, None] >= 0
+
+    def adding(branch):
+        def run():
+            return tuple(jnp.where(valid, y_i.astype(jnp.float32) + d, y_i).astype(dtype)
+                         for y_i, d in zip(jnp.split(y, bounds, axis=-1), branch(), strict=True))
+        return run
+
+    def split():
+        return tuple(y_i.astype(dtype) for y_i in jnp.split(y, bounds, axis=-1))
+
+    branches = _expand_branches(h, bs, meta)
+    return list(jax.lax.switch(meta.branch, [adding(b) for b in branches[:-1]] + [split]))
+
+
 def expand_sliced(y: jax.Array, h: jax.Array, bs: Sequence[jax.Array], slot: jax.Array,
                   meta: LoraMeta | None = None) -> jax.Array:
     """y [T, sum W_i], h [T, n*R], bs n arrays [S, R, W_i] -> y + per-slice h_i @ b_i[slot]."""
     meta = step_meta(slot, bs[0].shape[0]) if meta is None else meta
-    deltas = jax.lax.switch(meta.branch, _expand_branches(h, tuple(bs), meta))
-    return dense.add_deltas(y, list(deltas), meta.slot)
+    parts = _expand_split(y, h, tuple(bs), meta, y.dtype)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Array],
@@ -200,27 +223,8 @@ def apply_sliced(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Arra
 
 def apply_split(y: jax.Array, x: jax.Array, a: jax.Array, bs: Sequence[jax.Array],
                 slot: jax.Array, meta: LoraMeta | None = None, dtype=None) -> list[jax.Array]:
-    """The slices of y [T, sum W_i] (float32), slice i plus h_i @ bs[i][slot], each cast to
-    dtype (default y's): what a fused projection hands on to its parts.
-
-    The adds sit inside the expand's switch, so a step whose adapters skip this site only
-    splits and casts y: no zero delta the size of y is built, added and concatenated (at
-    1024 tokens that was about a fifth of a q/v adapter's cost in every MLP)."""
+    """apply_sliced as its slices [T, W_i], each cast to dtype (default y's): what a fused
+    projection hands on to its parts, with no concatenation to undo."""
     meta = step_meta(slot, a.shape[0]) if meta is None else meta
     dtype = y.dtype if dtype is None else dtype
-    starts = np.cumsum([0] + [b.shape[-1] for b in bs]).tolist()
-    pieces = [(lo, hi) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
-    valid = meta.slot[:, None] >= 0
-
-    def adding(branch):
-        def run():
-            return tuple(jnp.where(valid, y[:, lo:hi].astype(jnp.float32) + d,
-                                   y[:, lo:hi]).astype(dtype)
-                         for (lo, hi), d in zip(pieces, branch(), strict=True))
-        return run
-
-    def split():
-        return tuple(y[:, lo:hi].astype(dtype) for lo, hi in pieces)
-
-    expand = _expand_branches(shrink(x, a, slot, meta), tuple(bs), meta)
-    return list(jax.lax.switch(meta.branch, [adding(b) for b in expand[:-1]] + [split]))
+    return _expand_split(y, shrink(x, a, slot, meta), tuple(bs), meta, dtype)
