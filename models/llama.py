@@ -16,7 +16,7 @@ from flax import nnx
 
 from models.config import LlamaConfig
 from models.kv_cache import KVCache
-from models.layers import LayerWeights, TokenBatch, decoder_layer, rms_norm, with_lora_meta
+from models.layers import LayerWeights, TokenBatch, decoder_layer, matmul, rms_norm, with_lora_meta
 from models.lora import LoraStacks
 from models.ragged import RaggedMeta
 from models.rope import rope_cos_sin
@@ -215,8 +215,11 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
         head = self.embed if self.lm_head is None else self.lm_head
-        logits = jnp.einsum("...d,vd->...v", hidden, head[...],
-                            preferred_element_type=jnp.float32)
+        if hidden.ndim == 2:  # [R, D]: a serving step's rows (layers.matmul's operand order)
+            logits = matmul(hidden, head[...])
+        else:
+            logits = jnp.einsum("...d,vd->...v", hidden, head[...],
+                                preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 
