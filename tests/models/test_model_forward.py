@@ -16,7 +16,7 @@ from helpers.numpy_llama import reference_logits
 from models import LlamaConfig, forward, init_kv_cache, init_lora_stacks, load_llama, pack_adapter
 from models import set_slot as set_slot_fn
 from models.kv_cache import read_layer
-from models.layers import _activation
+from models.layers import _activation, matmul
 
 MAX_LEN, PREFILL = 16, 8
 
@@ -270,3 +270,20 @@ def test_a_bfloat16_activation_is_computed_in_float32_and_rounded_once(act):
     # mantissa bits), everywhere; rounding after each operation strays up to three steps.
     step = 2.0 ** (np.floor(np.log2(np.abs(want) + 1e-38)) - 7)
     assert np.all(np.abs(got - want) <= step + 1e-6), np.max(np.abs(got - want) / step)
+
+
+@pytest.mark.parametrize("rows", [8, 32, 48, 64, 128])
+def test_a_matmul_of_any_row_count_equals_the_float64_product_and_its_gradient(rows):
+    # 32-64 rows take another operand order on the CPU (models.layers.matmul): the value and
+    # the gradients (training runs through it) must be the product's at every row count.
+    kx, kw, kg = jax.random.split(jax.random.key(rows), 3)
+    x = jax.random.normal(kx, (rows, 80), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (96, 80), jnp.float32).astype(jnp.bfloat16)
+    cot = jax.random.normal(kg, (rows, 96), jnp.float32)
+    got = jax.jit(matmul)(x, w)
+    assert got.shape == (rows, 96) and got.dtype == jnp.float32
+    x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w, cot))
+    np.testing.assert_allclose(np.asarray(got), x64 @ w64.T, rtol=1e-5, atol=1e-4)
+    gx, gw = jax.jit(jax.grad(lambda a, b: jnp.sum(matmul(a, b) * cot), argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(np.asarray(gx, np.float64), c64 @ w64, rtol=2e-2, atol=0.1)
+    np.testing.assert_allclose(np.asarray(gw, np.float64), c64.T @ x64, rtol=2e-2, atol=0.1)
