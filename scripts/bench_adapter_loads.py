@@ -7,7 +7,7 @@ rss: host memory with REGISTERED adapters on disk, each served once through a CP
 fill: milliseconds per slot fill (an adapter packed by the loader, placed on the device and
 written into a slot, waited for) at each --slots count: a slot costs memory, not time.
 
-    python scripts/bench_adapter_loads.py stall --cold 50 --streams 16 --dtype bfloat16
+    python scripts/bench_adapter_loads.py stall --cold 50 --streams 16 --dtype bfloat16 --rounds 4
     python scripts/bench_adapter_loads.py rss --registered 1000 --max-cpu-loras 64
     python scripts/bench_adapter_loads.py fill --slots 8 64 256 --dtype bfloat16
 """
@@ -81,24 +81,30 @@ def _streams(engine, hot, args, tag: str, cold=()) -> list[float]:
 
 
 def stall(args) -> dict:
-    engine, adapters = _setup(args, args.cold + 1)
-    hot, cold = adapters[0], adapters[1:]
+    engine, adapters = _setup(args, args.cold * args.rounds + 1)
+    hot = adapters[0]
     _streams(engine, hot, args, "warm")  # compiles, and loads the hot adapter
     quiet = _streams(engine, hot, args, "quiet")
-    loading = _streams(engine, hot, args, "loads", cold)
-    loads = engine.stats().adapter_loads
-    # The same requests again, their adapters now in slots (or the CPU tier): what the extra
-    # requests cost the streams without any load, to tell the loads' own cost apart.
-    loaded = _streams(engine, hot, args, "loaded", cold)
+    # The 16 streams share each step's gap, so one round's p99 is the longest of a few steps;
+    # --rounds pools the gaps of several rounds, each loading COLD adapters not seen before.
+    loading, loaded, loads = [], [], 0
+    for r in range(args.rounds):
+        cold = adapters[1 + r * args.cold:1 + (r + 1) * args.cold]
+        before = engine.stats().adapter_loads
+        loading += _streams(engine, hot, args, f"loads{r}", cold)
+        loads += engine.stats().adapter_loads - before
+        # The same requests again, their adapters now in slots (or the CPU tier): what the
+        # extra requests cost the streams without any load, to tell the loads' own cost apart.
+        loaded += _streams(engine, hot, args, f"loaded{r}", cold)
     p99 = [1e3 * float(np.percentile(g, 99)) for g in (quiet, loading, loaded)]
     return {"streams": args.streams, "cold_adapters": args.cold,
             "itl_ms_p99_no_loads": round(p99[0], 2), "itl_ms_p99_during_loads": round(p99[1], 2),
             "itl_ms_p99_same_requests_adapters_loaded": round(p99[2], 2),
             "ratio": round(p99[1] / p99[0], 3),
             "ratio_vs_same_requests_loaded": round(p99[1] / p99[2], 3),
-            "gaps_counted": [len(quiet), len(loading), len(loaded)],
-            "adapter_loads": loads, "adapter_loads_in_the_loaded_run":
-                engine.stats().adapter_loads - loads}
+            "gaps_counted": [len(quiet), len(loading), len(loaded)], "rounds": args.rounds,
+            "adapter_loads": loads, "adapter_loads_in_the_loaded_runs":
+                engine.stats().adapter_loads - loads - 1}
 
 
 def rss(args) -> dict:
@@ -150,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("mode", choices=("stall", "rss", "fill"))
     parser.add_argument("--cold", type=int, default=50, help="stall: cold adapters to load")
     parser.add_argument("--streams", type=int, default=16, help="stall: running streams")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="stall: rounds of COLD new adapters, their gaps pooled")
     parser.add_argument("--output-len", type=int, default=64, help="stall: tokens per stream")
     parser.add_argument("--registered", type=int, default=1000, help="rss: adapters on disk")
     parser.add_argument("--slots", type=int, nargs="+", default=[8, 64, 256],
