@@ -139,8 +139,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     transposed: XLA:CPU's matmul (YNNPACK) streams a wide left operand better than a wide right
     one. The barrier keeps XLA from folding the transpose back into the original order. The
     sums are the same products in another order; the README's design table has the gain."""
-    rows = x.shape[0]
-    if (x.ndim == 2 and WEIGHT_FIRST_ROWS[0] <= rows <= WEIGHT_FIRST_ROWS[1]
+    if (WEIGHT_FIRST_ROWS[0] <= x.shape[0] <= WEIGHT_FIRST_ROWS[1]
             and jax.default_backend() == "cpu"):
         y = jnp.einsum("oi,ti->ot", w, x, preferred_element_type=jnp.float32)
         return jax.lax.optimization_barrier(y).T

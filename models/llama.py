@@ -215,11 +215,8 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits [..., V] float32 (lm_head, or the embedding when tied)."""
         head = self.embed if self.lm_head is None else self.lm_head
-        if hidden.ndim == 2:  # [R, D]: a serving step's rows (layers.matmul's operand order)
-            logits = matmul(hidden, head[...])
-        else:
-            logits = jnp.einsum("...d,vd->...v", hidden, head[...],
-                                preferred_element_type=jnp.float32)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        logits = matmul(rows, head[...]).reshape(*hidden.shape[:-1], head.shape[0])
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 

@@ -87,15 +87,18 @@ def stall(args) -> dict:
     quiet = _streams(engine, hot, args, "quiet")
     # The 16 streams share each step's gap, so one round's p99 is the longest of a few steps;
     # --rounds pools the gaps of several rounds, each loading COLD adapters not seen before.
-    loading, loaded, loads = [], [], 0
+    gaps = {"loads": [], "loaded": []}
+    loads = {"loads": 0, "loaded": 0}
     for r in range(args.rounds):
         cold = adapters[1 + r * args.cold:1 + (r + 1) * args.cold]
-        before = engine.stats().adapter_loads
-        loading += _streams(engine, hot, args, f"loads{r}", cold)
-        loads += engine.stats().adapter_loads - before
-        # The same requests again, their adapters now in slots (or the CPU tier): what the
-        # extra requests cost the streams without any load, to tell the loads' own cost apart.
-        loaded += _streams(engine, hot, args, f"loaded{r}", cold)
+        # "loaded": the same requests again, their adapters now in slots (or the CPU tier):
+        # what the extra requests cost the streams without any load, to tell the loads' own
+        # cost apart.
+        for tag in gaps:
+            before = engine.stats().adapter_loads
+            gaps[tag] += _streams(engine, hot, args, f"{tag}{r}", cold)
+            loads[tag] += engine.stats().adapter_loads - before
+    loading, loaded = gaps["loads"], gaps["loaded"]
     p99 = [1e3 * float(np.percentile(g, 99)) for g in (quiet, loading, loaded)]
     return {"streams": args.streams, "cold_adapters": args.cold,
             "itl_ms_p99_no_loads": round(p99[0], 2), "itl_ms_p99_during_loads": round(p99[1], 2),
@@ -103,8 +106,7 @@ def stall(args) -> dict:
             "ratio": round(p99[1] / p99[0], 3),
             "ratio_vs_same_requests_loaded": round(p99[1] / p99[2], 3),
             "gaps_counted": [len(quiet), len(loading), len(loaded)], "rounds": args.rounds,
-            "adapter_loads": loads, "adapter_loads_in_the_loaded_runs":
-                engine.stats().adapter_loads - loads - 1}
+            "adapter_loads": loads["loads"], "adapter_loads_in_the_loaded_runs": loads["loaded"]}
 
 
 def rss(args) -> dict:
