@@ -15,7 +15,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters whose weights stay in host memory
     # Their bytes at most (default: max_cpu_loras adapters of max_lora_rank on every projection)
     max_cpu_lora_bytes: int | None = None
-    max_num_seqs: int = 32
+    max_num_seqs: int = 256  # vLLM's LLM default
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 256

@@ -46,8 +46,8 @@ def _add_engine_arguments(parser) -> None:
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="tokens per sequence, prompt and output (default: the model's "
                              "max_position_embeddings)")
-    parser.add_argument("--max-num-seqs", type=positive_int, default=32,
-                        help="sequences per step")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=128,
+                        help="sequences per step (default: vLLM's server default on CPU)")
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                         help="tokens in one step (decodes and prefill chunks)")
     parser.add_argument("--block-size", type=positive_int, default=16,

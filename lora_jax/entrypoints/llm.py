@@ -27,7 +27,7 @@ class LLM:
 
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
                  enable_lora: bool = False, max_loras: int = 1, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None, max_num_seqs: int = 32,
+                 max_cpu_loras: int | None = None, max_num_seqs: int = 256,
                  max_model_len: int | None = None, seed: int = 0, mesh=None,
                  **engine_options: Any):
         """mesh: a jax.sharding.Mesh with a "tp" axis to split the model over (default: one

@@ -199,7 +199,8 @@ def _add_engine_arguments(p) -> None:
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters kept in host memory; given, the adapters are PEFT folders "
                         "read through the CPU tier (default: all in memory)")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="sequences per step (default: LLM's, which is vLLM's)")
     p.add_argument("--max-model-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per step (the largest token bucket)")

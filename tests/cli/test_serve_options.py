@@ -26,3 +26,9 @@ def test_prefix_caching_and_async_scheduling_are_on_by_default():
     options = _options()
     assert options["enable_prefix_caching"] and options["async_scheduling"]
     assert options["max_num_batched_tokens"] == EngineConfig(model="m").max_num_batched_tokens
+
+
+def test_sequence_defaults_are_vllms_on_cpu():
+    """vLLM's CPU defaults: 256 sequences a step for the LLM class, 128 for its server."""
+    assert EngineConfig(model="m").max_num_seqs == 256
+    assert _options()["max_num_seqs"] == 128
