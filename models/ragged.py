@@ -9,9 +9,10 @@ built on the host, so that no request pays for another's length:
 - query tiles: the tokens of multi-token chunks (prefills) in tiles of TILE tokens, each tile
   inside one request, so a tile's queries share one read of that request's pages.
 
-Both walk the pages in chunks of KV_CHUNK positions with an online softmax (float32), for as
-many chunks as the furthest query of that layout needs: the cost follows the context in use,
-no context length is a compiled shape, and a layout the batch does not use reads nothing. On
+Both run over blocks of ENTRY_BLOCK entries, as many blocks as the batch uses, and walk the
+pages in chunks of KV_CHUNK positions with an online softmax (float32), for as many chunks as
+the furthest query of that block needs: the cost follows the entries and the context in use,
+neither is a compiled shape, and a layout the batch does not use reads nothing. On
 GPU the same metadata feeds the Pallas ragged paged-attention kernel.
 """
 
@@ -24,6 +25,7 @@ from pallas_kernels import ragged_paged_attention
 
 TILE = 16  # query tokens per prefill tile
 KV_CHUNK = 128  # cache positions per step of the online softmax
+ENTRY_BLOCK = 32  # decode rows or query tiles attended per loop step
 
 
 class RaggedMeta(NamedTuple):
@@ -180,28 +182,52 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
     qg = q.reshape(t, kv_heads, heads // kv_heads, dim)
     out = jnp.zeros((t + 1, heads, dim), q.dtype)  # row t takes the writes of unused entries
 
-    def decode_rows(out):
-        used = meta.dec_token < t
-        qpos = jnp.where(used, meta.positions[jnp.minimum(meta.dec_token, t - 1)], -1)
-        rows = _attend_pages(qg[jnp.minimum(meta.dec_token, t - 1)][:, None], k_cache, v_cache,
-                             layer, meta.tables[meta.dec_req], qpos[:, None], dtype, spec)
-        return out.at[meta.dec_token].set(rows[:, 0].reshape(-1, heads, dim).astype(q.dtype))
+    def decode_rows(out, start, size: int):
+        token = jax.lax.dynamic_slice_in_dim(meta.dec_token, start, size)
+        used = token < t
+        safe = jnp.minimum(token, t - 1)
+        qpos = jnp.where(used, meta.positions[safe], -1)
+        tables = meta.tables[jax.lax.dynamic_slice_in_dim(meta.dec_req, start, size)]
+        rows = _attend_pages(qg[safe][:, None], k_cache, v_cache, layer, tables, qpos[:, None],
+                             dtype, spec)
+        return out.at[token].set(rows[:, 0].reshape(-1, heads, dim).astype(q.dtype))
 
-    def tiles(out):
+    def tiles(out, start, size: int):
         offsets = jnp.arange(TILE)
-        used = offsets[None, :] < meta.tile_len[:, None]  # [NT, TILE]
-        index = jnp.where(used, meta.tile_start[:, None] + offsets[None, :], t)
+        length = jax.lax.dynamic_slice_in_dim(meta.tile_len, start, size)
+        used = offsets[None, :] < length[:, None]  # [size, TILE]
+        first = jax.lax.dynamic_slice_in_dim(meta.tile_start, start, size)
+        index = jnp.where(used, first[:, None] + offsets[None, :], t)
         safe = jnp.minimum(index, t - 1)
         qpos = jnp.where(used, meta.positions[safe], -1)
-        rows = _attend_pages(qg[safe], k_cache, v_cache, layer, meta.tables[meta.tile_req],
-                             qpos, dtype, spec, half_tail=True)
+        tables = meta.tables[jax.lax.dynamic_slice_in_dim(meta.tile_req, start, size)]
+        rows = _attend_pages(qg[safe], k_cache, v_cache, layer, tables, qpos, dtype, spec,
+                             half_tail=True)
         return out.at[index].set(rows.reshape(*index.shape, heads, dim).astype(q.dtype))
 
-    # A layout the batch leaves unused is skipped whole: its loop would run no chunk, but its
-    # gathers, accumulators and scatter would still run in every layer (in a decode-only step
-    # the unused prefill tiles cost about a seventh of the step; the README's design table).
-    out = jax.lax.cond(jnp.any(meta.dec_token < t), decode_rows, lambda o: o, out)
-    return jax.lax.cond(jnp.any(meta.tile_len > 0), tiles, lambda o: o, out)[:t]
+    # Each layout runs over blocks of its entries, as many as the batch uses (they come
+    # first): padding entries read and score nothing, and each block reads only the chunks
+    # its own furthest query needs. A layout the batch leaves unused is skipped whole.
+    num_dec = jnp.sum(meta.dec_token < t)
+    num_tiles = jnp.sum(meta.tile_len > 0)
+    out = jax.lax.cond(num_dec > 0, lambda o: _by_blocks(decode_rows, o, num_dec,
+                                                         meta.dec_token.shape[0]),
+                       lambda o: o, out)
+    return jax.lax.cond(num_tiles > 0, lambda o: _by_blocks(tiles, o, num_tiles,
+                                                            meta.tile_len.shape[0]),
+                        lambda o: o, out)[:t]
+
+
+def _by_blocks(step, out, used: jax.Array, n: int):
+    """step(out, start, size) over the blocks of `size` entries covering the first `used` of
+    n entries. A last block past n starts earlier (it redoes a few entries, which write the
+    same values), so every block has the one static size."""
+    size = min(ENTRY_BLOCK, n)
+    if size == n:
+        return step(out, 0, n)
+    count = (used + size - 1) // size
+    return jax.lax.fori_loop(
+        0, count, lambda b, o: step(o, jnp.minimum(b * size, n - size), size), out)
 
 
 def _kernel_args(q: jax.Array, spec: AttnSpec) -> dict:

@@ -4,7 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.ragged import KV_CHUNK, AttnSpec, _attend_pages
+from models.ragged import (
+    ENTRY_BLOCK,
+    KV_CHUNK,
+    TILE,
+    AttnSpec,
+    RaggedMeta,
+    _attend_pages,
+    ragged_attention,
+)
 
 LAYERS, KV, GROUP, DIM, BLOCK = 2, 2, 2, 8, 16
 
@@ -49,3 +57,54 @@ def test_paged_attention_equals_a_dense_softmax_whatever_the_last_chunk_holds(fu
     want = _dense(q, k, v, tables, qpos, 1)
     used = qpos >= 0
     np.testing.assert_allclose(np.asarray(got)[used], want[used], rtol=1e-4, atol=1e-5)
+
+
+def test_a_ragged_batch_of_many_decode_rows_and_tiles_equals_a_dense_softmax():
+    # More decode rows and prefill tiles than one block of entries (ENTRY_BLOCK), with
+    # padding entries after them: every used entry is attended, whichever block it falls in.
+    rng = np.random.default_rng(0)
+    decodes, prompts = ENTRY_BLOCK + 5, [(40, 300), (0, 150), (9, 70)]  # (cached, new)
+    rows = decodes + len(prompts)
+    pages = 24  # per table: a multiple of the chunk's pages, past every context here
+    contexts = [int(c) for c in rng.integers(1, 320, decodes)] + [c + n for c, n in prompts]
+    blocks = rows * pages + 1
+    tables = rng.permutation(blocks)[:rows * pages].reshape(rows, pages)
+    k, v = (rng.standard_normal((LAYERS, blocks, BLOCK, KV, DIM)) for _ in range(2))
+    starts = [c - 1 for c in contexts[:decodes]] + [c for c, _ in prompts]
+    lengths = [1] * decodes + [n for _, n in prompts]
+    t = sum(lengths) + 11  # padding tokens at the end
+    r, nt = rows + 10, sum(-(-n // TILE) for _, n in prompts) + 7
+    positions, token_req = np.full(t, -1, np.int32), np.full(t, r, np.int32)
+    dec_token, dec_req = np.full(r, t, np.int32), np.zeros(r, np.int32)
+    tile_start, tile_len, tile_req = (np.zeros(nt, np.int32) for _ in range(3))
+    cursor = tile = 0
+    for i, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+        positions[cursor:cursor + n] = np.arange(start, start + n)
+        token_req[cursor:cursor + n] = i
+        if n == 1:
+            dec_token[i], dec_req[i] = cursor, i
+        for offset in range(0, n, TILE) if n > 1 else ():
+            tile_start[tile], tile_len[tile] = cursor + offset, min(TILE, n - offset)
+            tile_req[tile] = i
+            tile += 1
+        cursor += n
+    assert tile > ENTRY_BLOCK
+    full_tables = np.zeros((r, pages), np.int32)
+    full_tables[:rows] = tables
+    meta = RaggedMeta(*(jnp.asarray(a) for a in (
+        positions, np.zeros(t, np.int32), token_req, full_tables, dec_token, dec_req,
+        tile_start, tile_len, tile_req, np.zeros(r + 1, np.int32), np.zeros(r, np.int32),
+        np.array([rows], np.int32))))
+    q = rng.standard_normal((t, KV * GROUP, DIM))
+    got = np.asarray(ragged_attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                                      jnp.asarray(v, jnp.float32), 1, meta, jnp.float32,
+                                      backend="xla"))
+    used = positions >= 0
+    want = np.zeros_like(q)
+    for i in range(t):
+        if used[i]:
+            row = token_req[i]
+            want[i] = _dense(q[i].reshape(1, 1, KV, GROUP, DIM), k, v, tables[row:row + 1],
+                             positions[i:i + 1][None], 1).reshape(KV * GROUP, DIM)
+    np.testing.assert_allclose(got[used], want[used], rtol=1e-4, atol=1e-5)
+    assert not got[~used].any()
