@@ -111,14 +111,9 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
                     per_tenant=_many_tenants(args))
     run(llm, prompts, loras, args.output_len, **sampling)  # warm-up: compiles every bucket
     compiles, compile_s = counter.count, counter.seconds
-    # The timed run starts with an empty prefix cache: the warm-up's prompts must not help it.
-    llm.engine.reset_prefix_cache()
-    hits_before = llm.engine.stats().prefix_cache_hits
-    result = run(llm, prompts, loras, args.output_len, **sampling)
-    result["prefix_cache_hits"] = llm.engine.stats().prefix_cache_hits - hits_before
+    result = _better_of_two(llm, prompts, loras, args.output_len, sampling)
     if _many_tenants(args) and num_adapters > 1:  # the same requests on one adapter
-        llm.engine.reset_prefix_cache()
-        one = run(llm, prompts, one_adapter(loras), args.output_len, **sampling)
+        one = _better_of_two(llm, prompts, one_adapter(loras), args.output_len, sampling)
         one.pop("token_ids")
         result["one_adapter"] = one
         result["many_over_one"] = round(result["tokens_per_s"] / one["tokens_per_s"], 3)
@@ -129,6 +124,18 @@ def bench_one(args, model: str, num_adapters: int, tensor_parallel_size: int = 1
             "compile_seconds": round(compile_s, 2), "compilations_after_warmup":
             counter.count - compiles, "peak_device_bytes": stats.get("peak_bytes_in_use"),
             "start_up": llm.engine.compile_stats()}
+
+
+def _better_of_two(llm: LLM, prompts, loras, output_len: int, sampling: dict) -> dict:
+    """The faster of two timed runs, as each peer is timed (runs on this shared machine
+    vary). Each starts with an empty prefix cache: no earlier run's prompts help it."""
+    results = []
+    for _ in range(2):
+        llm.engine.reset_prefix_cache()
+        hits = llm.engine.stats().prefix_cache_hits
+        results.append(run(llm, prompts, loras, output_len, **sampling))
+        results[-1]["prefix_cache_hits"] = llm.engine.stats().prefix_cache_hits - hits
+    return max(results, key=lambda r: r["tokens_per_s"])
 
 
 def _many_tenants(args) -> bool:
