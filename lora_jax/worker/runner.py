@@ -151,9 +151,15 @@ def _see_prompt(history: History, tokens, meta: RaggedMeta, req: Requests) -> Hi
     """A sequence's first chunk makes its row forget the previous sequence; prompt tokens
     are marked seen. Padding and decode tokens change nothing."""
     num_rows = history.output_counts.shape[0]
-    starts = jnp.where(req.fresh, req.row, num_rows)
-    counts = history.output_counts.at[starts].set(0, mode="drop")
-    in_prompt = history.in_prompt.at[starts].set(False, mode="drop")
+    # Only the fresh entries' rows are cleared, one row each (a scatter of zeros into every
+    # entry's row would build a [R, V] block of zeros first, in each step with a prompt).
+    rows = req.row[jnp.argsort(jnp.logical_not(req.fresh), stable=True)]  # the fresh first
+
+    def forget(i, seen):
+        return tuple(jax.lax.dynamic_update_slice(x, jnp.zeros((1, x.shape[1]), x.dtype),
+                                                  (rows[i], 0)) for x in seen)
+    counts, in_prompt = jax.lax.fori_loop(0, jnp.sum(req.fresh), forget,
+                                          (history.output_counts, history.in_prompt))
     owner = jnp.minimum(meta.token_req, req.row.shape[0] - 1)
     marked = jnp.where(req.prompt[owner] & (meta.positions >= 0), req.row[owner], num_rows)
     return History(counts, in_prompt.at[marked, tokens].set(True, mode="drop"))
