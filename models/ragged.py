@@ -208,23 +208,17 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
     # Each layout runs over blocks of its entries, as many as the batch uses (they come
     # first): padding entries read and score nothing, and each block reads only the chunks
     # its own furthest query needs. A layout the batch leaves unused is skipped whole.
-    num_dec = jnp.sum(meta.dec_token < t)
-    num_tiles = jnp.sum(meta.tile_len > 0)
-    out = jax.lax.cond(num_dec > 0, lambda o: _by_blocks(decode_rows, o, num_dec,
-                                                         meta.dec_token.shape[0]),
-                       lambda o: o, out)
-    return jax.lax.cond(num_tiles > 0, lambda o: _by_blocks(tiles, o, num_tiles,
-                                                            meta.tile_len.shape[0]),
-                        lambda o: o, out)[:t]
+    out = _by_blocks(decode_rows, out, jnp.sum(meta.dec_token < t), meta.dec_token.shape[0])
+    return _by_blocks(tiles, out, jnp.sum(meta.tile_len > 0), meta.tile_len.shape[0])[:t]
 
 
 def _by_blocks(step, out, used: jax.Array, n: int):
     """step(out, start, size) over the blocks of `size` entries covering the first `used` of
-    n entries. A last block past n starts earlier (it redoes a few entries, which write the
-    same values), so every block has the one static size."""
+    n entries (none when used is 0). A last block past n starts earlier (it redoes a few
+    entries, which write the same values), so every block has the one static size."""
     size = min(ENTRY_BLOCK, n)
-    if size == n:
-        return step(out, 0, n)
+    if size == n:  # one block: run it only when the layout is used
+        return jax.lax.cond(used > 0, lambda o: step(o, 0, n), lambda o: o, out)
     count = (used + size - 1) // size
     return jax.lax.fori_loop(
         0, count, lambda b, o: step(o, jnp.minimum(b * size, n - size), size), out)

@@ -123,7 +123,9 @@ class EngineCore:
                 "compiled_after_start": total - self.runner.compiled_at_start,
                 "start_seconds": None if report is None else round(report.seconds, 2),
                 "cache_hits": None if report is None else report.cache_hits,
-                "cache_dir": None if report is None else report.cache_dir}
+                "cache_dir": None if report is None else report.cache_dir,
+                "warm_runs": None if report is None else report.warm_runs,
+                "warm_seconds": None if report is None else round(report.warm_seconds, 2)}
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -4,7 +4,8 @@ The set is small and fixed (see Runner.program_keys): one program per token buck
 two from 8 to max_num_batched_tokens), plus the slot-fill update of the adapter stacks. The
 sampling kind (greedy or general) and the top logprobs are flags inside each program. Context
 lengths, adapters, ranks, long-context scaling and batch mix are all arguments, never shapes,
-so after start-up no workload compiles anything.
+so after start-up no workload compiles anything. Compiled, each program then runs once per branch
+a step can take (lora_jax/worker/warm.py), so no request's step pays for a first run either.
 
 JAX's persistent compilation cache (under ~/.cache/lora-jax/xla, or $XDG_CACHE_HOME/lora-jax/
 xla) keeps the compiled programs on disk, so the next start with the same model shapes loads
@@ -65,11 +66,14 @@ class CompileReport:
     seconds: float
     cache_hits: int
     cache_dir: str | None
+    warm_runs: int = 0  # programs run once per branch before serving (Runner.warm)
+    warm_seconds: float = 0.0
 
 
 def compile_all(runner, stacks, slots=None, *, show_progress: bool = True,
                 cache_dir: Path | None = None) -> CompileReport:
-    """Compile every program of `runner` (and the slot fill of `slots`) before serving."""
+    """Compile every program of `runner` (and the slot fill of `slots`) before serving, then
+    run each once per branch (Runner.warm)."""
     hits = []
 
     def listener(name, **_kwargs):
@@ -90,13 +94,19 @@ def compile_all(runner, stacks, slots=None, *, show_progress: bool = True,
                 bar.update(1)
         runner.order_programs(keys)
         if slots is not None:
-            slots.warm()
+            slots.warm()  # the fill donates the stacks: read them anew
+            stacks = slots.stacks
+        compiled = time.perf_counter()
+        # Several processes run each step together, announced by process 0 (warm runs are not).
+        runs = sum(runner.warm(key, stacks) for key in keys) if runner.channel is None else 0
     finally:
         jax.monitoring.unregister_event_listener(listener)
-    report = CompileReport(len(keys), time.perf_counter() - start, len(hits),
-                           None if cache_dir is None else str(cache_dir))
+    report = CompileReport(len(keys), compiled - start, len(hits),
+                           None if cache_dir is None else str(cache_dir), runs,
+                           time.perf_counter() - compiled)
     runner.compiled_at_start = len(runner.compiled_programs())
-    logger.info("compiled %d programs in %.1f s (%d from the persistent cache%s)",
-                report.num_programs, report.seconds, report.cache_hits,
-                f" at {cache_dir}" if cache_dir else ", which is off")
+    logger.info("compiled %d programs in %.1f s (%d from the persistent cache%s), then %d warm "
+                "runs in %.1f s", report.num_programs, report.seconds, report.cache_hits,
+                f" at {cache_dir}" if cache_dir else ", which is off", runs,
+                report.warm_seconds)
     return report

@@ -31,6 +31,7 @@ from lora_jax.worker.input_batch import (
     table_width,
 )
 from lora_jax.worker.sampler import History, Sampled, SamplingArrays, SamplingMode, mode_of, sample
+from lora_jax.worker.warm import warm_batches
 from models.kv_cache import init_paged_kv_cache
 from models.lora import SITES
 from models.ragged import RaggedMeta
@@ -270,6 +271,18 @@ class Runner:
         self._programs[key] = self._jit.lower(Weights(self.state, stacks),
                                               Cache(self.kv, self.history), self.carry,
                                               inputs).compile()
+
+    def warm(self, key: ProgramKey, stacks) -> int:
+        """Run program `key` once per branch a real step can take (lora_jax/worker/warm.py),
+        so no request's step pays for a first run; returns the runs made."""
+        shape = self.ladder.shape(key.tokens)
+        num_slots = 0 if stacks is None else stacks.num_slots
+        batches = warm_batches(shape, num_slots, self.block_size, self.max_len)
+        for batch in batches:
+            sites = np.full(len(SITES), batch.sites, np.bool_)
+            self._run(key, stacks, self._inputs(shape, batch.rows, batch.num_logprobs, sites))
+        jax.block_until_ready(self.carry)
+        return len(batches)
 
     def order_programs(self, keys: list[ProgramKey]) -> None:
         """List the compiled programs in `keys`' order (threads finish in any order)."""

@@ -53,6 +53,7 @@ def test_after_start_up_a_varied_workload_compiles_nothing(compile_events):
     keys = llm.engine.core.runner.program_keys()
     # Token buckets 8, 16, 32, 64: sampling kinds and logprobs are flags, not programs.
     assert stats["programs_at_start"] == len(keys) == 4
+    assert stats["warm_runs"] >= 3 * len(keys)  # each bucket ran its branches once
     assert llm.engine.core.runner.compiled_programs() == keys
     reqs = [None] + [LoRARequest(n, i + 1, ref.adapter_path(n))
                      for i, n in enumerate(ref.adapters)]
@@ -71,6 +72,28 @@ def test_after_start_up_a_varied_workload_compiles_nothing(compile_events):
     assert llm.engine.stats().num_preemptions > 0
     assert compile_events == []
     assert llm.engine.compile_stats()["compiled_after_start"] == 0
+
+
+def test_warm_runs_at_start_up_change_no_output():
+    """The warm runs write into the pool and sample into the history at start-up: an engine
+    that ran them answers as one that did not, penalties, seeds, logprobs and adapters
+    included."""
+    ref = Reference("gqa")
+    reqs = [None] + [LoRARequest(n, i + 1, ref.adapter_path(n))
+                     for i, n in enumerate(ref.adapters)]
+    prompts = [{"prompt_token_ids": (ref.prompt(i % 3) * 4)[:5 + 6 * i]} for i in range(9)]
+    params = [_varied_params(i) for i in range(9)]
+    loras = [reqs[i % len(reqs)] for i in range(9)]
+    outs = []
+    for warm in (True, False):
+        llm = LLM(ref.model, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
+                  max_model_len=128, max_num_batched_tokens=64, compile_on_start=warm)
+        assert (llm.engine.compile_stats()["warm_runs"] or 0) > 0 if warm else True
+        for req in reqs[1:]:  # read now, not in the background: the same batches both times
+            llm.add_lora(req)
+        outs.append([[(c.token_ids, c.logprobs) for c in o.outputs]
+                     for o in llm.generate(prompts, params, loras, use_tqdm=False)])
+    assert outs[0] == outs[1]
 
 
 def test_without_compile_on_start_programs_compile_as_shapes_appear():
