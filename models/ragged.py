@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import ragged_paged_attention
+from pallas_kernels.bits import as_bits, from_bits
 
 TILE = 16  # query tokens per prefill tile
 KV_CHUNK = 128  # cache positions per step of the online softmax
@@ -180,7 +181,8 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
     t, heads, dim = q.shape
     kv_heads = k_cache.shape[3]
     qg = q.reshape(t, kv_heads, heads // kv_heads, dim)
-    out = jnp.zeros((t + 1, heads, dim), q.dtype)  # row t takes the writes of unused entries
+    # Row t takes the writes of unused entries; a 16-bit output is scattered as its bits.
+    out = as_bits(jnp.zeros((t + 1, heads, dim), q.dtype))
 
     def decode_rows(out, start, size: int):
         token = jax.lax.dynamic_slice_in_dim(meta.dec_token, start, size)
@@ -190,7 +192,7 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         tables = meta.tables[jax.lax.dynamic_slice_in_dim(meta.dec_req, start, size)]
         rows = _attend_pages(qg[safe][:, None], k_cache, v_cache, layer, tables, qpos[:, None],
                              dtype, spec)
-        return out.at[token].set(rows[:, 0].reshape(-1, heads, dim).astype(q.dtype))
+        return out.at[token].set(as_bits(rows[:, 0].reshape(-1, heads, dim).astype(q.dtype)))
 
     def tiles(out, start, size: int):
         offsets = jnp.arange(TILE)
@@ -203,13 +205,14 @@ def ragged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         tables = meta.tables[jax.lax.dynamic_slice_in_dim(meta.tile_req, start, size)]
         rows = _attend_pages(qg[safe], k_cache, v_cache, layer, tables, qpos, dtype, spec,
                              half_tail=True)
-        return out.at[index].set(rows.reshape(*index.shape, heads, dim).astype(q.dtype))
+        return out.at[index].set(as_bits(rows.reshape(*index.shape, heads, dim).astype(q.dtype)))
 
     # Each layout runs over blocks of its entries, as many as the batch uses (they come
     # first): padding entries read and score nothing, and each block reads only the chunks
     # its own furthest query needs. A layout the batch leaves unused is skipped whole.
     out = _by_blocks(decode_rows, out, jnp.sum(meta.dec_token < t), meta.dec_token.shape[0])
-    return _by_blocks(tiles, out, jnp.sum(meta.tile_len > 0), meta.tile_len.shape[0])[:t]
+    out = _by_blocks(tiles, out, jnp.sum(meta.tile_len > 0), meta.tile_len.shape[0])
+    return from_bits(out[:t], q.dtype)
 
 
 def _by_blocks(step, out, used: jax.Array, n: int):

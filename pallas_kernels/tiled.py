@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import dense, grouping
+from pallas_kernels.bits import take_rows
 from pallas_kernels.blocks import cdiv
 
 # Steps with at most this many distinct adapters take the compact branches (their FLOPs grow
@@ -117,7 +118,7 @@ def _shrink_branches(x: jax.Array, a: jax.Array, meta: LoraMeta) -> list:
 
     def compact(k):
         def run():
-            used = jnp.take(a, meta.distinct[:k], axis=0)  # [K, D_in, R]
+            used = take_rows(a, meta.distinct[:k])  # [K, D_in, R]
             used = used[0] if k == 1 else jnp.transpose(used, (1, 0, 2)).reshape(d_in, k * rank)
             h = jnp.dot(x, used, preferred_element_type=jnp.float32).reshape(tokens, k, rank)
             return jnp.einsum("tkr,tk->tr", h, dense.one_hot(meta.token_k, k))
@@ -126,8 +127,8 @@ def _shrink_branches(x: jax.Array, a: jax.Array, meta: LoraMeta) -> list:
     def tiles(n):
         def run():
             rows, tile_slot, tm = _tiles(meta, n)
-            x_t = jnp.take(x, rows, axis=0, mode="fill", fill_value=0).reshape(n, tm, d_in)
-            a_t = jnp.take(a, tile_slot, axis=0)  # [n, D_in, R]
+            x_t = take_rows(x, rows, fill=True).reshape(n, tm, d_in)
+            a_t = take_rows(a, tile_slot)  # [n, D_in, R]
             h = jnp.einsum("ntd,ndr->ntr", x_t, a_t, preferred_element_type=jnp.float32)
             return _unsort(h.reshape(n * tm, rank), meta)
         return run
@@ -158,7 +159,7 @@ def _expand_branches(h: jax.Array, bs: Sequence[jax.Array], meta: LoraMeta) -> l
             mask = dense.one_hot(meta.token_k, k)[:, :, None]
             return tuple(
                 jnp.dot((mask * h_i[:, None, :]).reshape(tokens, k * rank).astype(b.dtype),
-                        jnp.take(b, meta.distinct[:k], axis=0).reshape(k * rank, b.shape[-1]),
+                        take_rows(b, meta.distinct[:k]).reshape(k * rank, b.shape[-1]),
                         preferred_element_type=jnp.float32)
                 for h_i, b in zip(slices, bs, strict=True))
         return run
@@ -169,7 +170,7 @@ def _expand_branches(h: jax.Array, bs: Sequence[jax.Array], meta: LoraMeta) -> l
             out = []
             for h_i, b in zip(slices, bs, strict=True):  # the fused slices: a static handful
                 h_t = jnp.take(h_i, rows, axis=0, mode="fill", fill_value=0)
-                b_t = jnp.take(b, tile_slot, axis=0)  # [n, R, W]
+                b_t = take_rows(b, tile_slot)  # [n, R, W]
                 d = jnp.einsum("ntr,nrw->ntw", h_t.reshape(n, tm, rank).astype(b.dtype), b_t,
                                preferred_element_type=jnp.float32)
                 out.append(_unsort(d.reshape(n * tm, b.shape[-1]), meta))
