@@ -29,3 +29,23 @@ def test_a_bfloat16_gather_converts_nothing():
     for fill in (False, True):
         hlo = jax.jit(lambda x, i, f=fill: take_rows(x, i, fill=f)).lower(x, index).compile()
         assert "f32[" not in hlo.as_text()
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_take_rows_has_the_gradient_of_jnp_take(fill):
+    # Training runs the tiled backend through take_rows: its gradient must not stop at the
+    # bitcast. Repeated indices add up; rows past the end (fill) pass nothing back.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((6, 4)), jnp.bfloat16)
+    index = jnp.asarray([5, 0, 2, 2, 8] if fill else [5, 0, 2, 2], jnp.int32)
+    weights = jnp.asarray(rng.standard_normal((index.shape[0], 4)), jnp.float32)
+    mode = dict(mode="fill", fill_value=0) if fill else dict(mode="clip")
+
+    def loss(take):
+        return lambda x: jnp.sum(take(x).astype(jnp.float32) * weights)
+
+    got = jax.grad(loss(lambda x: take_rows(x, index, fill)))(x)
+    want = jax.grad(loss(lambda x: jnp.take(x, index, axis=0, **mode)))(x)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert np.abs(np.asarray(got, np.float32)).sum() > 0
