@@ -81,7 +81,8 @@ if "$python" -c "import msgspec, tqdm" 2>/dev/null && [ "$JAX_PLATFORMS" = cuda 
   cat "$out_dir/bench_fill.json"
   # Slots cost memory, not time: one adapter through the Pallas kernels with max_loras 8, 64
   # and 256 (bench model, bf16), the same requests each time; the summary prints each
-  # throughput against max_loras 8 and the compilations after start-up (must be 0).
+  # throughput against max_loras 8, the compilations after start-up (must be 0) and the
+  # start-up's warm runs (lora_jax/worker/warm.py) with their seconds.
   for slots in 8 64 256; do
     timeout 240 "$python" scripts/benchmark.py --num-adapters 1 --max-loras "$slots" \
       --num-requests 64 --max-num-seqs 64 --dtype bfloat16 --bench-dir /tmp/lora_jax_bench \
@@ -94,7 +95,8 @@ runs = {s: json.load(open(f"{sys.argv[1]}/bench_slots_{s}.json"))["runs"][0] for
 for s, r in runs.items():
     ratio = r["tokens_per_s"] / runs[8]["tokens_per_s"]
     print(f"max_loras {s}: {r['tokens_per_s']} tok/s, {ratio:.3f}x of max_loras 8, "
-          f"compilations after warm-up {r['compilations_after_warmup']}")
+          f"compilations after warm-up {r['compilations_after_warmup']}, start-up warm runs "
+          f"{r['start_up'].get('warm_runs')} in {r['start_up'].get('warm_seconds')} s")
 sys.exit(any(r["compilations_after_warmup"] for r in runs.values()))
 PY
 else
