@@ -87,6 +87,16 @@ class BatchShape:
     requests: int
     tiles: int
 
+    def holds(self, tokens: int, requests: int, tiles: int) -> bool:
+        """Does a batch that needs this many tokens, requests and prefill tiles fit?"""
+        return self.tokens >= tokens and self.requests >= requests and self.tiles >= tiles
+
+
+def demand(rows: list[RowInput]) -> tuple[int, int, int]:
+    """What a batch of these rows needs of a shape: (tokens, requests, prefill tiles)."""
+    tiles = sum(-(-len(r.tokens) // TILE) for r in rows if len(r.tokens) > 1)
+    return sum(len(r.tokens) for r in rows), len(rows), tiles
+
 
 @dataclass(frozen=True)
 class ShapeLadder:
@@ -112,11 +122,9 @@ class ShapeLadder:
 
     def fit(self, rows: list[RowInput]) -> BatchShape:
         """The smallest shape that holds these requests."""
-        num_tokens = sum(len(r.tokens) for r in rows)
-        num_tiles = sum(-(-len(r.tokens) // TILE) for r in rows if len(r.tokens) > 1)
+        num_tokens, _, num_tiles = need = demand(rows)
         for shape in self.shapes():
-            if (shape.tokens >= num_tokens and shape.requests >= len(rows)
-                    and shape.tiles >= num_tiles):
+            if shape.holds(*need):
                 return shape
         raise ValueError(f"a step of {len(rows)} requests and {num_tokens} tokens "
                          f"({num_tiles} tiles) fits no compiled shape; the scheduler must keep "

@@ -16,7 +16,7 @@ history row over, so no request ever sees what they leave.
 
 from typing import NamedTuple
 
-from lora_jax.worker.input_batch import BatchShape, RowInput, RowSampling
+from lora_jax.worker.input_batch import BatchShape, RowInput, RowSampling, demand
 from models.ragged import TILE
 from pallas_kernels.tiled import tile_ladder, tile_rows
 
@@ -51,7 +51,7 @@ def warm_batches(shape: BatchShape, num_slots: int, block_size: int,
             if layout is not None:
                 batches.append(_tile_batch(layout, rows, block_size))
             low = high
-    return [b for b in batches if _fits(shape, b.rows)]
+    return [b for b in batches if shape.holds(*demand(b.rows))]
 
 
 def _filling(shape: BatchShape, num_slots: int, rows: int, low: int, high: int,
@@ -67,18 +67,10 @@ def _filling(shape: BatchShape, num_slots: int, rows: int, low: int, high: int,
         for chunks in range(most + 1):
             decodes = max(low + 1 - chunks * per_chunk, 2 - chunks, 0)
             tiles = decodes + chunks * per_chunk
-            rows_in = [_row([1], 1, -1, block_size=1)] * decodes + [
-                _row([1] * size, 0, -1, block_size=1)] * chunks
-            if low < tiles <= high and decodes + chunks <= most and _fits(shape, rows_in):
+            if low < tiles <= high and decodes + chunks <= most and shape.holds(
+                    decodes + chunks * size, decodes + chunks, chunks * -(-size // TILE)):
                 return decodes, chunks, size
     return None
-
-
-def _fits(shape: BatchShape, rows: list[RowInput]) -> bool:
-    """Does a batch of these rows fit the shape (tokens, requests, prefill tiles)?"""
-    tokens = sum(len(r.tokens) for r in rows)
-    tiles = sum(-(-len(r.tokens) // TILE) for r in rows if len(r.tokens) > 1)
-    return tokens <= shape.tokens and len(rows) <= shape.requests and tiles <= shape.tiles
 
 
 def _tile_batch(layout: tuple[int, int, int], rows: int, block_size: int) -> WarmBatch:
